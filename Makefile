@@ -1,0 +1,24 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The dev set-up pins torch (a local CPU wheel here); the package itself accepts torch>=2.5.
+TORCH := torch==2.13.0
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/dotattn demo
+
+# pytest exits 5 when it collects no test: not a failure of the code.
+test: $(VENV)/.installed
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV)

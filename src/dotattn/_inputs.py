@@ -1,0 +1,276 @@
+"""Validation and normalisation of a call into one problem record.
+
+Every public entry point goes through :func:`prepare`, so every engine sees inputs
+that are already checked, and every bad call fails here with a message that names
+the argument, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from functools import cached_property, reduce
+
+import torch
+
+from dotattn import masks
+from dotattn._dropout import draw_seed
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validated attention call.
+
+    query: (*batch, Hq, Lq, E)   key: (*batch, Hkv, Lk, E)   value: (*batch, Hkv, Lk, Ev)
+    where *batch are the leading dims, broadcastable among the three, and Hkv divides
+    Hq (grouped-query attention) or is 1 (broadcast, as in torch). 2-D inputs (L, E)
+    arrive with a head dim of 1 added and ``squeeze_head`` set.
+    ``mask`` is everything that restricts attention (attn_mask, is_causal, mask) ANDed.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: masks.Mask | None
+    scale: float
+    dropout_p: float
+    generator: torch.Generator | None
+    return_lse: bool
+    return_weights: bool
+    batch_shape: tuple[int, ...]
+    squeeze_head: bool
+
+    @cached_property
+    def dropout_seed(self) -> int:
+        """Drawn from ``generator`` on first use, so explaining a call consumes no randomness."""
+        return draw_seed(self.generator) if self.dropout_p > 0 else 0
+
+    @property
+    def Hq(self) -> int:
+        return self.query.shape[-3]
+
+    @property
+    def Hkv(self) -> int:
+        return self.key.shape[-3]
+
+    @property
+    def Lq(self) -> int:
+        return self.query.shape[-2]
+
+    @property
+    def Lk(self) -> int:
+        return self.key.shape[-2]
+
+    @property
+    def E(self) -> int:
+        return self.query.shape[-1]
+
+    @property
+    def Ev(self) -> int:
+        return self.value.shape[-1]
+
+    @property
+    def scores_shape(self) -> tuple[int, ...]:
+        """(*batch, Hq, Lq, Lk): the shape every mask must broadcast to."""
+        return (*self.batch_shape, self.Hq, self.Lq, self.Lk)
+
+    @property
+    def requires_grad(self) -> bool:
+        tensors = [self.query, self.key, self.value]
+        if self.mask is not None and self.mask.is_additive:
+            tensors += [leaf.tensor for leaf in self.mask.leaves() if isinstance(leaf, masks.Dense)]
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; attention needs a floating dtype "
+            f"(convert with {name}.float() or {name}.to(torch.bfloat16))"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; it needs at least 2 dims (..., L, E)"
+        )
+    return x
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_scale(scale: object, E: int) -> float:
+    if scale is None:
+        if E == 0:
+            raise ValueError("query has head dim 0, so the default scale 1/sqrt(E) is infinite; pass scale=")
+        return 1.0 / math.sqrt(E)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}; leave it None for 1/sqrt(E)")
+    return float(scale)
+
+
+def _check_dropout(dropout_p: object) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _check_heads(Hq: int, Hkv: int, enable_gqa: bool) -> None:
+    if Hq == Hkv or Hkv == 1:
+        return
+    if not enable_gqa:
+        raise ValueError(
+            f"query has {Hq} heads but key and value have {Hkv}; "
+            "pass enable_gqa=True for grouped-query attention"
+        )
+    if Hq % Hkv:
+        raise ValueError(
+            f"query has {Hq} heads and key/value {Hkv}; grouped-query attention needs "
+            "the query heads to be a multiple of the key/value heads"
+        )
+
+
+def _check_mask_fits(name: str, leaf: masks.Mask, scores_shape: tuple[int, ...]) -> None:
+    lead = leaf.lead_shape
+    target = scores_shape[:-2]
+    fits = len(lead) <= len(target) and all(
+        m in (1, t) for m, t in zip(reversed(lead), reversed(target))
+    )
+    if not fits:
+        raise ValueError(
+            f"{name} {leaf!r} has leading shape {tuple(lead)}, which does not broadcast to the "
+            f"scores' leading shape {tuple(target)} (*batch, Hq); per-batch masks index dim -4 "
+            "of the query, so give 3-D inputs a head dim: query.unsqueeze(-3)"
+        )
+
+
+def _attn_mask_as_mask(
+    attn_mask: object, query: torch.Tensor, scores_shape: tuple[int, ...]
+) -> masks.Mask:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"attn_mask has dtype {attn_mask.dtype}; use a bool mask (True = may attend) "
+            "or a float mask that is added to the scores"
+        )
+    if attn_mask.device != query.device:
+        raise ValueError(
+            f"attn_mask is on {attn_mask.device} but query is on {query.device}; "
+            f"move it with attn_mask.to({str(query.device)!r})"
+        )
+    try:
+        fits = torch.broadcast_shapes(attn_mask.shape, scores_shape) == torch.Size(scores_shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"attn_mask has shape {tuple(attn_mask.shape)}, which does not broadcast to the "
+            f"scores' shape {tuple(scores_shape)} (*batch, Hq, Lq, Lk)"
+        )
+    return masks.dense(attn_mask)
+
+
+def prepare(
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object = None,
+    dropout_p: object = 0.0,
+    is_causal: object = False,
+    scale: object = None,
+    enable_gqa: object = False,
+    *,
+    mask: object = None,
+    return_lse: object = False,
+    return_weights: object = False,
+    generator: object = None,
+) -> Problem:
+    """Check a call's arguments and bundle them into a :class:`Problem`."""
+    q = _check_tensor("query", query)
+    k = _check_tensor("key", key)
+    v = _check_tensor("value", value)
+    for name, x in (("key", k), ("value", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but query has {q.dtype}; query, key and value "
+                f"must share one dtype (use {name}.to(query.dtype))"
+            )
+        if x.device != q.device:
+            raise ValueError(
+                f"{name} is on {x.device} but query is on {q.device}; query, key and value "
+                f"must be on one device (use {name}.to(query.device))"
+            )
+    squeeze_head = q.dim() == k.dim() == v.dim() == 2
+    q, k, v = (x.unsqueeze(0) if x.dim() == 2 else x for x in (q, k, v))
+
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"key has head dim {k.shape[-1]} but query has {q.shape[-1]}; "
+            "query and key must share the last dim"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"value has {v.shape[-2]} positions (dim -2) but key has {k.shape[-2]}; "
+            "key and value must have the same length"
+        )
+    if v.shape[-3] != k.shape[-3]:
+        raise ValueError(
+            f"value has {v.shape[-3]} heads (dim -3) but key has {k.shape[-3]}; "
+            "key and value must have the same number of heads"
+        )
+    enable_gqa = _check_flag("enable_gqa", enable_gqa)
+    _check_heads(q.shape[-3], k.shape[-3], enable_gqa)
+    try:
+        batch_shape = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch) dims of query {tuple(q.shape[:-3])}, key {tuple(k.shape[:-3])} "
+            f"and value {tuple(v.shape[:-3])} do not broadcast; give them equal sizes or size 1"
+        ) from None
+
+    problem_scale = _check_scale(scale, q.shape[-1])
+    p = _check_dropout(dropout_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    scores_shape = (*batch_shape, q.shape[-3], q.shape[-2], k.shape[-2])
+
+    parts: list[masks.Mask] = []
+    if attn_mask is not None:
+        parts.append(_attn_mask_as_mask(attn_mask, q, scores_shape))
+    if _check_flag("is_causal", is_causal):
+        parts.append(masks.causal())
+    if mask is not None:
+        if not isinstance(mask, masks.Mask):
+            raise TypeError(
+                f"mask must be a dotattn.masks.Mask (e.g. masks.causal()), got {type(mask).__name__}; "
+                "pass tensors as attn_mask= or wrap them in masks.dense()"
+            )
+        for leaf in mask.leaves():
+            _check_mask_fits("mask", leaf, scores_shape)
+        mask.check(q.shape[-2], k.shape[-2])
+        parts.append(mask)
+    combined = reduce(lambda a, b: a & b, parts) if parts else None
+
+    return Problem(
+        query=q,
+        key=k,
+        value=v,
+        mask=combined,
+        scale=problem_scale,
+        dropout_p=p,
+        generator=generator,
+        return_lse=_check_flag("return_lse", return_lse),
+        return_weights=_check_flag("return_weights", return_weights),
+        batch_shape=batch_shape,
+        squeeze_head=squeeze_head,
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from dotattn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The engine registry and the dispatcher that explains itself.
+
+Every engine registers here. ``engine="auto"`` runs the highest-priority engine that
+reports no reason against the problem; a forced engine that cannot run raises
+:class:`EngineNotSupportedError` listing every reason. ``use_engine`` scopes a
+default through a context variable, so it is safe across threads and async tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dotattn._inputs import Problem
+from dotattn.engines.base import AttentionResult, Engine, EngineNotSupportedError, Support
+from dotattn.engines.reference import ReferenceEngine
+
+__all__ = [
+    "AttentionResult",
+    "Engine",
+    "EngineNotSupportedError",
+    "Explanation",
+    "Support",
+    "available",
+    "explain_problem",
+    "get",
+    "register",
+    "select",
+    "use_engine",
+]
+
+_REGISTRY: dict[str, Engine] = {}
+_SCOPED: contextvars.ContextVar[str] = contextvars.ContextVar("dotattn_engine", default="auto")
+
+
+def register(engine: Engine) -> Engine:
+    """Add an engine to the registry (by its ``name``); returns it."""
+    _REGISTRY[engine.name] = engine
+    return engine
+
+
+def available() -> list[Engine]:
+    """The registered engines, in the order ``auto`` tries them."""
+    return sorted(_REGISTRY.values(), key=lambda e: -e.priority)
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
+        known = ", ".join(repr(n) for n in ["auto", *_REGISTRY])
+        raise ValueError(f"unknown engine {name!r}; choose one of {known}")
+    return name
+
+
+def get(name: str) -> Engine:
+    """The engine called ``name``; ValueError listing the known names if there is none."""
+    if _check_name(name) == "auto":
+        raise ValueError("'auto' is a choice, not an engine; use select() to resolve it")
+    return _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def use_engine(name: str) -> Iterator[None]:
+    """Within the block, ``engine="auto"`` means ``name`` (or "auto" to undo an outer scope)."""
+    token = _SCOPED.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Which engine runs a problem, and why each other engine does not.
+
+    engine:    the chosen engine's name, or None when the requested engine cannot run
+    requested: what the caller asked for ("auto" or a name), after ``use_engine``
+    rejected:  engine name -> reasons, for every other engine considered
+    """
+
+    engine: str | None
+    requested: str
+    rejected: dict[str, list[str]]
+
+    def __str__(self) -> str:
+        if self.engine is None:
+            lines = [f"{self.requested} cannot run this problem"]
+        else:
+            how = "chosen by auto" if self.requested == "auto" else "requested"
+            lines = [f"engine: {self.engine} ({how})"]
+        lines += [f"  {name}: " + "; ".join(reasons) for name, reasons in self.rejected.items()]
+        return "\n".join(lines)
+
+
+def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
+    """Resolve ``engine`` for ``problem`` without running it."""
+    requested = _check_name(engine)
+    if requested == "auto":
+        requested = _SCOPED.get()
+    candidates = available() if requested == "auto" else [_REGISTRY[requested]]
+    chosen = None
+    rejected: dict[str, list[str]] = {}
+    for candidate in candidates:
+        reasons = candidate.reasons(problem)
+        if reasons:
+            rejected[candidate.name] = reasons
+        elif chosen is None:
+            chosen = candidate.name
+        else:
+            rejected[candidate.name] = [f"could run it, but {chosen} ranks higher"]
+    return Explanation(chosen, requested, rejected)
+
+
+def select(problem: Problem, engine: str = "auto") -> Engine:
+    """The engine that will run ``problem``; EngineNotSupportedError with every reason if none."""
+    explanation = explain_problem(problem, engine)
+    if explanation.engine is None:
+        detail = "; ".join(
+            f"{name} cannot run this: " + "; ".join(reasons)
+            for name, reasons in explanation.rejected.items()
+        )
+        raise EngineNotSupportedError(detail)
+    return _REGISTRY[explanation.engine]
+
+
+register(ReferenceEngine())

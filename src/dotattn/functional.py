@@ -1,0 +1,104 @@
+"""``scaled_dot_product_attention``: validate -> pick engine -> run.
+
+Shape legend: B.. leading (batch) dims, Hq query heads, Hkv key/value heads,
+Lq query length, Lk key length, E head dim of query and key, Ev head dim of value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dotattn import engines
+from dotattn._inputs import Problem, prepare
+from dotattn.engines import AttentionResult, Explanation
+from dotattn.masks import Mask
+
+
+def _run(problem: Problem, engine: str) -> AttentionResult:
+    result = engines.select(problem, engine).run(problem)
+    if problem.squeeze_head:
+        result = AttentionResult(*(None if t is None else t.squeeze(0) for t in result))
+    return result
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    mask: Mask | None = None,
+    engine: str = "auto",
+    return_lse: bool = False,
+    return_weights: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | AttentionResult:
+    """softmax(Q Kᵀ · scale + mask) V, a drop-in for torch's function of the same name.
+
+    query: (B.., Hq, Lq, E)   key: (B.., Hkv, Lk, E)   value: (B.., Hkv, Lk, Ev)
+    returns (B.., Hq, Lq, Ev), or an AttentionResult when return_lse or return_weights.
+    B.. is zero or more leading dims that broadcast among the three; 2-D inputs (L, E)
+    work as in the seeds.
+
+    The positional arguments mean what they mean in torch 2.13:
+      attn_mask  bool (True = may attend) or float (added to the scores), broadcastable
+                 to (B.., Hq, Lq, Lk)
+      dropout_p  inverted dropout on the weights; the pattern is dotattn's own
+                 (counter-based, reproducible with ``generator``), not torch's
+      is_causal  query i sees keys j <= i (top-left aligned, like torch); for the
+                 decoding alignment use ``mask=masks.causal(align="bottom_right")``
+      scale      defaults to 1/sqrt(E)
+      enable_gqa Hq may be a multiple of Hkv (grouped-query attention)
+    Unlike torch, attn_mask, is_causal and mask may be given together: they are ANDed.
+
+    Keyword-only extras:
+      mask            a ``dotattn.masks`` mask (causal, sliding_window, padding, ...)
+      engine          "auto" or an engine name; ``dotattn.explain`` tells which runs
+      return_lse      also return lse (B.., Hq, Lq): log of each row's softmax denominator
+      return_weights  also return the weights (B.., Hq, Lq, Lk), before dropout
+      generator       the torch.Generator that seeds dropout
+
+    A query row with no allowed key gives output 0, lse -inf, weights 0 and zero
+    gradients. Masked-out keys never influence anything, even when they hold NaN or inf.
+    Gradients flow to query, key, value and a float attn_mask (the score gradient);
+    lse and weights carry none.
+    """
+    problem = prepare(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator,
+    )
+    result = _run(problem, engine)
+    if return_lse or return_weights:
+        return result
+    return result.output
+
+
+def explain(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    mask: Mask | None = None,
+    engine: str = "auto",
+    return_lse: bool = False,
+    return_weights: bool = False,
+    generator: torch.Generator | None = None,
+) -> Explanation:
+    """Which engine ``scaled_dot_product_attention`` would run with these arguments, and
+    why each other engine would not. Takes the same arguments; computes nothing.
+    ``print()`` it for a readable report.
+    """
+    problem = prepare(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator,
+    )
+    return engines.explain_problem(problem, engine)

@@ -1,0 +1,41 @@
+"""Shared builders for the test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dotattn import engines
+
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def engine_cases() -> list:
+    """(engine, dtype) pairs: every registered engine in every CPU dtype it declares."""
+    return [
+        pytest.param(e.name, d, id=f"{e.name}-{str(d).removeprefix('torch.')}")
+        for e in engines.available()
+        for d in CPU_DTYPES
+        if d in e.support.dtypes and (e.support.devices is None or "cpu" in e.support.devices)
+    ]
+
+
+def engine_names() -> list[str]:
+    """Every registered engine that runs on CPU (here, or in an interpreter)."""
+    return sorted({p.values[0] for p in engine_cases()})
+
+
+def qkv(
+    B: int | tuple = 2, Hq: int = 4, Lq: int = 33, E: int = 16, *, Hkv: int | None = None,
+    Lk: int | None = None, Ev: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q (B.., Hq, Lq, E), k (B.., Hkv, Lk, E), v (B.., Hkv, Lk, Ev), drawn in float64."""
+    B = B if isinstance(B, tuple) else (B,)
+    Hkv = Hq if Hkv is None else Hkv
+    Lk = Lq if Lk is None else Lk
+    Ev = E if Ev is None else Ev
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*B, Hq, Lq, E, generator=g, dtype=torch.float64)
+    k = torch.randn(*B, Hkv, Lk, E, generator=g, dtype=torch.float64)
+    v = torch.randn(*B, Hkv, Lk, Ev, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
