@@ -148,8 +148,9 @@ def _check_mask_fits(name: str, leaf: masks.Mask, scores_shape: tuple[int, ...])
     if not fits:
         raise ValueError(
             f"{name} {leaf!r} has leading shape {tuple(lead)}, which does not broadcast to the "
-            f"scores' leading shape {tuple(target)} (*batch, Hq); per-batch masks index dim -4 "
-            "of the query, so give 3-D inputs a head dim: query.unsqueeze(-3)"
+            f"scores' leading shape {tuple(target)} (*batch, Hq); a per-batch mask needs one "
+            "entry per batch row (dim -4 of the scores): for 3-D inputs (B, L, E) add a head dim "
+            "with .unsqueeze(-3)"
         )
 
 

@@ -26,6 +26,14 @@ def _show(title: str, x: torch.Tensor) -> None:
     print(f"\n{title}  shape {tuple(x.shape)}")
 
 
+def _print_matrix(A: torch.Tensor, words: list[str]) -> None:
+    """A (T x T) as a table: rows are the attending words, columns the attended ones."""
+    width = max(len(w) for w in words)
+    print(" " * (width + 3) + " ".join(f"{w[:5]:>5}" for w in words))
+    for word, row in zip(words, A):
+        print(f"  {word:>{width}} " + " ".join(f"{p:5.2f}" for p in row.tolist()))
+
+
 def run(args: argparse.Namespace) -> int:
     words = args.sentence.split()
     T = len(words)
@@ -55,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     A = torch.softmax(S_scaled, dim=-1)
     _show("step 3, row softmax: attention matrix A (T x T)", A)
     print(f"  every row sums to 1: max |row sum - 1| = {(A.sum(-1) - 1).abs().max():.1e}")
+    _print_matrix(A, words)
     out = A @ V
     _show("step 4, second matmul: output A V (T x d_v)", out)
 
