@@ -1,0 +1,60 @@
+"""Error against the float64 oracle, next to torch SDPA's error on the same inputs.
+
+    python benchmarks/numerics.py
+
+For every engine that runs on this machine and each dtype it supports, prints the
+max abs error of the output and of dq/dk/dv, torch's error, and whether the 2x rule
+of dotattn.testing holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dotattn import engines, masks
+from dotattn.testing import compare_to_oracle
+
+SHAPES = [  # (B, Hq, Hkv, Lq, Lk, E)
+    (2, 8, 8, 512, 512, 64),
+    (1, 8, 2, 256, 1025, 128),
+]
+MASKS = {
+    "none": None,
+    "causal": masks.causal(),
+    "window 64": masks.sliding_window(64),
+    "padding": masks.padding([300, 200]),
+}
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = f"{'engine':<10} {'dtype':<9} {'shape':<30} {'mask':<10} " + "".join(
+        f"{q:>22}" for q in ("output", "dq", "dk", "dv")
+    )
+    print(header + "\n" + " " * 62 + "   ours / torch" * 4)
+    for engine in engines.available():
+        for dtype in (torch.float32, torch.bfloat16):
+            if dtype not in engine.support.dtypes:
+                continue
+            for B, Hq, Hkv, Lq, Lk, E in SHAPES:
+                g = torch.Generator().manual_seed(0)
+                q = torch.randn(B, Hq, Lq, E, generator=g, dtype=torch.float64).to(dtype)
+                k = torch.randn(B, Hkv, Lk, E, generator=g, dtype=torch.float64).to(dtype)
+                v = torch.randn(B, Hkv, Lk, E, generator=g, dtype=torch.float64).to(dtype)
+                for name, mask in MASKS.items():
+                    if name == "padding" and B != 2:
+                        continue
+                    rows = {r.quantity: r for r in compare_to_oracle(
+                        q, k, v, engine=engine.name, mask=mask, enable_gqa=Hq != Hkv
+                    )}
+                    cells = "".join(
+                        f"  {rows[n].error:9.2e}/{rows[n].torch_error:9.2e}{'' if rows[n].ok else '!'}"
+                        for n in ("output", "dq", "dk", "dv")
+                    )
+                    shape = f"B{B} H{Hq}/{Hkv} L{Lq}x{Lk} E{E}"
+                    print(f"{engine.name:<10} {str(dtype)[6:]:<9} {shape:<30} {name:<10}{cells}")
+    print("! marks a breach of the rule: error <= 2 x torch error + eps")
+
+
+if __name__ == "__main__":
+    main()
