@@ -95,8 +95,8 @@ def primitives(draw, Lq: int, Lk: int, B: int, H: int, additive_ok: bool = True)
 
         def doc_ids(L: int) -> torch.Tensor:
             shape = draw(st.sampled_from([(L,), (B, L)]))
-            values = torch.tensor(draw(st.lists(ids, min_size=math.prod(shape), max_size=math.prod(shape))))
-            values = values.reshape(shape)
+            n = math.prod(shape)
+            values = torch.tensor(draw(st.lists(ids, min_size=n, max_size=n)), dtype=torch.long).reshape(shape)
             # Packed documents are runs of equal ids; unsorted ids are legal too.
             return values.sort(dim=-1).values if draw(st.booleans()) else values
 
@@ -326,7 +326,8 @@ def test_block_map_examples():
 def test_position_block_maps_do_not_build_the_dense_mask():
     # A dense 2**24 x 2**24 mask would need 2**48 bytes; index-vector maps need only the tile grid.
     L = 2**24
-    for mask in (M.causal("bottom_right"), M.sliding_window(4096, 16), M.padding([L, L // 3], [L // 2, L]), M.prefix_lm([7, L])):
+    positional = [M.causal("bottom_right"), M.sliding_window(4096, 16), M.padding([L, 3], [5, L]), M.prefix_lm([7, L])]
+    for mask in positional:
         codes = mask.block_map(L, L, 2**16, 2**16)
         assert codes.shape == (*mask.lead_shape, 256, 256)
         assert mask.tile(L, L, L - 3, L, L - 5, L).shape == (*mask.lead_shape, 3, 5)
@@ -447,7 +448,10 @@ def test_non_mask_operands_are_rejected():
         (M.prefix_lm(4), "prefix_lm(4)"),
         (M.prefix_lm([4, 2]), "prefix_lm([4, 2])"),
         (M.documents(torch.tensor([0, 0, 1])), "documents(q_doc_ids=[0, 0, 1])"),
-        (M.block_sparse(torch.ones(2, 3, dtype=torch.bool), (16, 32)), "block_sparse(<bool tensor of shape (2, 3)>, block_size=(16, 32))"),
+        (
+            M.block_sparse(torch.ones(2, 3, dtype=torch.bool), (16, 32)),
+            "block_sparse(<bool tensor of shape (2, 3)>, block_size=(16, 32))",
+        ),
         (M.dense(torch.zeros(1, 4, 8)), "dense(<float32 tensor of shape (1, 4, 8)>)"),
         (M.causal() & M.sliding_window(128), "causal(top_left) & sliding_window(128)"),
         (
@@ -464,6 +468,11 @@ def test_repr(mask, text):
 # ---------------------------------------------------------------------------
 # Errors: constructors and check()
 # ---------------------------------------------------------------------------
+
+
+def zero_ids(*shape: int) -> torch.Tensor:
+    """Document ids of a given shape, all in document 0."""
+    return torch.zeros(shape, dtype=torch.long)
 
 
 @pytest.mark.parametrize(
@@ -484,7 +493,7 @@ def test_repr(mask, text):
         (lambda: M.documents([0, 1]), TypeError, "list"),
         (lambda: M.documents(torch.tensor([0.0, 1.0])), TypeError, "torch.float32"),
         (lambda: M.documents(torch.zeros(1, 2, 3, dtype=torch.long)), ValueError, "(1, 2, 3)"),
-        (lambda: M.documents(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long)), ValueError, "2 batch rows but kv_doc_ids has 3"),
+        (lambda: M.documents(zero_ids(2, 3), zero_ids(3, 3)), ValueError, "2 batch rows but kv_doc_ids has 3"),
         (lambda: M.prefix_lm(-3), ValueError, "-3"),
         (lambda: M.prefix_lm([2, -5]), ValueError, "-5"),
         (lambda: M.prefix_lm(2.0), TypeError, "float"),
@@ -509,9 +518,9 @@ def test_constructor_errors(build, error, text):
     [
         (M.padding([3, 9]), 4, 5, "kv_lengths holds 9 but Lk is 5"),
         (M.padding([3, 5], [2, 7]), 4, 5, "q_lengths holds 7 but Lq is 4"),
-        (M.documents(torch.zeros(4, dtype=torch.long), torch.zeros(6, dtype=torch.long)), 5, 6, "q_doc_ids has length 4 but Lq is 5"),
-        (M.documents(torch.zeros(4, dtype=torch.long), torch.zeros(6, dtype=torch.long)), 4, 7, "kv_doc_ids has length 6 but Lk is 7"),
-        (M.documents(torch.zeros(4, dtype=torch.long)), 4, 6, "Lq=4 and Lk=6"),
+        (M.documents(zero_ids(4), zero_ids(6)), 5, 6, "q_doc_ids has length 4 but Lq is 5"),
+        (M.documents(zero_ids(4), zero_ids(6)), 4, 7, "kv_doc_ids has length 6 but Lk is 7"),
+        (M.documents(zero_ids(4)), 4, 6, "Lq=4 and Lk=6"),
         (M.block_sparse(torch.ones(2, 3, dtype=torch.bool), 4), 9, 12, "2 x 3 blocks but Lq=9, Lk=12"),
         (M.block_sparse(torch.ones(2, 3, dtype=torch.bool), (4, 2)), 8, 7, "need 2 x 4"),
         (M.dense(torch.ones(3, 5, dtype=torch.bool)), 4, 5, "last two dims are (3, 5) but the problem is Lq=4, Lk=5"),

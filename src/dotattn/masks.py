@@ -129,13 +129,11 @@ def _any_per_tile(x: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
 def _block_map_of_dense(allowed: torch.Tensor, Lq: int, Lk: int, block_q: int, block_k: int) -> torch.Tensor:
     """Block map of a dense bool tensor (..., Lq or 1, Lk or 1): int8 (..., nQ, nK).
 
-    A size-1 (broadcast) dim is constant along its axis, so it is reduced as one
-    tile of size 1 and then expanded to all nQ (or nK) tiles.
+    A size-1 (broadcast) dim is constant along its axis: it reduces to a single
+    tile, which is then expanded to all nQ (or nK) tiles.
     """
-    bq = block_q if allowed.shape[-2] != 1 else 1
-    bk = block_k if allowed.shape[-1] != 1 else 1
-    any_ = _any_per_tile(allowed, bq, bk)
-    full = ~_any_per_tile(~allowed, bq, bk)
+    any_ = _any_per_tile(allowed, block_q, block_k)
+    full = ~_any_per_tile(~allowed, block_q, block_k)
     return _codes(full, any_, (*allowed.shape[:-2], _cdiv(Lq, block_q), _cdiv(Lk, block_k)))
 
 
@@ -183,7 +181,7 @@ def _check_at_most(value: torch.Tensor, limit: int, mask: Mask, name: str, dim: 
     if value.numel() and int(value.max()) > limit:
         raise ValueError(
             f"{mask!r}: {name} holds {int(value.max())} but {dim} is {limit}; "
-            f"every length must be at most {dim} (pass lengths that fit the {'query' if dim == 'Lq' else 'key'} tensor)"
+            f"a length counts a row's real positions, so it must be at most {dim}"
         )
 
 
@@ -357,9 +355,9 @@ class Causal(_Positional):
         return j <= i + _align_offset(self.align, Lq, Lk)
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
-        off = _align_offset(self.align, Lq, Lk)
-        # Full when the tile's top-right corner is allowed; non-empty when its bottom-left one is.
-        return k_last <= q_first + off, k_first <= q_last + off
+        # Each row allows a prefix of the keys that grows with i, so the top-right corner
+        # decides fullness and the bottom-left corner emptiness.
+        return self._allowed(q_first, k_last, Lq, Lk, device), self._allowed(q_last, k_first, Lq, Lk, device)
 
 
 class SlidingWindow(_Positional):
@@ -387,11 +385,12 @@ class SlidingWindow(_Positional):
         return (j >= centre - self.before) & (j <= centre + self.after)
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
+        # The band is off-before <= j - i <= off+after, and over a tile j - i spans exactly
+        # [k_first - q_last, k_last - q_first]: the tile is full when both ends lie in the band
+        # (its bottom-left and top-right corners are allowed), non-empty when the ranges meet.
+        full = self._allowed(q_last, k_first, Lq, Lk, device) & self._allowed(q_first, k_last, Lq, Lk, device)
         off = _align_offset(self.align, Lq, Lk)
-        full = (k_first >= q_last + off - self.before) & (k_last <= q_first + off + self.after)
-        # The band's rows shift by one key per query, so over the tile's rows they cover
-        # the contiguous key range [q_first+off-before, q_last+off+after].
-        any_ = (k_first <= q_last + off + self.after) & (k_last >= q_first + off - self.before)
+        any_ = (k_first - q_last <= off + self.after) & (k_last - q_first >= off - self.before)
         return full, any_
 
 
@@ -425,19 +424,16 @@ class Padding(_Positional):
         if self.q_lengths is not None:
             _check_at_most(self.q_lengths, Lq, self, "q_lengths", "Lq")
 
-    def _rule(self, i, j, device):
+    def _allowed(self, i, j, Lq, Lk, device):
         allowed = j < _per_batch(self.kv_lengths, device)
         if self.q_lengths is not None:
             allowed = allowed & (i < _per_batch(self.q_lengths, device))
         return allowed
 
-    def _allowed(self, i, j, Lq, Lk, device):
-        return self._rule(i, j, device)
-
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
-        # The allowed set is a rectangle anchored at (0, 0): full when the far corner is in it,
-        # non-empty when the near corner is.
-        return self._rule(q_last, k_last, device), self._rule(q_first, k_first, device)
+        # The allowed set is a rectangle anchored at (0, 0): a tile is full when its far corner
+        # is in it, non-empty when its near corner is.
+        return self._allowed(q_last, k_last, Lq, Lk, device), self._allowed(q_first, k_first, Lq, Lk, device)
 
 
 class PrefixLM(_Positional):
@@ -476,8 +472,9 @@ class PrefixLM(_Positional):
         return j <= self._last_visible(i, device)
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
-        # The last visible key grows with i: the first row bounds fullness, the last row emptiness.
-        return k_last <= self._last_visible(q_first, device), k_first <= self._last_visible(q_last, device)
+        # As for causal: the last visible key grows with i, so the top-right corner decides
+        # fullness and the bottom-left corner emptiness.
+        return self._allowed(q_first, k_last, Lq, Lk, device), self._allowed(q_last, k_first, Lq, Lk, device)
 
 
 class Documents(Mask):
@@ -529,7 +526,9 @@ class Documents(Mask):
             )
         for name, ids, L, dim in (("q_doc_ids", self.q_doc_ids, Lq, "Lq"), ("kv_doc_ids", self.kv_doc_ids, Lk, "Lk")):
             if ids.shape[-1] != L:
-                raise ValueError(f"{self!r}: {name} has length {ids.shape[-1]} but {dim} is {L}; give one id per position")
+                raise ValueError(
+                    f"{self!r}: {name} has length {ids.shape[-1]} but {dim} is {L}; give one id per position"
+                )
 
     def _ids(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Ids as (L,) or (B, 1, L), so that per-batch ids broadcast against the head dim."""
@@ -612,7 +611,8 @@ class BlockSparse(Mask):
         if have[0] < need[0] or have[1] < need[1]:
             raise ValueError(
                 f"{self!r}: layout has {have[0]} x {have[1]} blocks but Lq={Lq}, Lk={Lk} with block_size "
-                f"{self.block_size} need {need[0]} x {need[1]}; give a layout of at least ceil(L / block) blocks per dim"
+                f"{self.block_size} need {need[0]} x {need[1]}; "
+                "give a layout of at least ceil(L / block) blocks per dim"
             )
 
     def _tile(self, Lq, Lk, q0, q1, k0, k1, device):
@@ -629,7 +629,8 @@ class BlockSparse(Mask):
         r0, r1 = (q_first // bq)[:, None], (q_last // bq)[:, None]
         c0, c1 = (k_first // bk)[None, :], (k_last // bk)[None, :]
         layout = self.layout.to(device)
-        sums = torch.zeros(*layout.shape[:-2], layout.shape[-2] + 1, layout.shape[-1] + 1, dtype=torch.long, device=device)
+        *lead, nqb, nkb = layout.shape
+        sums = torch.zeros(*lead, nqb + 1, nkb + 1, dtype=torch.long, device=device)  # 2-D prefix sums
         sums[..., 1:, 1:] = layout.long().cumsum(-2).cumsum(-1)
         count = sums[..., r1 + 1, c1 + 1] - sums[..., r0, c1 + 1] - sums[..., r1 + 1, c0] + sums[..., r0, c0]
         blocks = (r1 - r0 + 1) * (c1 - c0 + 1)
@@ -738,7 +739,11 @@ class _Combination(Mask):
 
 
 class And(_Combination):
-    """Allowed where every child allows; an additive child makes the result a bias (sum of biases, -inf where masked)."""
+    """Allowed where every child allows.
+
+    With an additive child the result is a bias: the sum of the children's biases,
+    plus -inf where a boolean child masks.
+    """
 
     _symbol = "&"
 
@@ -752,8 +757,8 @@ class And(_Combination):
 
     def _tile(self, Lq, Lk, q0, q1, k0, k1, device):
         tiles = [(c.is_additive, c._tile(Lq, Lk, q0, q1, k0, k1, device)) for c in self.children]
-        masks = [t for additive, t in tiles if not additive]
-        allowed = functools.reduce(torch.logical_and, masks) if masks else None
+        keeps = [t for additive, t in tiles if not additive]
+        allowed = functools.reduce(torch.logical_and, keeps) if keeps else None
         if not self.is_additive:
             return allowed
         bias = functools.reduce(torch.add, [t for additive, t in tiles if additive])
@@ -783,8 +788,11 @@ class Or(_Combination):
 
 
 def causal(align: str = "top_left") -> Causal:
-    """Causal mask: query i sees keys j <= i ("top_left", like torch's is_causal) or
-    j <= i + (Lk - Lq) ("bottom_right", the decoding alignment: the last query sees every key)."""
+    """Causal mask, aligned "top_left" or "bottom_right".
+
+    top_left: query i sees keys j <= i, like torch's is_causal. bottom_right:
+    j <= i + (Lk - Lq), the decoding alignment where the last query sees every key.
+    """
     return Causal(align)
 
 

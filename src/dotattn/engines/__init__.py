@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from dotattn._inputs import Problem
 from dotattn.engines.base import AttentionResult, Engine, EngineNotSupportedError, Support
 from dotattn.engines.reference import ReferenceEngine
+from dotattn.engines.tiled import TiledEngine
 
 __all__ = [
     "AttentionResult",
@@ -125,3 +126,4 @@ def select(problem: Problem, engine: str = "auto") -> Engine:
 
 
 register(ReferenceEngine())
+register(TiledEngine())

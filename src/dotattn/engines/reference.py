@@ -17,23 +17,11 @@ import torch
 
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
+from dotattn.engines._nonfinite import finite_part
 from dotattn.engines.base import AttentionResult, Engine, Support
 
 # Half precisions compute in float32, as torch's math backend does on CPU.
 _COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
-
-def _finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x with non-finite entries zeroed, and the bool map of those entries (None if none).
-
-    Zeroing keeps a NaN or inf in a masked-out key (or a fully masked query) from
-    reaching anything through 0 * NaN in a matmul or its gradient; the map lets the
-    caller put NaN back exactly where an allowed entry used a bad value.
-    """
-    bad = ~torch.isfinite(x)
-    if not bool(bad.any()):
-        return x, None
-    return x.masked_fill(bad, 0.0), bad
 
 
 def _expand_heads(x: torch.Tensor, Hq: int) -> torch.Tensor:
@@ -65,9 +53,9 @@ class ReferenceEngine(Engine):
     def run(self, problem: Problem) -> AttentionResult:
         dtype = problem.query.dtype
         compute = _COMPUTE_DTYPE.get(dtype, dtype)
-        q, q_bad = _finite_part(problem.query.to(compute))
-        k, k_bad = _finite_part(_expand_heads(problem.key, problem.Hq).to(compute))
-        v, v_bad = _finite_part(_expand_heads(problem.value, problem.Hq).to(compute))
+        q, q_bad = finite_part(problem.query.to(compute))
+        k, k_bad = finite_part(_expand_heads(problem.key, problem.Hq).to(compute))
+        v, v_bad = finite_part(_expand_heads(problem.value, problem.Hq).to(compute))
         Lq, Lk = problem.Lq, problem.Lk
 
         # 1. first matmul: the compatibility matrix, (*batch, Hq, Lq, Lk)

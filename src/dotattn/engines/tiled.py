@@ -1,0 +1,375 @@
+"""The tiled CPU engine: flash-style online softmax, forward and backward, in torch ops.
+
+Queries are cut into chunks of ``block_q`` positions and keys into tiles of
+``block_k``; every step is one batched matmul over (batch x kv heads), with the
+query heads of a group (GQA) stacked into the rows so K and V are never copied
+per query head. The mask's ``block_map`` decides each tile's phase:
+
+    EMPTY    skipped: no work, and its keys are never read
+    FULL     no mask work
+    PARTIAL  the mask's ``tile`` is applied (bool: -inf where masked; float: added)
+
+Forward keeps the running row max ``m_i``, row sum ``l_i`` and accumulator ``acc``
+(float32 for half precisions) and saves only q, k, v, the output and the lse.
+Backward (FlashAttention-2) recomputes P = exp(S - lse) tile by tile with
+``delta = rowsum(dO * O)``. Memory is O(B·H·L·(E+Ev)) plus one tile's workspace;
+an (Lq, Lk) tensor exists only when the weights are asked for.
+
+Shape legend: N flattened batch, Hkv kv heads, G query heads per kv head,
+Lq/Lk lengths, E head dim, Ev value dim; "rows" of a chunk are G·bq.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dotattn import masks
+from dotattn._dropout import keep_mask
+from dotattn._inputs import Problem
+from dotattn.engines._nonfinite import finite_part
+from dotattn.engines.base import AttentionResult, Engine, Support
+
+BLOCK_Q = 256
+BLOCK_K = 512
+_COMPUTE_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+_NEG_INF = float("-inf")
+
+
+def _canonical(t: torch.Tensor, batch: tuple[int, ...], Hkv: int, G: int) -> torch.Tensor:
+    """A tensor (*lead, R, C) whose lead broadcasts to (*batch, Hq), as (Nb, h, g, R, C).
+
+    Nb is N when the lead varies over the batch, else 1; (h, g) is (Hkv, G) when it
+    varies over heads, else (1, 1). Copies only when a batch lead is partly broadcast.
+    """
+    R, C = t.shape[-2:]
+    lead = (1,) * (len(batch) + 1 - (t.dim() - 2)) + tuple(t.shape[:-2])
+    t = t.reshape(*lead, R, C)
+    per_head = lead[-1] != 1
+    if any(b != 1 for b in lead[:-1]):
+        t = t.expand(*batch, lead[-1], R, C)
+        n = math.prod(batch)
+    else:
+        n = 1
+    return t.reshape(n, Hkv if per_head else 1, G if per_head else 1, R, C)
+
+
+def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, Hkv, G, r, d) @ (n, Hkv, d, c) -> (n, Hkv, G, r, c) as one batched matmul.
+
+    The G query heads that share a kv head are stacked into the rows, so the kv
+    operand is used as it is, never expanded per query head.
+    """
+    n, h, g, r, d = a.shape
+    return (a.reshape(n, h, g * r, d) @ b).view(n, h, g, r, b.shape[-1])
+
+
+def _heads_summed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over G of aᵀ b: (n, Hkv, G, r, c), (n, Hkv, G, r, d) -> (n, Hkv, c, d)."""
+    n, h, g, r, c = a.shape
+    return a.reshape(n, h, g * r, c).transpose(-2, -1) @ b.reshape(n, h, g * r, b.shape[-1])
+
+
+def _phase(codes: torch.Tensor) -> torch.Tensor:
+    """Block codes (n, h, g, nQ, nK) of one group -> one code per tile (nQ, nK).
+
+    A tile is EMPTY only if it is empty for every row of the group, FULL only if full
+    for every row; otherwise it is PARTIAL and the exact mask is applied.
+    """
+    flat = codes.flatten(0, 2)
+    lo, hi = flat.amin(0), flat.amax(0)
+    return torch.where(
+        hi == masks.EMPTY, masks.EMPTY, torch.where(lo == masks.FULL, masks.FULL, masks.PARTIAL)
+    )
+
+
+@dataclass
+class _Inputs:
+    """q, k, v in canonical layout and compute dtype, with non-finite entries zeroed.
+
+    q: (N, Hkv, G, Lq, E)  k: (N, Hkv, Lk, E)  v: (N, Hkv, Lk, Ev)
+    q_bad: (N, Hkv, G, Lq) rows holding NaN/inf; k_bad: (N, Hkv, Lk); v_bad: (N, Hkv, Lk, Ev)
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_bad: torch.Tensor | None
+    k_bad: torch.Tensor | None
+    v_bad: torch.Tensor | None
+
+
+@dataclass
+class _Plan:
+    """Everything about a problem the tile loops need, derived once."""
+
+    problem: Problem
+    block_q: int
+    block_k: int
+    N: int = field(init=False)
+    G: int = field(init=False)
+    groups: list[slice] = field(init=False)
+    phases: list[torch.Tensor] = field(init=False)
+    biases: list[masks.Dense] = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.problem
+        self.N = math.prod(p.batch_shape)
+        self.G = p.Hq // p.Hkv
+        self.biases = []
+        if p.mask is None:
+            self.groups = [slice(0, self.N)]
+            self.phases = [torch.full((self._n(p.Lq, self.block_q), self._n(p.Lk, self.block_k)), masks.FULL)]
+            return
+        if p.mask.is_additive:
+            self.biases = [leaf for leaf in p.mask.leaves() if isinstance(leaf, masks.Dense)
+                           and leaf.tensor.is_floating_point()]
+        codes = _canonical(
+            p.mask.block_map(p.Lq, p.Lk, self.block_q, self.block_k), p.batch_shape, p.Hkv, self.G
+        )
+        if codes.shape[0] == 1:
+            self.groups = [slice(0, self.N)]
+            self.phases = [_phase(codes)]
+        else:  # the mask differs per batch row (padding, documents): skip per row
+            self.groups = [slice(n, n + 1) for n in range(self.N)]
+            self.phases = [_phase(codes[n : n + 1]) for n in range(self.N)]
+
+    @staticmethod
+    def _n(L: int, block: int) -> int:
+        return -(-L // block)
+
+    def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Inputs:
+        p = self.problem
+        compute = _COMPUTE_DTYPE.get(q.dtype, q.dtype)
+        batch = p.batch_shape
+        q = q.expand(*batch, p.Hq, p.Lq, p.E).reshape(self.N, p.Hkv, self.G, p.Lq, p.E)
+        k = k.expand(*batch, p.Hkv, p.Lk, p.E).reshape(self.N, p.Hkv, p.Lk, p.E)
+        v = v.expand(*batch, p.Hkv, p.Lk, p.Ev).reshape(self.N, p.Hkv, p.Lk, p.Ev)
+        q, q_bad = finite_part(q.to(compute))
+        k, k_bad = finite_part(k.to(compute))
+        v, v_bad = finite_part(v.to(compute))
+        return _Inputs(
+            q, k, v,
+            None if q_bad is None else q_bad.any(-1),
+            None if k_bad is None else k_bad.any(-1),
+            v_bad,
+        )
+
+    def tiles(self, group: int, qi: int):
+        """The key tiles of query chunk ``qi`` in ``group`` that are not EMPTY: (kj, k0, k1, code)."""
+        row = self.phases[group][qi].tolist()
+        for kj, code in enumerate(row):
+            if code != masks.EMPTY:
+                k0 = kj * self.block_k
+                yield kj, k0, min(k0 + self.block_k, self.problem.Lk), code
+
+    def scores(
+        self, x: _Inputs, rows: slice, q0: int, q1: int, k0: int, k1: int, code: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scaled, masked scores of one tile, (n, Hkv, G, bq, bk), and the mask tile applied
+        (canonical bool or float, None for a FULL tile)."""
+        p = self.problem
+        s = _rows_matmul(x.q[rows, :, :, q0:q1], x.k[rows, :, k0:k1].transpose(-2, -1))
+        s.mul_(p.scale)
+        if x.q_bad is not None or x.k_bad is not None:
+            bad = torch.zeros(s.shape, dtype=torch.bool)
+            if x.q_bad is not None:
+                bad |= x.q_bad[rows, :, :, q0:q1, None]
+            if x.k_bad is not None:
+                bad |= x.k_bad[rows, :, None, None, k0:k1]
+            s.masked_fill_(bad, float("nan"))
+        if code == masks.FULL:
+            return s, None
+        t = _canonical(p.mask.tile(p.Lq, p.Lk, q0, q1, k0, k1, device=s.device), p.batch_shape, p.Hkv, self.G)
+        t = t[rows] if t.shape[0] > 1 else t
+        if p.mask.is_additive:
+            s.add_(t)
+            s.masked_fill_(t == _NEG_INF, _NEG_INF)
+        else:
+            s.masked_fill_(~t, _NEG_INF)
+        return s, t
+
+    def keep(self, rows: slice, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+        """The shared dropout pattern of one tile, (n, Hkv, G, bq, bk)."""
+        p = self.problem
+        bh = torch.arange(self.N * p.Hq).reshape(self.N, p.Hkv, self.G, 1, 1)[rows]
+        return keep_mask(
+            p.dropout_seed, p.dropout_p, bh,
+            torch.arange(q0, q1)[:, None], torch.arange(k0, k1),
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (N, Hkv, G, Lq, Ev) in the compute dtype, lse (N, Hkv, G, Lq) float32/64."""
+        p = self.problem
+        x = self.inputs(q, k, v)
+        acc_dtype = x.q.dtype
+        out = x.q.new_zeros(self.N, p.Hkv, self.G, p.Lq, p.Ev)
+        lse = x.q.new_full((self.N, p.Hkv, self.G, p.Lq), _NEG_INF)
+        for g, rows in enumerate(self.groups):
+            for qi, q0 in enumerate(range(0, p.Lq, self.block_q)):
+                q1 = min(q0 + self.block_q, p.Lq)
+                n = rows.stop - rows.start
+                m_i = x.q.new_full((n, p.Hkv, self.G, q1 - q0, 1), _NEG_INF)
+                l_i = x.q.new_zeros((n, p.Hkv, self.G, q1 - q0, 1))
+                acc = x.q.new_zeros((n, p.Hkv, self.G, q1 - q0, p.Ev), dtype=acc_dtype)
+                contaminated = None
+                for _, k0, k1, code in self.tiles(g, qi):
+                    s, t = self.scores(x, rows, q0, q1, k0, k1, code)
+                    m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
+                    m_safe = torch.where(m_new == _NEG_INF, 0.0, m_new)
+                    alpha = torch.exp(m_i - m_safe)
+                    s.sub_(m_safe).exp_()  # s is now P~ = exp(S - m)
+                    l_i.mul_(alpha).add_(s.sum(-1, keepdim=True))
+                    if p.dropout_p > 0:
+                        s.mul_(self.keep(rows, q0, q1, k0, k1)).mul_(1.0 / (1.0 - p.dropout_p))
+                    acc.mul_(alpha).add_(_rows_matmul(s, x.v[rows, :, k0:k1]))
+                    m_i = m_new
+                    if x.v_bad is not None:
+                        sees = torch.ones_like(s) if t is None else self._allowed(t).to(s.dtype).expand_as(s)
+                        hit = _rows_matmul(sees, x.v_bad[rows, :, k0:k1].to(s.dtype)) > 0
+                        contaminated = hit if contaminated is None else contaminated | hit
+                alive = l_i > 0
+                acc.div_(torch.where(alive, l_i, 1.0))
+                if contaminated is not None:
+                    acc.masked_fill_(contaminated, float("nan"))
+                out[rows, :, :, q0:q1] = acc
+                lse[rows, :, :, q0:q1] = torch.where(alive, m_i + torch.log(l_i), _NEG_INF).squeeze(-1)
+        return out, lse
+
+    def _allowed(self, t: torch.Tensor) -> torch.Tensor:
+        return t != _NEG_INF if self.problem.mask.is_additive else t
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """P = exp(S - lse) for every non-empty tile: (N, Hkv, G, Lq, Lk), zeros elsewhere."""
+        p = self.problem
+        x = self.inputs(q, k, v)
+        w = x.q.new_zeros(self.N, p.Hkv, self.G, p.Lq, p.Lk)
+        lse_safe = torch.where(lse == _NEG_INF, 0.0, lse).unsqueeze(-1)
+        for g, rows in enumerate(self.groups):
+            for qi, q0 in enumerate(range(0, p.Lq, self.block_q)):
+                q1 = min(q0 + self.block_q, p.Lq)
+                for _, k0, k1, code in self.tiles(g, qi):
+                    s, _ = self.scores(x, rows, q0, q1, k0, k1, code)
+                    w[rows, :, :, q0:q1, k0:k1] = torch.exp(s - lse_safe[rows, :, :, q0:q1])
+        return w
+
+    def backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        d_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """dq, dk, dv in canonical layout (compute dtype) and one gradient per float bias leaf."""
+        p = self.problem
+        x = self.inputs(q, k, v)
+        d_out = d_out.to(x.q.dtype)
+        delta = (d_out * out).sum(-1, keepdim=True)  # (N, Hkv, G, Lq, 1)
+        lse_safe = torch.where(lse == _NEG_INF, 0.0, lse).unsqueeze(-1)
+        dq = torch.zeros_like(x.q)
+        dk = torch.zeros_like(x.k)
+        dv = torch.zeros_like(x.v)
+        bias_grads = [torch.zeros_like(_canonical(b.tensor, p.batch_shape, p.Hkv, self.G), dtype=x.q.dtype)
+                      for b in self.biases]
+        for g, rows in enumerate(self.groups):
+            for qi, q0 in enumerate(range(0, p.Lq, self.block_q)):
+                q1 = min(q0 + self.block_q, p.Lq)
+                q_c = x.q[rows, :, :, q0:q1]
+                do_c = d_out[rows, :, :, q0:q1]
+                for _, k0, k1, code in self.tiles(g, qi):
+                    s, _ = self.scores(x, rows, q0, q1, k0, k1, code)
+                    prob = s.sub_(lse_safe[rows, :, :, q0:q1]).exp_()  # (n, Hkv, G, bq, bk)
+                    dp = _rows_matmul(do_c, x.v[rows, :, k0:k1].transpose(-2, -1))
+                    if p.dropout_p > 0:
+                        kept = self.keep(rows, q0, q1, k0, k1).to(prob.dtype).mul_(1.0 / (1.0 - p.dropout_p))
+                        dp.mul_(kept)
+                        p_drop = prob * kept
+                    else:
+                        p_drop = prob
+                    dv[rows, :, k0:k1] += _heads_summed(p_drop, do_c)
+                    ds = prob.mul_(dp.sub_(delta[rows, :, :, q0:q1]))  # dS, the score gradient
+                    for bias, grad in zip(self.biases, bias_grads):
+                        self._add_bias_grad(grad, bias, ds, rows, q0, q1, k0, k1)
+                    dq[rows, :, :, q0:q1] += _rows_matmul(ds, x.k[rows, :, k0:k1]).mul_(p.scale)
+                    dk[rows, :, k0:k1] += _heads_summed(ds, q_c).mul_(p.scale)
+        return dq, dk, dv, bias_grads
+
+    def _add_bias_grad(
+        self, grad: torch.Tensor, bias: masks.Dense, ds: torch.Tensor, rows: slice,
+        q0: int, q1: int, k0: int, k1: int,
+    ) -> None:
+        """Add a tile's score gradient into a bias leaf's canonical gradient (Nb, h, g, R, C),
+        summing over the dims the bias broadcasts along."""
+        Nb, h, _, R, C = grad.shape
+        part = ds
+        if Nb == 1:
+            part = part.sum(0, keepdim=True)
+        if h == 1:
+            part = part.sum((1, 2), keepdim=True)
+        r = slice(q0, q1) if R != 1 else slice(0, 1)
+        c = slice(k0, k1) if C != 1 else slice(0, 1)
+        if R == 1:
+            part = part.sum(-2, keepdim=True)
+        if C == 1:
+            part = part.sum(-1, keepdim=True)
+        target = grad[rows] if Nb != 1 else grad
+        target[..., r, c] += part
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *bias_tensors: torch.Tensor):
+        out, lse = plan.forward(q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
+        plan: _Plan = ctx.plan
+        p = plan.problem
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, bias_grads = plan.backward(q, k, v, out, lse, d_out)
+        batch = p.batch_shape
+        dq = dq.reshape(*batch, p.Hq, p.Lq, p.E).sum_to_size(q.shape).to(q.dtype)
+        dk = dk.reshape(*batch, p.Hkv, p.Lk, p.E).sum_to_size(k.shape).to(k.dtype)
+        dv = dv.reshape(*batch, p.Hkv, p.Lk, p.Ev).sum_to_size(v.shape).to(v.dtype)
+        d_biases = [_uncanonical(grad, bias.tensor, batch) for bias, grad in zip(plan.biases, bias_grads)]
+        return (None, dq, dk, dv, *d_biases)
+
+
+def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of _canonical for a gradient: (Nb, h, g, R, C) -> like.shape, summing broadcast dims."""
+    Nb, h, g, R, C = grad.shape
+    lead_batch = batch if Nb != 1 else (1,) * len(batch)
+    full = grad.reshape(*lead_batch, h * g, R, C)
+    lead = (1,) * (len(batch) + 1 - (like.dim() - 2)) + tuple(like.shape[:-2])
+    return full.sum_to_size(*lead, R, C).reshape(like.shape).to(like.dtype)
+
+
+class TiledEngine(Engine):
+    name = "tiled"
+    description = "flash-style online softmax over tiles in torch ops; skips masked tiles; O(L) memory"
+    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64))
+    priority = 10
+
+    def __init__(self, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> None:
+        self.block_q = block_q
+        self.block_k = block_k
+
+    def run(self, problem: Problem) -> AttentionResult:
+        plan = _Plan(problem, self.block_q, self.block_k)
+        p = problem
+        out, lse = _TiledAttention.apply(
+            plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases)
+        )
+        batch = p.batch_shape
+        output = out.reshape(*batch, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        lse_dtype = torch.float64 if p.query.dtype == torch.float64 else torch.float32
+        lse = lse.detach().reshape(*batch, p.Hq, p.Lq)
+        weights = None
+        if p.return_weights:
+            with torch.no_grad():
+                w = plan.weights(p.query, p.key, p.value, lse.reshape(plan.N, p.Hkv, plan.G, p.Lq))
+            weights = w.reshape(*batch, p.Hq, p.Lq, p.Lk).to(p.query.dtype)
+        return AttentionResult(output, lse.to(lse_dtype) if p.return_lse else None, weights)
