@@ -105,11 +105,13 @@ def test_forced_engine_lists_every_reason(picky):
 def test_auto_skips_an_engine_that_cannot_run_and_explains_why(picky):
     q, k, v = qkv(1, 1, 4, 4)
     explanation = dotattn.explain(q, k, v)
-    assert explanation.engine == "reference" and explanation.requested == "auto"
+    best_cpu = next(e.name for e in engines.available() if e.name != "picky")
+    assert explanation.engine == best_cpu and explanation.requested == "auto"
     assert "device cpu is not supported" in " ".join(explanation.rejected["picky"])
     text = str(explanation)
-    assert text.splitlines()[0] == "engine: reference (chosen by auto)"
+    assert text.splitlines()[0] == f"engine: {best_cpu} (chosen by auto)"
     assert "picky: device cpu is not supported" in text
+    assert "reference: could run it, but" in text
 
 
 def test_use_engine_nests_and_explicit_engine_wins(picky):
@@ -117,7 +119,7 @@ def test_use_engine_nests_and_explicit_engine_wins(picky):
     with dotattn.use_engine("picky"):
         assert dotattn.explain(q, k, v).engine is None
         with dotattn.use_engine("auto"):
-            assert dotattn.explain(q, k, v).engine == "reference"
+            assert dotattn.explain(q, k, v).engine not in (None, "picky")
         assert dotattn.explain(q, k, v, engine="reference").engine == "reference"
     assert dotattn.explain(q, k, v).requested == "auto"
 
