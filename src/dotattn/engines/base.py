@@ -37,6 +37,17 @@ class EngineNotSupportedError(ValueError):
     """A forced engine cannot run the problem; the message lists every reason."""
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an engine computes in: half precisions in float32 (as torch's math
+    backend does on CPU), others as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lse's dtype for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -18,11 +18,7 @@ import torch
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
 from dotattn.engines._nonfinite import finite_part
-from dotattn.engines.base import AttentionResult, Engine, Support
-
-# Half precisions compute in float32, as torch's math backend does on CPU.
-_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
+from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
 
 def _expand_heads(x: torch.Tensor, Hq: int) -> torch.Tensor:
     """(*batch, Hkv, L, D) -> (*batch, Hq, L, D): query head h uses kv head h // (Hq/Hkv)."""
@@ -52,7 +48,7 @@ class ReferenceEngine(Engine):
 
     def run(self, problem: Problem) -> AttentionResult:
         dtype = problem.query.dtype
-        compute = _COMPUTE_DTYPE.get(dtype, dtype)
+        compute = compute_dtype(dtype)
         q, q_bad = finite_part(problem.query.to(compute))
         k, k_bad = finite_part(_expand_heads(problem.key, problem.Hq).to(compute))
         v, v_bad = finite_part(_expand_heads(problem.value, problem.Hq).to(compute))
@@ -101,8 +97,7 @@ class ReferenceEngine(Engine):
 
         lse = weights = None
         if problem.return_lse:
-            lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            lse = (m + torch.log(denom)).squeeze(-1).detach().to(lse_dtype)
+            lse = (m + torch.log(denom)).squeeze(-1).detach().to(lse_dtype(dtype))
         if problem.return_weights:
             weights = p.detach().to(dtype)
         return AttentionResult(out.to(dtype), lse, weights)

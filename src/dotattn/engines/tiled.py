@@ -30,11 +30,10 @@ from dotattn import masks
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
 from dotattn.engines._nonfinite import finite_part
-from dotattn.engines.base import AttentionResult, Engine, Support
+from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
 
 BLOCK_Q = 256
 BLOCK_K = 512
-_COMPUTE_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 _NEG_INF = float("-inf")
 
 
@@ -142,7 +141,7 @@ class _Plan:
 
     def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Inputs:
         p = self.problem
-        compute = _COMPUTE_DTYPE.get(q.dtype, q.dtype)
+        compute = compute_dtype(q.dtype)
         batch = p.batch_shape
         q = q.expand(*batch, p.Hq, p.Lq, p.E).reshape(self.N, p.Hkv, self.G, p.Lq, p.E)
         k = k.expand(*batch, p.Hkv, p.Lk, p.E).reshape(self.N, p.Hkv, p.Lk, p.E)
@@ -365,11 +364,10 @@ class TiledEngine(Engine):
         )
         batch = p.batch_shape
         output = out.reshape(*batch, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
-        lse_dtype = torch.float64 if p.query.dtype == torch.float64 else torch.float32
         lse = lse.detach().reshape(*batch, p.Hq, p.Lq)
         weights = None
         if p.return_weights:
             with torch.no_grad():
                 w = plan.weights(p.query, p.key, p.value, lse.reshape(plan.N, p.Hkv, plan.G, p.Lq))
             weights = w.reshape(*batch, p.Hq, p.Lq, p.Lk).to(p.query.dtype)
-        return AttentionResult(output, lse.to(lse_dtype) if p.return_lse else None, weights)
+        return AttentionResult(output, lse.to(lse_dtype(p.query.dtype)) if p.return_lse else None, weights)
