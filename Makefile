@@ -7,10 +7,12 @@ TORCH := torch==2.13.0
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: pyproject.toml
+# The compiled kernel (src/dotattn/csrc) builds against the installed torch, so torch and
+# the build tools go in first and the package builds without isolation.
+$(VENV)/.installed: pyproject.toml setup.py src/dotattn/csrc/tiled_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH) setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -6,6 +6,13 @@ import pytest
 import torch
 
 from dotattn import engines
+from dotattn.engines.tiled import TiledEngine
+
+# The tiled engine's torch-ops fallback, registered under its own name for the tests
+# only, so the whole engine-parametrized suite runs on both of the engine's paths.
+_TORCH_OPS = TiledEngine(use_kernel=False)
+_TORCH_OPS.name = "tiled_torch_ops"
+engines.register(_TORCH_OPS)
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 

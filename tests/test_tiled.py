@@ -1,4 +1,7 @@
-"""The tiled engine with small tiles, so every problem spans many full, partial and empty tiles."""
+"""The tiled engine with small tiles, so every problem spans many full, partial and empty tiles.
+
+Each test runs both paths of the engine: the compiled kernel and the torch-ops fallback.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn._inputs import prepare
+from dotattn.engines import _tiled_kernel
 from dotattn.engines.tiled import _Plan
 from dotattn.testing import assert_matches_oracle
 from tests.conftest import qkv
@@ -16,12 +20,44 @@ from tests.test_engines import _mask_cases
 TILES = [(16, 32), (7, 5), (64, 16)]
 
 
+@pytest.fixture(params=["kernel", "torch_ops"])
+def path(request, monkeypatch):
+    """Which path of the tiled engine runs: the compiled kernel or torch ops."""
+    monkeypatch.setattr(engines.get("tiled"), "use_kernel", request.param == "kernel")
+    return request.param
+
+
 @pytest.fixture(params=TILES, ids=[f"{q}x{k}" for q, k in TILES])
-def small_tiles(request, monkeypatch):
+def small_tiles(request, path, monkeypatch):
     engine = engines.get("tiled")
     monkeypatch.setattr(engine, "block_q", request.param[0])
     monkeypatch.setattr(engine, "block_k", request.param[1])
     return request.param
+
+
+def test_the_compiled_kernel_is_built():
+    """make test builds it; if the build broke, the suite would silently test only the fallback."""
+    assert _tiled_kernel.MISSING is None
+    q = torch.randn(1, 2, 8, 4)
+    assert dotattn.explain(q, q, q).detail == "compiled kernel"
+
+
+@pytest.mark.parametrize(
+    "inputs,why",
+    [("nan", "NaN or inf"), ("bias", "float mask may need its gradient"), ("empty", "empty")],
+)
+def test_explain_names_the_torch_ops_fallback_and_why(inputs, why):
+    q = torch.randn(1, 2, 8, 4)
+    kwargs = {}
+    if inputs == "nan":
+        q = q.clone()
+        q[0, 0, 0, 0] = float("nan")
+    elif inputs == "bias":
+        kwargs["attn_mask"] = torch.randn(8, 8, requires_grad=True)
+    else:
+        q = q[:, :, :0]
+    detail = dotattn.explain(q, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), **kwargs).detail
+    assert detail.startswith("torch ops, because") and why in detail
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,3 +101,32 @@ def test_only_non_empty_tiles_are_visited_and_only_partial_ones_masked(kwargs, v
     codes = [code for qi in range(16) for *_, code in plan.tiles(0, qi)]
     assert len(codes) == visited  # of 16 x 16 tiles
     assert codes.count(masks.PARTIAL) == partial
+    # The kernel reads the same classification, and packs only the partial tiles.
+    tm = _tiled_kernel.TileMask.of(problem, 64, 64, torch.float32)
+    if tm.index is None:
+        assert visited == 256
+    else:
+        assert int((tm.index != -2).sum()) == visited and int((tm.index >= 0).sum()) == partial
+        assert tm.allowed.shape == (partial, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "mask", [None, masks.causal(align="bottom_right"), masks.sliding_window(3, 1), masks.padding([7, 4], q_lengths=[5, 2])],
+    ids=["none", "causal", "window", "padding-with-dead-rows"],
+)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gradcheck_float64_with_small_tiles(path, mask, dropout_p):
+    """Gradients of both paths against finite differences, GQA and Ev != E, tiles 3 x 2."""
+    q, k, v = (x.requires_grad_() for x in qkv(2, 4, 5, 3, Hkv=2, Lk=7, Ev=2, dtype=torch.float64))
+    engine = engines.get("tiled")
+
+    def f(q, k, v):
+        g = torch.Generator().manual_seed(2)
+        return dotattn.scaled_dot_product_attention(
+            q, k, v, mask=mask, dropout_p=dropout_p, generator=g, enable_gqa=True, engine="tiled"
+        )
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "block_q", 3)
+        mp.setattr(engine, "block_k", 2)
+        assert torch.autograd.gradcheck(f, (q, k, v))

@@ -78,18 +78,20 @@ class Explanation:
     engine:    the chosen engine's name, or None when the requested engine cannot run
     requested: what the caller asked for ("auto" or a name), after ``use_engine``
     rejected:  engine name -> reasons, for every other engine considered
+    detail:    how the chosen engine will run it (e.g. "compiled kernel"), or None
     """
 
     engine: str | None
     requested: str
     rejected: dict[str, list[str]]
+    detail: str | None = None
 
     def __str__(self) -> str:
         if self.engine is None:
             lines = [f"{self.requested} cannot run this problem"]
         else:
             how = "chosen by auto" if self.requested == "auto" else "requested"
-            lines = [f"engine: {self.engine} ({how})"]
+            lines = [f"engine: {self.engine} ({how})" + (f": {self.detail}" if self.detail else "")]
         lines += [f"  {name}: " + "; ".join(reasons) for name, reasons in self.rejected.items()]
         return "\n".join(lines)
 
@@ -110,7 +112,8 @@ def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
             chosen = candidate.name
         else:
             rejected[candidate.name] = [f"could run it, but {chosen} ranks higher"]
-    return Explanation(chosen, requested, rejected)
+    detail = None if chosen is None else _REGISTRY[chosen].detail(problem)
+    return Explanation(chosen, requested, rejected, detail)
 
 
 def select(problem: Problem, engine: str = "auto") -> Engine:

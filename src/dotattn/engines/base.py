@@ -111,6 +111,11 @@ class Engine:
         """Limits that the :class:`Support` record cannot express (e.g. a missing extension)."""
         return []
 
+    def detail(self, problem: Problem) -> str | None:
+        """How this engine will run ``problem`` when it has more than one way (e.g. a compiled
+        kernel or its fallback), for ``explain``; None when there is only one."""
+        return None
+
     def run(self, problem: Problem) -> AttentionResult:
         """Compute attention for a validated problem.
 

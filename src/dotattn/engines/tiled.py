@@ -29,11 +29,12 @@ import torch
 from dotattn import masks
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
+from dotattn.engines import _tiled_kernel
 from dotattn.engines._nonfinite import finite_part
 from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
 
-BLOCK_Q = 256
-BLOCK_K = 512
+BLOCK_Q = 128
+BLOCK_K = 256
 _NEG_INF = float("-inf")
 
 
@@ -348,26 +349,49 @@ def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...])
 
 class TiledEngine(Engine):
     name = "tiled"
-    description = "flash-style online softmax over tiles in torch ops; skips masked tiles; O(L) memory"
+    description = "flash-style online softmax over tiles, compiled (torch ops as fallback); skips masked tiles; O(L) memory"
     support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64))
     priority = 10
 
-    def __init__(self, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> None:
+    def __init__(self, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, use_kernel: bool = True) -> None:
         self.block_q = block_q
         self.block_k = block_k
+        self.use_kernel = use_kernel
+
+    def torch_ops_reason(self, problem: Problem) -> str | None:
+        """Why this problem runs in torch ops rather than the compiled kernel; None when it does not."""
+        p = problem
+        if not self.use_kernel:
+            return "this instance is set to torch ops"
+        if _tiled_kernel.MISSING is not None:
+            return _tiled_kernel.MISSING
+        if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
+            return "the problem is empty"
+        if p.mask is not None and p.mask.is_additive and p.requires_grad:
+            return "a float mask may need its gradient, which only the torch-ops path computes"
+        if not all(bool(torch.isfinite(x).all()) for x in (p.query, p.key, p.value)):
+            return "query, key or value hold NaN or inf, which the torch-ops path keeps out of masked rows"
+        return None
+
+    def detail(self, problem: Problem) -> str:
+        why = self.torch_ops_reason(problem)
+        return "compiled kernel" if why is None else f"torch ops, because {why}"
 
     def run(self, problem: Problem) -> AttentionResult:
-        plan = _Plan(problem, self.block_q, self.block_k)
         p = problem
-        out, lse = _TiledAttention.apply(
-            plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases)
-        )
-        batch = p.batch_shape
-        output = out.reshape(*batch, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
-        lse = lse.detach().reshape(*batch, p.Hq, p.Lq)
+        if self.torch_ops_reason(p) is None:
+            call = _tiled_kernel.KernelCall(p, self.block_q, self.block_k)
+            out, lse = _tiled_kernel.KernelAttention.apply(call, p.query, p.key, p.value)
+            out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+        else:
+            plan = _Plan(p, self.block_q, self.block_k)
+            out, lse = _TiledAttention.apply(plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases))
+            out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+        lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq)
         weights = None
         if p.return_weights:
+            plan = _Plan(p, self.block_q, self.block_k)
             with torch.no_grad():
                 w = plan.weights(p.query, p.key, p.value, lse.reshape(plan.N, p.Hkv, plan.G, p.Lq))
-            weights = w.reshape(*batch, p.Hq, p.Lq, p.Lk).to(p.query.dtype)
-        return AttentionResult(output, lse.to(lse_dtype(p.query.dtype)) if p.return_lse else None, weights)
+            weights = w.reshape(*p.batch_shape, p.Hq, p.Lq, p.Lk).to(p.query.dtype)
+        return AttentionResult(out.to(p.query.dtype), lse.to(lse_dtype(p.query.dtype)) if p.return_lse else None, weights)

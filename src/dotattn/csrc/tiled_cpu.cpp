@@ -1,0 +1,500 @@
+// The tiled engine's compiled CPU kernel: flash-style attention, forward and backward.
+//
+// Shape legend: N flattened batch, Hq query heads, Hkv key/value heads (G = Hq / Hkv
+// query heads share one), Lq/Lk lengths, E head dim, Ev value dim, bq x bk a tile.
+//
+//   q: (N, Hq, Lq, E)  k: (N, Hkv, Lk, E)  v: (N, Hkv, Lk, Ev)   last dim contiguous
+//   out: (N, Hq, Lq, Ev)  lse: (N, Hq, Lq)
+//
+// The mask arrives already classified per tile (Python's masks.block_map):
+//   index: int32 (Nm, Hm, nQ, nK), Nm in {1, N}, Hm in {1, Hq}
+//          EMPTY_TILE  skipped: its keys are never read
+//          FULL_TILE   no mask work
+//          p >= 0      PARTIAL: tile p of `allowed` (uint8) or `bias` (additive, -inf = masked)
+//   allowed / bias: (P, bq, bk), each tile stored at the full tile size.
+//
+// Every GEMM goes to the BLAS that torch links (MKL's SGEMM/DGEMM), one thread each,
+// inside our own OpenMP loop over (batch x heads, query blocks) in the forward and
+// (batch x kv heads, key-tile ranges) in the backward. The softmax is fused into the
+// tile loop and runs on the tile while it is in cache. Float32 and float64 only:
+// Python converts half precisions to float32 and back.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS entry points exported by libtorch_cpu (MKL). Weak: a torch built
+// without them leaves these null, and has_blas() tells Python to use torch ops.
+void SGEMM(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+           const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void DGEMM(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+           const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace {
+
+constexpr int32_t EMPTY_TILE = -2;
+constexpr int32_t FULL_TILE = -1;
+
+// Row-major C (M x N, ldc) = alpha op(A) op(B) + beta C, with op(A) M x K and op(B) K x N.
+// Column-major BLAS sees every row-major matrix transposed, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ.
+inline void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
+                 const float* B, int ldb, float beta, float* C, int ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  SGEMM(&b, &a, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+inline void gemm(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, int lda,
+                 const double* B, int ldb, double beta, double* C, int ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  DGEMM(&b, &a, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// Row kernels written with GCC vector extensions, so they vectorise the same way on
+// AVX2 and AVX-512 builds: exp, row max, and exp with the row sum.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kW * sizeof(float))));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x) for x <= 0 (softmax arguments are s - max), -inf -> 0: reduction
+// x = n ln2 + r with n rounded to nearest, then the Cephes degree-6 polynomial on
+// |r| <= ln2/2 (about 1 ulp), scaled by 2^n built in the exponent bits.
+inline vfloat vexp_nonpos(vfloat x) {
+  const float lo = -87.33654f;  // ln(FLT_MIN): below it the result is 0
+  const vint tiny = x < lo;
+  const vfloat xc = tiny ? vfloat{} + lo : x;
+  const vfloat n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x log2 e)
+  vfloat r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vfloat y = vfloat{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return tiny ? vfloat{} : y * reinterpret_cast<const vfloat&>(bits);
+}
+
+inline float hsum(vfloat v) {
+  float s = 0;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+
+// Runs f on x[0:n] a vector at a time; the ragged end goes through a buffer padded with `pad`.
+template <typename F>
+inline void for_vectors(float* x, int n, float pad, F f) {
+  int c = 0;
+  for (; c + kW <= n; c += kW) vstore(x + c, f(vload(x + c)));
+  if (c < n) {
+    float buf[kW];
+    std::fill(buf, buf + kW, pad);
+    std::copy(x + c, x + n, buf);
+    vstore(buf, f(vload(buf)));
+    std::copy(buf, buf + (n - c), x + c);
+  }
+}
+
+inline float row_max(float* x, int n) {
+  vfloat m = vfloat{} - std::numeric_limits<float>::infinity();
+  for_vectors(x, n, -std::numeric_limits<float>::infinity(), [&](vfloat v) {
+    m = v > m ? v : m;
+    return v;
+  });
+  float out = m[0];
+  for (int i = 1; i < kW; ++i) out = m[i] > out ? m[i] : out;
+  return out;
+}
+
+// x = exp(x - sub) in place; returns the sum. Padding is -inf, so it adds 0.
+inline float exp_sum(float* x, int n, float sub) {
+  vfloat acc = {};
+  for_vectors(x, n, -std::numeric_limits<float>::infinity(), [&](vfloat v) {
+    const vfloat e = vexp_nonpos(v - sub);
+    acc += e;
+    return e;
+  });
+  return hsum(acc);
+}
+
+inline float exp_nonpos(float x) {
+  float buf = x;
+  exp_sum(&buf, 1, 0.0f);
+  return buf;
+}
+
+// float64 is for testing: plain loops.
+inline double row_max(double* x, int n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int c = 0; c < n; ++c) m = x[c] > m ? x[c] : m;
+  return m;
+}
+
+inline double exp_sum(double* x, int n, double sub) {
+  double sum = 0;
+  for (int c = 0; c < n; ++c) sum += (x[c] = std::exp(x[c] - sub));
+  return sum;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// The dropout pattern shared with Python (dotattn/_dropout.py): lowbias32 on uint32.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t seed = 0;
+  uint64_t threshold = 0;  // keep when hash >= threshold
+  double inv_keep = 1.0;   // 1 / (1 - p)
+
+  Dropout(double p, int64_t seed_) : on(p > 0), seed(static_cast<uint32_t>(seed_)) {
+    threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
+    inv_keep = on ? 1.0 / (1.0 - p) : 1.0;
+  }
+
+  // Multiply a tile (rows x cols, ld) by keep(bh, i, j) / (1 - p).
+  template <typename T>
+  void apply(T* x, int ld, int64_t bh, int64_t i0, int rows, int64_t j0, int cols) const {
+    const uint32_t head_key = mix32(static_cast<uint32_t>(bh) ^ seed);
+    const T scale = static_cast<T>(inv_keep);
+    for (int r = 0; r < rows; ++r) {
+      const uint32_t row_key = mix32(head_key ^ mix32(static_cast<uint32_t>(i0 + r)));
+      T* xr = x + static_cast<int64_t>(r) * ld;
+      for (int c = 0; c < cols; ++c) {
+        const uint32_t u = mix32(row_key ^ static_cast<uint32_t>(j0 + c));
+        xr[c] = u >= threshold ? xr[c] * scale : T(0);
+      }
+    }
+  }
+};
+
+// The per-tile mask, as classified in Python.
+template <typename T>
+struct TileMask {
+  const int32_t* index = nullptr;  // null: no mask, every tile FULL
+  int64_t sn = 0, sh = 0;          // strides of index over (n, h); 0 where broadcast
+  int nK = 0;
+  const uint8_t* allowed = nullptr;
+  const T* bias = nullptr;
+  int bq = 0, bk = 0;
+
+  int32_t code(int64_t n, int64_t h, int qi, int kj) const {
+    if (index == nullptr) return FULL_TILE;
+    return index[n * sn + h * sh + static_cast<int64_t>(qi) * nK + kj];
+  }
+
+  // Apply PARTIAL tile p to scores s (rows x cols, ld): masked -> -inf, bias added.
+  void apply(int32_t p, T* s, int ld, int rows, int cols) const {
+    const int64_t base = static_cast<int64_t>(p) * bq * bk;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (int r = 0; r < rows; ++r) {
+      T* sr = s + static_cast<int64_t>(r) * ld;
+      if (bias != nullptr) {
+        const T* br = bias + base + static_cast<int64_t>(r) * bk;
+        for (int c = 0; c < cols; ++c) sr[c] = br[c] == neg_inf ? neg_inf : sr[c] + br[c];
+      } else {
+        const uint8_t* ar = allowed + base + static_cast<int64_t>(r) * bk;
+        for (int c = 0; c < cols; ++c) sr[c] = ar[c] ? sr[c] : neg_inf;
+      }
+    }
+  }
+};
+
+template <typename T>
+TileMask<T> tile_mask(const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
+                      const c10::optional<at::Tensor>& bias, int bq, int bk) {
+  TileMask<T> m;
+  m.bq = bq;
+  m.bk = bk;
+  if (!index.has_value()) return m;
+  const at::Tensor& ix = *index;
+  TORCH_CHECK(ix.dim() == 4 && ix.scalar_type() == at::kInt && ix.stride(3) == 1 && ix.stride(2) == ix.size(3),
+              "tile index must be int32 (Nm, Hm, nQ, nK) with contiguous (nQ, nK)");
+  m.index = ix.data_ptr<int32_t>();
+  m.sn = ix.size(0) == 1 ? 0 : ix.stride(0);
+  m.sh = ix.size(1) == 1 ? 0 : ix.stride(1);
+  m.nK = static_cast<int>(ix.size(3));
+  if (allowed.has_value()) m.allowed = allowed->data_ptr<uint8_t>();
+  if (bias.has_value()) m.bias = bias->data_ptr<T>();
+  return m;
+}
+
+// Strided view of one (n, h) slice of a (N, H, L, D) tensor whose last dim is contiguous.
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t sn, sh, sl;
+  Rows(const at::Tensor& t)
+      : base(t.data_ptr<T>()), sn(t.size(0) == 1 ? 0 : t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {
+    TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "the last dim must be contiguous");
+  }
+  T* at(int64_t n, int64_t h, int64_t l) const { return base + n * sn + h * sh + l * sl; }
+  int ld() const { return static_cast<int>(sl); }
+};
+
+int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                  at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
+                  const Dropout& dropout) {
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Ev = v.size(3);
+  const int64_t G = Hq / Hkv;
+  const int nQ = cdiv(Lq, bq), nK = cdiv(Lk, bk);
+  const T scale = static_cast<T>(scale_);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const Rows<T> Q(q), K(k), V(v), O(out);
+  T* lse_p = lse.data_ptr<T>();  // contiguous (N, Hq, Lq)
+  const int64_t tasks = N * Hq * nQ;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    // Per-thread workspace: one score tile, the accumulator and the running row state.
+    std::vector<T> s(static_cast<size_t>(bq) * bk), acc(static_cast<size_t>(bq) * Ev);
+    std::vector<T> m_i(bq), l_i(bq), alpha(bq);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int qi = static_cast<int>(t % nQ);
+      const int64_t h = (t / nQ) % Hq, n = t / (nQ * Hq), hk = h / G;
+      const int64_t q0 = static_cast<int64_t>(qi) * bq;
+      const int rows = static_cast<int>(std::min<int64_t>(bq, Lq - q0));
+      std::fill(m_i.begin(), m_i.end(), neg_inf);
+      std::fill(l_i.begin(), l_i.end(), T(0));
+      bool first = true;
+      for (int kj = 0; kj < nK; ++kj) {
+        const int32_t code = mask.code(n, h, qi, kj);
+        if (code == EMPTY_TILE) continue;  // off-band tile: no work, keys never read
+        const int64_t k0 = static_cast<int64_t>(kj) * bk;
+        const int cols = static_cast<int>(std::min<int64_t>(bk, Lk - k0));
+        // S = scale Q Kᵀ  (rows x cols)
+        gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
+             K.ld(), T(0), s.data(), bk);
+        if (code != FULL_TILE) mask.apply(code, s.data(), bk, rows, cols);  // partial tile: apply mask
+        // Online softmax: new row max, rescale factor, P~ = exp(S - m) in place, row sums.
+        for (int r = 0; r < rows; ++r) {
+          T* sr = s.data() + static_cast<int64_t>(r) * bk;
+          const T m_new = std::max(m_i[r], row_max(sr, cols));
+          const T m_safe = m_new == neg_inf ? T(0) : m_new;
+          const T sum = exp_sum(sr, cols, m_safe);
+          alpha[r] = exp_nonpos(m_i[r] - m_safe);
+          l_i[r] = l_i[r] * alpha[r] + sum;
+          m_i[r] = m_new;
+        }
+        if (dropout.on) dropout.apply(s.data(), bk, n * Hq + h, q0, rows, k0, cols);
+        if (!first) {
+          for (int r = 0; r < rows; ++r) {
+            T* ar = acc.data() + r * Ev;
+            for (int64_t c = 0; c < Ev; ++c) ar[c] *= alpha[r];
+          }
+        }
+        // acc += P~ V  (rows x Ev)
+        gemm(false, false, rows, static_cast<int>(Ev), cols, T(1), s.data(), bk, V.at(n, hk, k0), V.ld(),
+             first ? T(0) : T(1), acc.data(), static_cast<int>(Ev));
+        first = false;
+      }
+      // Normalise; a row with no allowed key gives 0 and lse -inf.
+      T* lse_row = lse_p + (n * Hq + h) * Lq + q0;
+      for (int r = 0; r < rows; ++r) {
+        T* orow = O.at(n, h, q0 + r);
+        const bool alive = !first && l_i[r] > 0;
+        const T inv = alive ? T(1) / l_i[r] : T(0);
+        for (int64_t c = 0; c < Ev; ++c) orow[c] = alive ? acc[r * Ev + c] * inv : T(0);
+        lse_row[r] = alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward (FlashAttention-2): recompute P from lse tile by tile.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& d_out,
+                   const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, const TileMask<T>& mask, double scale_, int bq, int bk,
+                   const Dropout& dropout, int splits) {
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Ev = v.size(3);
+  const int64_t G = Hq / Hkv;
+  const int nQ = cdiv(Lq, bq), nK = cdiv(Lk, bk);
+  const T scale = static_cast<T>(scale_);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const Rows<T> Q(q), K(k), V(v), dO(d_out), dK(dk), dV(dv);
+  const T* lse_p = lse.data_ptr<T>();      // (N, Hq, Lq) contiguous
+  const T* delta_p = delta.data_ptr<T>();  // (N, Hq, Lq) contiguous
+  // dq: (splits, N, Hq, Lq, E) contiguous; split s of the key tiles adds into slice s.
+  T* dq_p = dq.data_ptr<T>();
+  const int64_t dq_split = N * Hq * Lq * E;
+  const int64_t tasks = N * Hkv * splits;
+  const int per_split = cdiv(nK, splits);
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<T> p(static_cast<size_t>(bq) * bk), dp(static_cast<size_t>(bq) * bk);
+    std::vector<T> p_drop(dropout.on ? static_cast<size_t>(bq) * bk : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int split = static_cast<int>(t % splits);
+      const int64_t hk = (t / splits) % Hkv, n = t / (splits * Hkv);
+      const int kj_end = std::min(nK, (split + 1) * per_split);
+      for (int kj = split * per_split; kj < kj_end; ++kj) {
+        const int64_t k0 = static_cast<int64_t>(kj) * bk;
+        const int cols = static_cast<int>(std::min<int64_t>(bk, Lk - k0));
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          for (int qi = 0; qi < nQ; ++qi) {
+            const int32_t code = mask.code(n, h, qi, kj);
+            if (code == EMPTY_TILE) continue;
+            const int64_t q0 = static_cast<int64_t>(qi) * bq;
+            const int rows = static_cast<int>(std::min<int64_t>(bq, Lq - q0));
+            const T* lse_row = lse_p + (n * Hq + h) * Lq + q0;
+            const T* delta_row = delta_p + (n * Hq + h) * Lq + q0;
+            // P = exp(scale Q Kᵀ + mask - lse)
+            gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
+                 K.ld(), T(0), p.data(), bk);
+            if (code != FULL_TILE) mask.apply(code, p.data(), bk, rows, cols);
+            for (int r = 0; r < rows; ++r) {
+              T* pr = p.data() + static_cast<int64_t>(r) * bk;
+              const T l = lse_row[r];
+              if (l == neg_inf) {  // a row with no allowed key: P = 0, so no gradient
+                std::fill(pr, pr + cols, T(0));
+                continue;
+              }
+              exp_sum(pr, cols, l);
+            }
+            const T* pd = p.data();
+            if (dropout.on) {
+              for (int r = 0; r < rows; ++r)
+                std::copy(p.data() + r * bk, p.data() + r * bk + cols, p_drop.data() + r * bk);
+              dropout.apply(p_drop.data(), bk, n * Hq + h, q0, rows, k0, cols);
+              pd = p_drop.data();
+            }
+            // dV_j += P_dropᵀ dO_i
+            gemm(true, false, cols, static_cast<int>(Ev), rows, T(1), pd, bk, dO.at(n, h, q0), dO.ld(), T(1),
+                 dV.at(n, hk, k0), dV.ld());
+            // dP = dO_i V_jᵀ, then dS = P ∘ (dP ∘ keep/(1-p) - delta)
+            gemm(false, true, rows, cols, static_cast<int>(Ev), T(1), dO.at(n, h, q0), dO.ld(), V.at(n, hk, k0),
+                 V.ld(), T(0), dp.data(), bk);
+            if (dropout.on) dropout.apply(dp.data(), bk, n * Hq + h, q0, rows, k0, cols);
+            for (int r = 0; r < rows; ++r) {
+              T* dr = dp.data() + static_cast<int64_t>(r) * bk;
+              const T* pr = p.data() + static_cast<int64_t>(r) * bk;
+              const T d = delta_row[r];
+              for (int c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+            }
+            // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i
+            T* dq_rows = dq_p + split * dq_split + ((n * Hq + h) * Lq + q0) * E;
+            gemm(false, false, rows, static_cast<int>(E), cols, scale, dp.data(), bk, K.at(n, hk, k0), K.ld(), T(1),
+                 dq_rows, static_cast<int>(E));
+            gemm(true, false, cols, static_cast<int>(E), rows, scale, dp.data(), bk, Q.at(n, h, q0), Q.ld(), T(1),
+                 dK.at(n, hk, k0), dK.ld());
+          }
+        }
+      }
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (N, H, L, E)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
+  TORCH_CHECK(q.device().is_cpu(), "the tiled kernel runs on CPU tensors");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
+                                const c10::optional<at::Tensor>& bias, double scale, int64_t bq, int64_t bk,
+                                double dropout_p, int64_t seed) {
+  check_inputs(q, k, v);
+  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
+  at::Tensor out = at::empty({N, Hq, Lq, Ev}, q.options());
+  at::Tensor lse = at::empty({N, Hq, Lq}, q.options());
+  const Dropout dropout(dropout_p, seed);
+  AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_forward",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      forward_impl<float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, bq, bk), scale, bq, bk, dropout);
+    })
+    AT_DISPATCH_CASE(at::kDouble, [&] {
+      forward_impl<double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, bq, bk), scale, bq, bk,
+                           dropout);
+    }));
+  return {out, lse};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
+                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
+                                 const c10::optional<at::Tensor>& bias, double scale, int64_t bq, int64_t bk,
+                                 double dropout_p, int64_t seed) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
+  const int64_t N = q.size(0), Hkv = k.size(1), Lk = k.size(2);
+  const int nK = cdiv(Lk, bk);
+  // Split the key tiles of each (batch, kv head) when there are too few of those to keep
+  // every thread busy; each split then adds its dq into a slice of its own.
+  const int64_t threads = at::get_num_threads();
+  const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nK, (2 * threads + N * Hkv - 1) / (N * Hkv))));
+  at::Tensor dq = at::zeros({splits, N, q.size(1), q.size(2), q.size(3)}, q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  const Dropout dropout(dropout_p, seed);
+  AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_backward",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      backward_impl<float>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<float>(index, allowed, bias, bq, bk),
+                           scale, bq, bk, dropout, splits);
+    })
+    AT_DISPATCH_CASE(at::kDouble, [&] {
+      backward_impl<double>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<double>(index, allowed, bias, bq, bk),
+                            scale, bq, bk, dropout, splits);
+    }));
+  return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};
+}
+
+bool has_blas() { return SGEMM != nullptr && DGEMM != nullptr; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
+  m.def("forward", &forward, "out, lse = forward(q, k, v, index, allowed, bias, scale, bq, bk, dropout_p, seed)");
+  m.def("backward", &backward,
+        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, scale, bq, bk, dropout_p, seed)");
+  m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
+  m.attr("EMPTY_TILE") = EMPTY_TILE;
+  m.attr("FULL_TILE") = FULL_TILE;
+}

@@ -1,0 +1,149 @@
+"""The tiled engine's compiled path: the C++ kernel in ``dotattn/csrc/tiled_cpu.cpp``.
+
+The kernel computes in float32 (float64 for float64 inputs); bfloat16 inputs are
+converted to float32 once, O(L·E), and the result back. The mask reaches it already
+classified tile by tile: an index map saying EMPTY, FULL or which packed PARTIAL
+tile to apply, and the packed tiles themselves (uint8 "may attend" for boolean
+masks, the additive bias for float ones). Packing costs one ``mask.tile`` call per
+partial tile position and memory ∝ the partial tiles, so O(L·block) for causal,
+sliding-window, document and padding masks.
+
+Shape legend: N flattened batch, Hq/Hkv heads, Lq/Lk lengths, E head dim, Ev value
+dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dotattn import masks
+from dotattn._inputs import Problem
+from dotattn.engines.base import compute_dtype
+
+try:
+    from dotattn import _tiled_cpu as _ext
+except ImportError as error:  # built without the extension: the torch-ops path runs
+    _ext = None
+    MISSING = (
+        f"the compiled kernel dotattn._tiled_cpu is not built ({error}); reinstall with torch "
+        "already installed: pip install --no-build-isolation -e ."
+    )
+else:
+    MISSING = None if _ext.has_blas() else "this torch exports no BLAS (SGEMM) for the compiled kernel"
+
+
+def _heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.Tensor:
+    """(*lead, R, C) broadcastable to (*batch, Hq, R, C) -> (Nm, Hm, R, C), Nm in {1, N}, Hm in {1, Hq}."""
+    R, C = t.shape[-2:]
+    lead = (1,) * (len(batch) + 1 - (t.dim() - 2)) + tuple(t.shape[:-2])
+    t = t.reshape(*lead, R, C)
+    Hm = lead[-1]
+    if any(b != 1 for b in lead[:-1]):
+        return t.expand(*batch, Hm, R, C).reshape(math.prod(batch), Hm, R, C)
+    return t.reshape(1, Hm, R, C)
+
+
+@dataclass
+class TileMask:
+    """The mask as the kernel reads it.
+
+    index:   int32 (Nm, Hm, nQ, nK): EMPTY_TILE, FULL_TILE, or a tile number p >= 0
+    allowed: uint8 (P, bq, bk) for boolean masks, else None
+    bias:    (P, bq, bk) in the compute dtype for additive masks, else None
+    """
+
+    index: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
+        p = problem
+        if p.mask is None:
+            return cls()
+        codes = _heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
+        index = torch.full(codes.shape, _ext.FULL_TILE, dtype=torch.int32)
+        index[codes == masks.EMPTY] = _ext.EMPTY_TILE
+        partial = codes == masks.PARTIAL
+        index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
+        pack = torch.zeros(
+            (int(partial.sum()), block_q, block_k),
+            dtype=dtype if p.mask.is_additive else torch.uint8,
+        )
+        Nm, Hm = codes.shape[:2]
+        for qi, kj in partial.any(0).any(0).nonzero().tolist():
+            q0, k0 = qi * block_q, kj * block_k
+            q1, k1 = min(q0 + block_q, p.Lq), min(k0 + block_k, p.Lk)
+            tile = _heads_canonical(p.mask.tile(p.Lq, p.Lk, q0, q1, k0, k1), p.batch_shape, p.Hq)
+            where = partial[:, :, qi, kj]
+            slots = index[:, :, qi, kj][where].long()
+            pack[slots, : q1 - q0, : k1 - k0] = tile.expand(Nm, Hm, q1 - q0, k1 - k0)[where].to(pack.dtype)
+        if p.mask.is_additive:
+            return cls(index, None, pack)
+        return cls(index, pack, None)
+
+
+@dataclass
+class KernelCall:
+    """Everything the kernel needs besides q, k, v, derived once per problem."""
+
+    problem: Problem
+    block_q: int
+    block_k: int
+
+    def __post_init__(self) -> None:
+        p = self.problem
+        self.N = math.prod(p.batch_shape)
+        self.dtype = compute_dtype(p.query.dtype)
+        self.mask = TileMask.of(p, self.block_q, self.block_k, self.dtype)
+
+    def canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """(*batch', H, L, D) -> (N, H, L, D) in the compute dtype, last dim contiguous."""
+        H, L, D = x.shape[-3:]
+        x = x.expand(*self.problem.batch_shape, H, L, D).reshape(self.N, H, L, D).to(self.dtype)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    def _extra(self) -> tuple:
+        p = self.problem
+        m = self.mask
+        return (m.index, m.allowed, m.bias, p.scale, self.block_q, self.block_k, p.dropout_p, p.dropout_seed)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq), both in the compute dtype."""
+        return tuple(_ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra()))
+
+    def backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        d_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv in the shapes and dtypes of q, k, v (broadcast dims summed)."""
+        p = self.problem
+        d_out = d_out.to(self.dtype).contiguous()
+        delta = (d_out * out).sum(-1)  # (N, Hq, Lq)
+        grads = _ext.backward(
+            self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse, delta, *self._extra()
+        )
+        return tuple(
+            g.reshape(*p.batch_shape, *g.shape[1:]).sum_to_size(x.shape).to(x.dtype)
+            for g, x in zip(grads, (q, k, v))
+        )
+
+
+class KernelAttention(torch.autograd.Function):
+    """Saves q, k, v, the output and the lse; backward recomputes P tile by tile."""
+
+    @staticmethod
+    def forward(ctx, call: KernelCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        out, lse = call.forward(q, k, v)
+        ctx.call = call
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (None, *ctx.call.backward(q, k, v, out, lse, d_out))
