@@ -101,13 +101,31 @@ def test_only_non_empty_tiles_are_visited_and_only_partial_ones_masked(kwargs, v
     codes = [code for qi in range(16) for *_, code in plan.tiles(0, qi)]
     assert len(codes) == visited  # of 16 x 16 tiles
     assert codes.count(masks.PARTIAL) == partial
-    # The kernel reads the same classification, and packs only the partial tiles.
+    # The kernel reads the same classification and masks partial tiles from row spans:
+    # O(L) memory, nothing packed.
     tm = _tiled_kernel.TileMask.of(problem, 64, 64, torch.float32)
     if tm.index is None:
         assert visited == 256
     else:
         assert int((tm.index != -2).sum()) == visited and int((tm.index >= 0).sum()) == partial
-        assert tm.allowed.shape == (partial, 64, 64)
+        assert tm.allowed is None and tm.bias is None and tm.lo.shape == tm.hi.shape == (1, 1, 1024)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_masks_without_row_spans_pack_only_their_partial_tiles(additive):
+    q, k, v = qkv(2, 3, 100, 8)
+    dense = torch.rand(100, 100, generator=torch.Generator().manual_seed(0)) > 0.5
+    dense[:64] = True  # tiles of the first 64 rows are FULL
+    dense[64:, :32] = False  # and EMPTY below them in the first 32 columns
+    mask = masks.dense(torch.zeros(100, 100).masked_fill(~dense, float("-inf")) if additive else dense)
+    tm = _tiled_kernel.TileMask.of(prepare(q, k, v, mask=mask), 64, 32, torch.float32)
+    assert tm.lo is None and tm.index.shape == (1, 1, 2, 4)
+    assert tm.index[0, 0, 1, 0] == -2
+    if additive:  # a bias must still be added, so its tiles are never FULL
+        assert tm.index[0, 0, 0].tolist() == [0, 1, 2, 3] and tm.bias.shape == (7, 64, 32)
+    else:
+        assert tm.index[0, 0, 0].tolist() == [-1] * 4 and tm.allowed.shape == (3, 64, 32)
+    assert_matches_oracle(q, k, v, mask=mask, engine="tiled")
 
 
 @pytest.mark.parametrize(

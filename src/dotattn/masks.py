@@ -254,6 +254,20 @@ class Mask(abc.ABC):
         _check_block(block_k, "block_k")
         return self._block_map(Lq, Lk, block_q, block_k, self._resolve(None))
 
+    def row_spans(self, Lq: int, Lk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each query row's allowed keys as one interval lo <= j < hi, when they are one.
+
+        Returns int64 (lo, hi), each broadcastable to (*lead_shape, Lq), with 0 <= lo, hi <= Lk;
+        a row with lo >= hi sees nothing. None when some row's allowed keys are not one
+        interval (dense, block-sparse, float masks, unsorted documents). An engine that
+        gets spans masks a tile with two comparisons per row and needs no mask memory.
+        """
+        self.check(Lq, Lk)
+        return self._row_spans(Lq, Lk, self._resolve(None))
+
+    def _row_spans(self, Lq: int, Lk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
     def leaves(self) -> list[Mask]:
         """The primitive masks in this mask, left to right."""
         return [self]
@@ -354,6 +368,10 @@ class Causal(_Positional):
     def _allowed(self, i, j, Lq, Lk, device):
         return j <= i + _align_offset(self.align, Lq, Lk)
 
+    def _row_spans(self, Lq, Lk, device):
+        i = torch.arange(Lq, device=device)
+        return torch.zeros_like(i), (i + _align_offset(self.align, Lq, Lk) + 1).clamp(0, Lk)
+
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
         # Each row allows a prefix of the keys that grows with i, so the top-right corner
         # decides fullness and the bottom-left corner emptiness.
@@ -383,6 +401,10 @@ class SlidingWindow(_Positional):
     def _allowed(self, i, j, Lq, Lk, device):
         centre = i + _align_offset(self.align, Lq, Lk)
         return (j >= centre - self.before) & (j <= centre + self.after)
+
+    def _row_spans(self, Lq, Lk, device):
+        centre = torch.arange(Lq, device=device) + _align_offset(self.align, Lq, Lk)
+        return (centre - self.before).clamp(0, Lk), (centre + self.after + 1).clamp(0, Lk)
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
         # The band is off-before <= j - i <= off+after, and over a tile j - i spans exactly
@@ -430,6 +452,13 @@ class Padding(_Positional):
             allowed = allowed & (i < _per_batch(self.q_lengths, device))
         return allowed
 
+    def _row_spans(self, Lq, Lk, device):
+        i = torch.arange(Lq, device=device)
+        hi = self.kv_lengths.to(device)[:, None, None].expand(len(self.kv_lengths), 1, Lq)
+        if self.q_lengths is not None:
+            hi = torch.where(i < self.q_lengths.to(device)[:, None, None], hi, 0)
+        return torch.zeros_like(hi), hi
+
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
         # The allowed set is a rectangle anchored at (0, 0): a tile is full when its far corner
         # is in it, non-empty when its near corner is.
@@ -470,6 +499,11 @@ class PrefixLM(_Positional):
 
     def _allowed(self, i, j, Lq, Lk, device):
         return j <= self._last_visible(i, device)
+
+    def _row_spans(self, Lq, Lk, device):
+        i = torch.arange(Lq, device=device)[:, None]  # (Lq, 1), as the query index of _allowed
+        hi = (self._last_visible(i, device) + 1).clamp(0, Lk)[..., 0]
+        return torch.zeros_like(hi), hi
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
         # As for causal: the last visible key grows with i, so the top-right corner decides
@@ -541,6 +575,22 @@ class Documents(Mask):
         # A negative id marks padding, which matches nothing, not even another negative id.
         allowed = (q == k) & (q >= 0)
         return allowed.expand(*self.lead_shape, q1 - q0, k1 - k0).contiguous()
+
+    def _row_spans(self, Lq, Lk, device):
+        # Sorted key ids (padding, id < 0, only at the end) put every document in one run of
+        # keys, found by binary search; otherwise a document's keys need not be one interval.
+        kv = self._ids(self.kv_doc_ids, device)
+        q = self._ids(self.q_doc_ids, device)
+        big = torch.iinfo(kv.dtype).max
+        kv = torch.where(kv >= 0, kv, big)
+        if Lk > 1 and not bool((kv[..., 1:] >= kv[..., :-1]).all()):
+            return None
+        q = torch.where(q >= 0, q, big)  # a padded query finds only the padded keys...
+        lead = torch.broadcast_shapes(kv.shape[:-1], q.shape[:-1])
+        kv, q = kv.expand(*lead, Lk).contiguous(), q.expand(*lead, Lq).contiguous()
+        lo = torch.searchsorted(kv, q, side="left")
+        hi = torch.where(q == big, lo, torch.searchsorted(kv, q, side="right"))  # ...and so sees nothing
+        return lo, hi
 
     def _block_map(self, Lq, Lk, block_q, block_k, device):
         q_min, q_max = _tile_min_max(self._ids(self.q_doc_ids, device), block_q)
@@ -768,6 +818,13 @@ class And(_Combination):
         maps = [c._block_map(Lq, Lk, block_q, block_k, device) for c in self.children]
         return functools.reduce(torch.minimum, maps)
 
+    def _row_spans(self, Lq, Lk, device):
+        spans = [c._row_spans(Lq, Lk, device) for c in self.children]
+        if any(sp is None for sp in spans):
+            return None
+        lo = functools.reduce(torch.maximum, [sp[0] for sp in spans])
+        return lo, functools.reduce(torch.minimum, [sp[1] for sp in spans])
+
 
 class Or(_Combination):
     """Allowed where any child allows; boolean masks only."""
@@ -780,6 +837,28 @@ class Or(_Combination):
     def _block_map(self, Lq, Lk, block_q, block_k, device):
         maps = [c._block_map(Lq, Lk, block_q, block_k, device) for c in self.children]
         return functools.reduce(torch.maximum, maps)
+
+    def _row_spans(self, Lq, Lk, device):
+        spans = [c._row_spans(Lq, Lk, device) for c in self.children]
+        if any(sp is None for sp in spans):
+            return None
+
+        def union(a, b):
+            (lo_a, hi_a), (lo_b, hi_b) = a, b
+            empty_a, empty_b = lo_a >= hi_a, lo_b >= hi_b
+            # Two intervals make one when either is empty or they overlap or touch.
+            if not bool((empty_a | empty_b | (torch.maximum(lo_a, lo_b) <= torch.minimum(hi_a, hi_b))).all()):
+                return None
+            lo = torch.where(empty_a, lo_b, torch.where(empty_b, lo_a, torch.minimum(lo_a, lo_b)))
+            hi = torch.where(empty_a, hi_b, torch.where(empty_b, hi_a, torch.maximum(hi_a, hi_b)))
+            return lo, hi
+
+        out = spans[0]
+        for sp in spans[1:]:
+            out = union(out, sp)
+            if out is None:
+                return None
+        return out
 
 
 # ---------------------------------------------------------------------------

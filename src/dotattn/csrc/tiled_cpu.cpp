@@ -11,7 +11,8 @@
 //          EMPTY_TILE  skipped: its keys are never read
 //          FULL_TILE   no mask work
 //          p >= 0      PARTIAL: tile p of `allowed` (uint8) or `bias` (additive, -inf = masked)
-//   allowed / bias: (P, bq, bk), each tile stored at the full tile size.
+//   allowed / bias: (P, bq, bk), each tile stored at the full tile size; or instead
+//   lo / hi: int32 (Nm, Hm, Lq), row spans: query i may attend keys lo[i] <= j < hi[i]
 //
 // Every GEMM goes to the BLAS that torch links (MKL's SGEMM/DGEMM), one thread each,
 // inside our own OpenMP loop over (batch x heads, query blocks) in the forward and
@@ -204,6 +205,8 @@ struct TileMask {
   int nK = 0;
   const uint8_t* allowed = nullptr;
   const T* bias = nullptr;
+  const int32_t *lo = nullptr, *hi = nullptr;  // row spans (Nm, Hm, Lq): keys lo <= j < hi
+  int64_t span_sn = 0, span_sh = 0;
   int bq = 0, bk = 0;
 
   int32_t code(int64_t n, int64_t h, int qi, int kj) const {
@@ -211,10 +214,22 @@ struct TileMask {
     return index[n * sn + h * sh + static_cast<int64_t>(qi) * nK + kj];
   }
 
-  // Apply PARTIAL tile p to scores s (rows x cols, ld): masked -> -inf, bias added.
-  void apply(int32_t p, T* s, int ld, int rows, int cols) const {
-    const int64_t base = static_cast<int64_t>(p) * bq * bk;
+  // Mask the scores s (rows x cols, ld) of PARTIAL tile p at (n, h, q0, k0): -inf where
+  // masked, bias added.
+  void apply(int32_t p, T* s, int ld, int rows, int cols, int64_t n, int64_t h, int64_t q0, int64_t k0) const {
     const T neg_inf = -std::numeric_limits<T>::infinity();
+    if (lo != nullptr) {  // spans: two fills per row, no mask memory
+      const int64_t off = n * span_sn + h * span_sh + q0;
+      for (int r = 0; r < rows; ++r) {
+        T* sr = s + static_cast<int64_t>(r) * ld;
+        const int a = static_cast<int>(std::clamp<int64_t>(lo[off + r] - k0, 0, cols));
+        const int b = static_cast<int>(std::clamp<int64_t>(hi[off + r] - k0, a, cols));
+        std::fill(sr, sr + a, neg_inf);
+        std::fill(sr + b, sr + cols, neg_inf);
+      }
+      return;
+    }
+    const int64_t base = static_cast<int64_t>(p) * bq * bk;
     for (int r = 0; r < rows; ++r) {
       T* sr = s + static_cast<int64_t>(r) * ld;
       if (bias != nullptr) {
@@ -230,7 +245,8 @@ struct TileMask {
 
 template <typename T>
 TileMask<T> tile_mask(const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
-                      const c10::optional<at::Tensor>& bias, int bq, int bk) {
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
+                      const c10::optional<at::Tensor>& hi, int bq, int bk) {
   TileMask<T> m;
   m.bq = bq;
   m.bk = bk;
@@ -244,6 +260,14 @@ TileMask<T> tile_mask(const c10::optional<at::Tensor>& index, const c10::optiona
   m.nK = static_cast<int>(ix.size(3));
   if (allowed.has_value()) m.allowed = allowed->data_ptr<uint8_t>();
   if (bias.has_value()) m.bias = bias->data_ptr<T>();
+  if (lo.has_value()) {
+    TORCH_CHECK(lo->dim() == 3 && lo->scalar_type() == at::kInt && lo->is_contiguous() && hi->sizes() == lo->sizes() &&
+                    hi->is_contiguous(), "row spans must be contiguous int32 (Nm, Hm, Lq)");
+    m.lo = lo->data_ptr<int32_t>();
+    m.hi = hi->data_ptr<int32_t>();
+    m.span_sn = lo->size(0) == 1 ? 0 : lo->stride(0);
+    m.span_sh = lo->size(1) == 1 ? 0 : lo->stride(1);
+  }
   return m;
 }
 
@@ -302,7 +326,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // S = scale Q Kᵀ  (rows x cols)
         gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
              K.ld(), T(0), s.data(), bk);
-        if (code != FULL_TILE) mask.apply(code, s.data(), bk, rows, cols);  // partial tile: apply mask
+        if (code != FULL_TILE) mask.apply(code, s.data(), bk, rows, cols, n, h, q0, k0);  // partial tile: mask
         // Online softmax: new row max, rescale factor, P~ = exp(S - m) in place, row sums.
         for (int r = 0; r < rows; ++r) {
           T* sr = s.data() + static_cast<int64_t>(r) * bk;
@@ -386,7 +410,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             // P = exp(scale Q Kᵀ + mask - lse)
             gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
                  K.ld(), T(0), p.data(), bk);
-            if (code != FULL_TILE) mask.apply(code, p.data(), bk, rows, cols);
+            if (code != FULL_TILE) mask.apply(code, p.data(), bk, rows, cols, n, h, q0, k0);
             for (int r = 0; r < rows; ++r) {
               T* pr = p.data() + static_cast<int64_t>(r) * bk;
               const T l = lse_row[r];
@@ -438,7 +462,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
-                                const c10::optional<at::Tensor>& bias, double scale, int64_t bq, int64_t bk,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
+                                const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
                                 double dropout_p, int64_t seed) {
   check_inputs(q, k, v);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
@@ -447,10 +472,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const Dropout dropout(dropout_p, seed);
   AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_forward",
     AT_DISPATCH_CASE(at::kFloat, [&] {
-      forward_impl<float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, bq, bk), scale, bq, bk, dropout);
+      forward_impl<float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout);
     })
     AT_DISPATCH_CASE(at::kDouble, [&] {
-      forward_impl<double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, bq, bk), scale, bq, bk,
+      forward_impl<double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk,
                            dropout);
     }));
   return {out, lse};
@@ -459,7 +484,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
                                  const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
-                                 const c10::optional<at::Tensor>& bias, double scale, int64_t bq, int64_t bk,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
+                                const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
                                  double dropout_p, int64_t seed) {
   check_inputs(q, k, v);
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
@@ -475,11 +501,11 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   const Dropout dropout(dropout_p, seed);
   AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_backward",
     AT_DISPATCH_CASE(at::kFloat, [&] {
-      backward_impl<float>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<float>(index, allowed, bias, bq, bk),
+      backward_impl<float>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
                            scale, bq, bk, dropout, splits);
     })
     AT_DISPATCH_CASE(at::kDouble, [&] {
-      backward_impl<double>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<double>(index, allowed, bias, bq, bk),
+      backward_impl<double>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk),
                             scale, bq, bk, dropout, splits);
     }));
   return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};
@@ -491,9 +517,9 @@ bool has_blas() { return SGEMM != nullptr && DGEMM != nullptr; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
-  m.def("forward", &forward, "out, lse = forward(q, k, v, index, allowed, bias, scale, bq, bk, dropout_p, seed)");
+  m.def("forward", &forward, "out, lse = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed)");
   m.def("backward", &backward,
-        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, scale, bq, bk, dropout_p, seed)");
+        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed)");
   m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.attr("EMPTY_TILE") = EMPTY_TILE;
   m.attr("FULL_TILE") = FULL_TILE;

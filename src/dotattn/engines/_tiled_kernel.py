@@ -2,11 +2,12 @@
 
 The kernel computes in float32 (float64 for float64 inputs); bfloat16 inputs are
 converted to float32 once, O(L·E), and the result back. The mask reaches it already
-classified tile by tile: an index map saying EMPTY, FULL or which packed PARTIAL
-tile to apply, and the packed tiles themselves (uint8 "may attend" for boolean
-masks, the additive bias for float ones). Packing costs one ``mask.tile`` call per
-partial tile position and memory ∝ the partial tiles, so O(L·block) for causal,
-sliding-window, document and padding masks.
+classified tile by tile: an index map saying EMPTY, FULL or PARTIAL. A PARTIAL
+tile is masked from the mask's row spans (``Mask.row_spans``: each row may attend
+one interval of keys), which covers causal, sliding-window, padding, prefix-LM,
+sorted-document masks and their combinations in O(L) memory. Other masks (dense,
+block-sparse, float biases) are packed: one ``mask.tile`` call per partial tile
+position, stored as uint8 "may attend" or as the additive bias.
 
 Shape legend: N flattened batch, Hq/Hkv heads, Lq/Lk lengths, E head dim, Ev value
 dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
@@ -50,14 +51,18 @@ def _heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.
 class TileMask:
     """The mask as the kernel reads it.
 
-    index:   int32 (Nm, Hm, nQ, nK): EMPTY_TILE, FULL_TILE, or a tile number p >= 0
-    allowed: uint8 (P, bq, bk) for boolean masks, else None
-    bias:    (P, bq, bk) in the compute dtype for additive masks, else None
+    index:   int32 (Nm, Hm, nQ, nK): EMPTY_TILE, FULL_TILE, or a PARTIAL tile's number p >= 0
+    then one of
+    lo, hi:  int32 (Nm, Hm, Lq): row spans, query i may attend keys lo <= j < hi
+    allowed: uint8 (P, bq, bk): packed boolean tiles
+    bias:    (P, bq, bk) in the compute dtype: packed additive tiles
     """
 
     index: torch.Tensor | None = None
     allowed: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
 
     @classmethod
     def of(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
@@ -68,6 +73,15 @@ class TileMask:
         index = torch.full(codes.shape, _ext.FULL_TILE, dtype=torch.int32)
         index[codes == masks.EMPTY] = _ext.EMPTY_TILE
         partial = codes == masks.PARTIAL
+        spans = None if p.mask.is_additive else p.mask.row_spans(p.Lq, p.Lk)
+        if spans is not None:
+            index[partial] = 0
+            # (*lead, Lq) -> (Nm, Hm, Lq), through a trailing dim of 1
+            lo, hi = (
+                _heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0].to(torch.int32).contiguous()
+                for x in torch.broadcast_tensors(*spans)
+            )
+            return cls(index, lo=lo, hi=hi)
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
         pack = torch.zeros(
             (int(partial.sum()), block_q, block_k),
@@ -109,7 +123,8 @@ class KernelCall:
     def _extra(self) -> tuple:
         p = self.problem
         m = self.mask
-        return (m.index, m.allowed, m.bias, p.scale, self.block_q, self.block_k, p.dropout_p, p.dropout_seed)
+        return (m.index, m.allowed, m.bias, m.lo, m.hi, p.scale, self.block_q, self.block_k, p.dropout_p,
+                p.dropout_seed)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq), both in the compute dtype."""
