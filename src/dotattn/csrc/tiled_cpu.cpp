@@ -214,6 +214,22 @@ struct TileMask {
     return index[n * sn + h * sh + static_cast<int64_t>(qi) * nK + kj];
   }
 
+  // With row spans, shrink a PARTIAL tile's key range [k0, k0 + cols) to the keys some row
+  // of the block [q0, q0 + rows) may attend, so the GEMMs skip the rest (cols may become <= 0).
+  void narrow(int64_t n, int64_t h, int64_t q0, int rows, int64_t& k0, int& cols) const {
+    if (lo == nullptr) return;
+    const int64_t off = n * span_sn + h * span_sh + q0;
+    int64_t a = std::numeric_limits<int64_t>::max(), b = 0;
+    for (int r = 0; r < rows; ++r) {
+      if (lo[off + r] >= hi[off + r]) continue;  // a row that sees nothing
+      a = std::min<int64_t>(a, lo[off + r]);
+      b = std::max<int64_t>(b, hi[off + r]);
+    }
+    const int64_t start = std::max(k0, a), stop = std::min(k0 + cols, b);
+    k0 = start;
+    cols = static_cast<int>(std::max<int64_t>(stop - start, 0));
+  }
+
   // Mask the scores s (rows x cols, ld) of PARTIAL tile p at (n, h, q0, k0): -inf where
   // masked, bias added.
   void apply(int32_t p, T* s, int ld, int rows, int cols, int64_t n, int64_t h, int64_t q0, int64_t k0) const {
@@ -321,8 +337,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int kj = 0; kj < nK; ++kj) {
         const int32_t code = mask.code(n, h, qi, kj);
         if (code == EMPTY_TILE) continue;  // off-band tile: no work, keys never read
-        const int64_t k0 = static_cast<int64_t>(kj) * bk;
-        const int cols = static_cast<int>(std::min<int64_t>(bk, Lk - k0));
+        int64_t k0 = static_cast<int64_t>(kj) * bk;
+        int cols = static_cast<int>(std::min<int64_t>(bk, Lk - k0));
+        if (code != FULL_TILE) {
+          mask.narrow(n, h, q0, rows, k0, cols);
+          if (cols <= 0) continue;
+        }
         // S = scale Q Kᵀ  (rows x cols)
         gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
              K.ld(), T(0), s.data(), bk);
@@ -396,8 +416,6 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t hk = (t / splits) % Hkv, n = t / (splits * Hkv);
       const int kj_end = std::min(nK, (split + 1) * per_split);
       for (int kj = split * per_split; kj < kj_end; ++kj) {
-        const int64_t k0 = static_cast<int64_t>(kj) * bk;
-        const int cols = static_cast<int>(std::min<int64_t>(bk, Lk - k0));
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g;
           for (int qi = 0; qi < nQ; ++qi) {
@@ -405,6 +423,12 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             if (code == EMPTY_TILE) continue;
             const int64_t q0 = static_cast<int64_t>(qi) * bq;
             const int rows = static_cast<int>(std::min<int64_t>(bq, Lq - q0));
+            int64_t k0 = static_cast<int64_t>(kj) * bk;
+            int cols = static_cast<int>(std::min<int64_t>(bk, Lk - k0));
+            if (code != FULL_TILE) {
+              mask.narrow(n, h, q0, rows, k0, cols);
+              if (cols <= 0) continue;
+            }
             const T* lse_row = lse_p + (n * Hq + h) * Lq + q0;
             const T* delta_row = delta_p + (n * Hq + h) * Lq + q0;
             // P = exp(scale Q Kᵀ + mask - lse)
