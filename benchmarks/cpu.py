@@ -1,13 +1,18 @@
-"""CPU speed of every engine next to torch SDPA, measured side by side in one run.
+"""CPU speed of the engines next to torch SDPA, measured side by side in one run.
 
-    python benchmarks/cpu.py                       # fp32 and bf16, L 1024 and 4096
-    python benchmarks/cpu.py --lengths 2048 --backward --masks full,causal,window256
+    python benchmarks/cpu.py                                   # fp32 and bf16, L 1024 and 4096
+    python benchmarks/cpu.py --lengths 2048 --backward --masks full,causal,window256,documents
+    python benchmarks/cpu.py --lengths 8192 --masks window256 --flex --backward
+    python benchmarks/cpu.py --shapes 1x8x64,4x16x128 --lengths 512,2048 --math --markdown
 
 For each dtype it first measures the GEMM peak with torch.matmul in that dtype, then
-times torch SDPA (default CPU backend; masks other than causal passed as a dense
-bool attn_mask) and each engine on the same inputs, interleaved so machine drift
-hits both alike. GFLOP/s count 4·B·H·Lq·Lk·E for the forward (x the fraction of
-allowed pairs for masked cases) and 2.5x that for the backward.
+times torch SDPA (default CPU backend; masks other than causal are passed as a dense
+bool attn_mask, which is what torch needs for them), optionally torch's math backend
+(where the L x L scores fit in --math-gib) and FlexAttention compiled (--flex; forward
+only, since it cannot differentiate on CPU; compile time reported apart), and each
+engine, interleaved run by run so machine drift hits all alike. GFLOP/s count
+4·B·H·Lq·Lk·E for the forward, times the fraction of allowed pairs for masked cases,
+and 3.5x that for forward+backward (the backward is 2.5x the forward).
 """
 
 from __future__ import annotations
@@ -49,8 +54,20 @@ def make_mask(name: str, L: int) -> masks.Mask | None:
     raise ValueError(f"unknown mask {name!r}; use full, causal, windowN or documents")
 
 
-def timed_pair(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each function, interleaved run by run."""
+def flex_mask_mod(name: str, L: int):
+    """The same mask as a FlexAttention mask_mod."""
+    if name == "causal":
+        return lambda b, h, i, j: j <= i
+    if name.startswith("window"):
+        w = int(name.removeprefix("window"))
+        return lambda b, h, i, j: (j <= i) & (i - j <= w)
+    if name == "documents":
+        return lambda b, h, i, j: (i * 4 // L) == (j * 4 // L)
+    return lambda b, h, i, j: i >= 0
+
+
+def timed(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each function, interleaved run by run (after one warm-up each)."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
@@ -66,52 +83,86 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--lengths", default="1024,4096")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--shapes", default="1x8x64", help="comma-separated BxHxE")
     ap.add_argument("--masks", default="full,causal")
     ap.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
     ap.add_argument("--engines", default="tiled", help="comma-separated engine names")
+    ap.add_argument("--math", action="store_true", help="also time torch's math backend where it fits")
+    ap.add_argument("--math-gib", type=float, default=4.0, help="largest L x L score memory for --math")
+    ap.add_argument("--flex", action="store_true", help="also time FlexAttention compiled (forward only)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--markdown", action="store_true", help="print rows as a markdown table")
     args = ap.parse_args()
 
-    B, H, E = args.batch, args.heads, args.head_dim
     names = args.engines.split(",")
     for name in names:
         engines.get(name)  # fails early, listing the known engines
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'forward+backward' if args.backward else 'forward'}, B{B} H{H} E{E}")
-    print(f"{'dtype':<9} {'mask':<10} {'L':>6} {'engine':<10} {'ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'vs torch':>9}")
+          f"{'forward+backward' if args.backward else 'forward'}")
+    sep = " | " if args.markdown else " "
+    header = ["dtype", "B", "H", "E", "mask", "L", "engine", "ms", "GFLOP/s", "%peak", "vs torch"]
+    print(("| " if args.markdown else "") + sep.join(f"{h:>8}" for h in header) + (" |" if args.markdown else ""))
+    if args.markdown:
+        print("|" + "---|" * len(header))
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         peak = gemm_peak(dtype)
-        print(f"{dtype_name}: GEMM peak {peak:.1f} GFLOP/s")
-        for mask_name in args.masks.split(","):
-            for L in map(int, args.lengths.split(",")):
-                mask = make_mask(mask_name, L)
-                dense = None if mask is None else mask.to_dense(L, L)
-                allowed = 1.0 if dense is None else float(dense.float().mean())
-                flops = 4 * B * H * L * L * E * allowed * (3.5 if args.backward else 1.0)
-                q, k, v = (torch.randn(B, H, L, E).to(dtype).requires_grad_(args.backward) for _ in range(3))
-                grad = torch.randn(B, H, L, E).to(dtype)
+        print(f"{dtype_name}: GEMM peak {peak:.1f} GFLOP/s (torch.matmul 2048x2048, this run)")
+        for shape in args.shapes.split(","):
+            B, H, E = map(int, shape.split("x"))
+            for mask_name in args.masks.split(","):
+                for L in map(int, args.lengths.split(",")):
+                    run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep)
 
-                def run(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-                    def go() -> None:
-                        out = fn()
-                        if args.backward:
-                            out.backward(grad)
-                    return go
 
-                causal_only = mask_name == "causal"
-                fns = [run(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=None if causal_only else dense, is_causal=causal_only))]
-                fns += [run(lambda n=n: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, engine=n))
-                        for n in names]
-                times = timed_pair(fns, args.repeats)
-                for label, seconds in zip(["torch", *names], times):
-                    gflops = flops / seconds / 1e9
-                    print(f"{dtype_name:<9} {mask_name:<10} {L:>6} {label:<10} {seconds * 1e3:9.1f} "
-                          f"{gflops:8.1f} {100 * gflops / peak:5.0f}% {times[0] / seconds:8.2f}x")
+def run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep) -> None:
+    mask = make_mask(mask_name, L)
+    dense = None if mask is None else mask.to_dense(L, L)
+    allowed = 1.0 if dense is None else float(dense.float().mean())
+    flops = 4 * B * H * L * L * E * allowed * (3.5 if args.backward else 1.0)
+    q, k, v = (torch.randn(B, H, L, E).to(dtype).requires_grad_(args.backward) for _ in range(3))
+    grad = torch.randn(B, H, L, E).to(dtype)
+
+    def run(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def go() -> None:
+            out = fn()
+            if args.backward:
+                out.backward(grad)
+        return go
+
+    causal_only = mask_name == "causal"
+    torch_mask = None if causal_only else dense
+    labels = ["torch"]
+    fns = [run(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch_mask, is_causal=causal_only))]
+    if args.math and B * H * L * L * 4 * (3 if args.backward else 1) <= args.math_gib * 2**30:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def math() -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=torch_mask, is_causal=causal_only)
+        labels.append("torch-math")
+        fns.append(run(math))
+    if args.flex and not args.backward:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        start = time.perf_counter()
+        block_mask = create_block_mask(flex_mask_mod(mask_name, L), None, None, L, L, device="cpu")
+        flex = torch.compile(flex_attention)
+        flex(q, k, v, block_mask=block_mask)
+        print(f"  FlexAttention compile + first call: {time.perf_counter() - start:.1f} s")
+        labels.append("flex")
+        fns.append(lambda: flex(q, k, v, block_mask=block_mask))
+    labels += names
+    fns += [run(lambda n=n: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, engine=n)) for n in names]
+    times = timed(fns, args.repeats)
+    for label, seconds in zip(labels, times):
+        gflops = flops / seconds / 1e9
+        cells = [dtype_name, B, H, E, mask_name, L, label, f"{seconds * 1e3:.1f}", f"{gflops:.1f}",
+                 f"{100 * gflops / peak:.0f}%", f"{times[0] / seconds:.2f}x"]
+        line = sep.join(f"{c:>8}" for c in cells)
+        print(f"| {line} |" if args.markdown else line, flush=True)
 
 
 if __name__ == "__main__":
