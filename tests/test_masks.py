@@ -170,6 +170,41 @@ def test_combination_block_map_is_sound(data, size, bq, bk):
     assert_sound(mask, Lq, Lk, bq, bk)
 
 
+def _has_or(mask: M.Mask) -> bool:
+    """Whether an | appears anywhere in the mask (a union of intervals may not be one)."""
+    return isinstance(mask, M.Or) or any(_has_or(c) for c in getattr(mask, "children", ()))
+
+
+@PROPERTY
+@given(st.data(), sizes())
+def test_row_spans_describe_the_mask_exactly(data, size):
+    """Where a mask gives row spans, lo <= j < hi is exactly its allowed set; the
+    interval-shaped primitives (and their & combinations) always give them."""
+    Lq, Lk, B, H = size
+    mask = data.draw(combinations(Lq, Lk, B, H, depth=2, additive_ok=False))
+    spans = mask.row_spans(Lq, Lk)
+    interval_kinds = (M.Causal, M.SlidingWindow, M.Padding, M.PrefixLM)
+    if all(isinstance(leaf, interval_kinds) for leaf in mask.leaves()) and not _has_or(mask):
+        assert spans is not None
+    if spans is None:
+        return
+    lo, hi = spans
+    assert lo.dtype == hi.dtype == torch.int64
+    assert bool((lo >= 0).all() and (hi <= Lk).all())
+    j = torch.arange(Lk)
+    from_spans = (j >= lo[..., None]) & (j < hi[..., None])
+    dense = allowed_of(mask, Lq, Lk)
+    shape = torch.broadcast_shapes(from_spans.shape, dense.shape)
+    assert torch.equal(from_spans.expand(shape), dense.expand(shape))
+
+
+def test_row_spans_are_none_where_rows_are_not_intervals():
+    assert M.dense(torch.tensor([[True, False, True]])).row_spans(1, 3) is None
+    assert M.documents(torch.tensor([0, 1, 0])).row_spans(3, 3) is None  # document 0 is split
+    assert (M.sliding_window(0) | M.causal(align="bottom_right")).row_spans(1, 5) is not None
+    assert (M.sliding_window(0, align="bottom_right") | M.prefix_lm(1)).row_spans(1, 5) is None  # keys 0 and 4
+
+
 @PROPERTY
 @given(st.data(), sizes())
 def test_and_or_match_elementwise_ops(data, size):

@@ -46,6 +46,17 @@ class Problem:
         """Drawn from ``generator`` on first use, so explaining a call consumes no randomness."""
         return draw_seed(self.generator) if self.dropout_p > 0 else 0
 
+    @cached_property
+    def inputs_finite(self) -> bool:
+        """Whether query, key and value hold no NaN or inf (checked once, on first use).
+
+        One sum per tensor, since NaN and inf reach the sum; only a sum that overflows
+        needs the elementwise check."""
+        return all(
+            bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+            for x in (self.query, self.key, self.value)
+        )
+
     @property
     def Hq(self) -> int:
         return self.query.shape[-3]

@@ -360,6 +360,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (dropout.on) dropout.apply(s.data(), bk, n * Hq + h, q0, rows, k0, cols);
         if (!first) {
           for (int r = 0; r < rows; ++r) {
+            if (alpha[r] == T(1)) continue;  // the row max held: nothing to rescale
             T* ar = acc.data() + r * Ev;
             for (int64_t c = 0; c < Ev; ++c) ar[c] *= alpha[r];
           }

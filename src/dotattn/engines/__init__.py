@@ -1,7 +1,9 @@
 """The engine registry and the dispatcher that explains itself.
 
 Every engine registers here. ``engine="auto"`` runs the highest-priority engine that
-reports no reason against the problem; a forced engine that cannot run raises
+reports no reason against the problem and does not ask auto to pass it over (an
+engine may, where a lower-ranked one is faster at that size; ``explain`` shows why),
+while a forced engine runs whenever it can. A forced engine that cannot run raises
 :class:`EngineNotSupportedError` listing every reason. ``use_engine`` scopes a
 default through a context variable, so it is safe across threads and async tasks.
 """
@@ -106,8 +108,11 @@ def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
     rejected: dict[str, list[str]] = {}
     for candidate in candidates:
         reasons = candidate.reasons(problem)
+        skip = candidate.auto_skip(problem) if requested == "auto" and chosen is None else None
         if reasons:
             rejected[candidate.name] = reasons
+        elif skip is not None:
+            rejected[candidate.name] = [skip]
         elif chosen is None:
             chosen = candidate.name
         else:

@@ -111,6 +111,12 @@ class Engine:
         """Limits that the :class:`Support` record cannot express (e.g. a missing extension)."""
         return []
 
+    def auto_skip(self, problem: Problem) -> str | None:
+        """Why ``engine="auto"`` should pass over this engine although it can run ``problem``
+        (e.g. a lower-ranked engine is faster at this size); None when it should not.
+        A forced engine ignores it."""
+        return None
+
     def detail(self, problem: Problem) -> str | None:
         """How this engine will run ``problem`` when it has more than one way (e.g. a compiled
         kernel or its fallback), for ``explain``; None when there is only one."""

@@ -347,22 +347,28 @@ def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...])
     return full.sum_to_size(*lead, R, C).reshape(like.shape).to(like.dtype)
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether every entry is finite: one reduction, since NaN and inf reach the sum; only a
-    sum that overflows needs the elementwise check."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
 class TiledEngine(Engine):
     name = "tiled"
     description = "flash-style online softmax over tiles, compiled (torch ops as fallback); skips masked tiles; O(L) memory"
     support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64))
     priority = 10
 
+    # Below this many scores (B·H·Lq·Lk) the reference engine's few whole-tensor ops beat
+    # the tiled engine's set-up, so auto passes it over (benchmarks/crossover.py).
+    AUTO_MIN_SCORES = 0
+
     def __init__(self, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, use_kernel: bool = True) -> None:
         self.block_q = block_q
         self.block_k = block_k
         self.use_kernel = use_kernel
+
+    def auto_skip(self, problem: Problem) -> str | None:
+        p = problem
+        scores = math.prod(p.batch_shape) * p.Hq * p.Lq * p.Lk
+        if scores < self.AUTO_MIN_SCORES:
+            return (f"the problem is small (B·H·Lq·Lk = {scores} < {self.AUTO_MIN_SCORES}), where the "
+                    "reference engine is faster; engine='tiled' forces it")
+        return None
 
     def torch_ops_reason(self, problem: Problem) -> str | None:
         """Why this problem runs in torch ops rather than the compiled kernel; None when it does not."""
@@ -375,7 +381,7 @@ class TiledEngine(Engine):
             return "the problem is empty"
         if p.mask is not None and p.mask.is_additive and p.requires_grad:
             return "a float mask may need its gradient, which only the torch-ops path computes"
-        if not all(_all_finite(x) for x in (p.query, p.key, p.value)):
+        if not p.inputs_finite:
             return "query, key or value hold NaN or inf, which the torch-ops path keeps out of masked rows"
         return None
 
