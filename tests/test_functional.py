@@ -103,7 +103,7 @@ def test_forced_engine_lists_every_reason(picky):
 
 
 def test_auto_skips_an_engine_that_cannot_run_and_explains_why(picky):
-    q, k, v = qkv(1, 1, 4, 4)
+    q, k, v = qkv(1, 2, 128, 4)  # large enough that no engine asks auto to pass it over
     explanation = dotattn.explain(q, k, v)
     best_cpu = next(e.name for e in engines.available() if e.name != "picky")
     assert explanation.engine == best_cpu and explanation.requested == "auto"
@@ -122,6 +122,17 @@ def test_use_engine_nests_and_explicit_engine_wins(picky):
             assert dotattn.explain(q, k, v).engine not in (None, "picky")
         assert dotattn.explain(q, k, v, engine="reference").engine == "reference"
     assert dotattn.explain(q, k, v).requested == "auto"
+
+
+def test_auto_passes_tiled_over_for_tiny_problems_but_a_forced_tiled_runs_them():
+    tiny = qkv(1, 1, 8, 4)
+    explanation = dotattn.explain(*tiny)
+    assert explanation.engine == "reference"
+    assert "the problem is small" in " ".join(explanation.rejected["tiled"])
+    assert dotattn.explain(*tiny, engine="tiled").engine == "tiled"
+    with dotattn.use_engine("tiled"):
+        assert dotattn.explain(*tiny).engine == "tiled"
+    assert dotattn.explain(*qkv(1, 8, 64, 4)).engine == "tiled"
 
 
 def test_explain_consumes_no_randomness():

@@ -39,7 +39,7 @@ def test_the_compiled_kernel_is_built():
     """make test builds it; if the build broke, the suite would silently test only the fallback."""
     assert _tiled_kernel.MISSING is None
     q = torch.randn(1, 2, 8, 4)
-    assert dotattn.explain(q, q, q).detail == "compiled kernel"
+    assert dotattn.explain(q, q, q, engine="tiled").detail == "compiled kernel"
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_explain_names_the_torch_ops_fallback_and_why(inputs, why):
         kwargs["attn_mask"] = torch.randn(8, 8, requires_grad=True)
     else:
         q = q[:, :, :0]
-    detail = dotattn.explain(q, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), **kwargs).detail
+    detail = dotattn.explain(q, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), engine="tiled", **kwargs).detail
     assert detail.startswith("torch ops, because") and why in detail
 
 
