@@ -44,7 +44,7 @@ def test_the_compiled_kernel_is_built():
 
 @pytest.mark.parametrize(
     "inputs,why",
-    [("nan", "NaN or inf"), ("bias", "float mask may need its gradient"), ("empty", "empty")],
+    [("nan", "NaN or inf"), ("empty", "empty")],
 )
 def test_explain_names_the_torch_ops_fallback_and_why(inputs, why):
     q = torch.randn(1, 2, 8, 4)
@@ -52,8 +52,6 @@ def test_explain_names_the_torch_ops_fallback_and_why(inputs, why):
     if inputs == "nan":
         q = q.clone()
         q[0, 0, 0, 0] = float("nan")
-    elif inputs == "bias":
-        kwargs["attn_mask"] = torch.randn(8, 8, requires_grad=True)
     else:
         q = q[:, :, :0]
     detail = dotattn.explain(q, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), engine="tiled", **kwargs).detail
@@ -133,18 +131,23 @@ def test_masks_without_row_spans_pack_only_their_partial_tiles(additive):
     ids=["none", "causal", "window", "padding-with-dead-rows"],
 )
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_gradcheck_float64_with_small_tiles(path, mask, dropout_p):
-    """Gradients of both paths against finite differences, GQA and Ev != E, tiles 3 x 2."""
+@pytest.mark.parametrize("bias_shape", [None, (5, 7), (2, 1, 1, 7)], ids=["no-bias", "bias", "bias-per-batch-row"])
+def test_gradcheck_float64_with_small_tiles(path, mask, dropout_p, bias_shape):
+    """Gradients of both paths against finite differences (a float attn_mask's included),
+    GQA and Ev != E, tiles 3 x 2."""
     q, k, v = (x.requires_grad_() for x in qkv(2, 4, 5, 3, Hkv=2, Lk=7, Ev=2, dtype=torch.float64))
+    inputs = (q, k, v)
+    if bias_shape is not None:
+        inputs += (torch.randn(bias_shape, dtype=torch.float64, requires_grad=True),)
     engine = engines.get("tiled")
 
-    def f(q, k, v):
+    def f(q, k, v, bias=None):
         g = torch.Generator().manual_seed(2)
         return dotattn.scaled_dot_product_attention(
-            q, k, v, mask=mask, dropout_p=dropout_p, generator=g, enable_gqa=True, engine="tiled"
+            q, k, v, bias, mask=mask, dropout_p=dropout_p, generator=g, enable_gqa=True, engine="tiled"
         )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "block_q", 3)
         mp.setattr(engine, "block_k", 2)
-        assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.autograd.gradcheck(f, inputs)

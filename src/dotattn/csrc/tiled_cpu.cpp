@@ -391,7 +391,8 @@ template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& d_out,
                    const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv, const TileMask<T>& mask, double scale_, int bq, int bk,
-                   const Dropout& dropout, int splits) {
+                   const Dropout& dropout, int splits, const c10::optional<at::Tensor>& ds_index,
+                   const c10::optional<at::Tensor>& ds_tiles) {
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Ev = v.size(3);
   const int64_t G = Hq / Hkv;
@@ -406,6 +407,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t dq_split = N * Hq * Lq * E;
   const int64_t tasks = N * Hkv * splits;
   const int per_split = cdiv(nK, splits);
+  // Score gradients of the PARTIAL tiles, for a float mask's gradient: ds_index (N, Hq, nQ, nK)
+  // gives each (n, h, tile) its own slot of ds_tiles (P', bq, bk), or -1.
+  const int32_t* ds_slot = ds_index.has_value() ? ds_index->data_ptr<int32_t>() : nullptr;
+  T* ds_out = ds_tiles.has_value() ? ds_tiles->data_ptr<T>() : nullptr;
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -465,6 +470,14 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               const T d = delta_row[r];
               for (int c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
             }
+            if (ds_slot != nullptr) {
+              const int32_t slot = ds_slot[((n * Hq + h) * nQ + qi) * nK + kj];
+              if (slot >= 0) {
+                T* dst = ds_out + static_cast<int64_t>(slot) * bq * bk;
+                for (int r = 0; r < rows; ++r)
+                  std::copy(dp.data() + r * bk, dp.data() + r * bk + cols, dst + r * bk);
+              }
+            }
             // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i
             T* dq_rows = dq_p + split * dq_split + ((n * Hq + h) * Lq + q0) * E;
             gemm(false, false, rows, static_cast<int>(E), cols, scale, dp.data(), bk, K.at(n, hk, k0), K.ld(), T(1),
@@ -511,9 +524,16 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
                                 const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
-                                 double dropout_p, int64_t seed) {
+                                 double dropout_p, int64_t seed, const c10::optional<at::Tensor>& ds_index,
+                                 const c10::optional<at::Tensor>& ds_tiles) {
   check_inputs(q, k, v);
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
+  TORCH_CHECK(ds_index.has_value() == ds_tiles.has_value(), "ds_index and ds_tiles go together");
+  if (ds_index.has_value()) {
+    TORCH_CHECK(ds_index->is_contiguous() && ds_index->scalar_type() == at::kInt && ds_tiles->is_contiguous() &&
+                    ds_tiles->scalar_type() == q.scalar_type(),
+                "ds_index must be contiguous int32 (N, Hq, nQ, nK) and ds_tiles contiguous (P', bq, bk) in q's dtype");
+  }
   const int64_t N = q.size(0), Hkv = k.size(1), Lk = k.size(2);
   const int nK = cdiv(Lk, bk);
   // Split the key tiles of each (batch, kv head) when there are too few of those to keep
@@ -527,11 +547,11 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_backward",
     AT_DISPATCH_CASE(at::kFloat, [&] {
       backward_impl<float>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
-                           scale, bq, bk, dropout, splits);
+                           scale, bq, bk, dropout, splits, ds_index, ds_tiles);
     })
     AT_DISPATCH_CASE(at::kDouble, [&] {
       backward_impl<double>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk),
-                            scale, bq, bk, dropout, splits);
+                            scale, bq, bk, dropout, splits, ds_index, ds_tiles);
     }));
   return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};
 }
@@ -544,7 +564,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
   m.def("forward", &forward, "out, lse = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed)");
   m.def("backward", &backward,
-        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed)");
+        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
+        "seed, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.attr("EMPTY_TILE") = EMPTY_TILE;
   m.attr("FULL_TILE") = FULL_TILE;

@@ -113,6 +113,9 @@ class KernelCall:
         self.N = math.prod(p.batch_shape)
         self.dtype = compute_dtype(p.query.dtype)
         self.mask = TileMask.of(p, self.block_q, self.block_k, self.dtype)
+        self.biases = [] if p.mask is None or not p.mask.is_additive else [
+            leaf.tensor for leaf in p.mask.leaves() if isinstance(leaf, masks.Dense) and leaf.tensor.is_floating_point()
+        ]
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
         """(*batch', H, L, D) -> (N, H, L, D) in the compute dtype, last dim contiguous."""
@@ -132,26 +135,59 @@ class KernelCall:
 
     def backward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        d_out: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dq, dk, dv in the shapes and dtypes of q, k, v (broadcast dims summed)."""
+        d_out: torch.Tensor, bias_grads: bool,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """dq, dk, dv in the shapes and dtypes of q, k, v (broadcast dims summed), then one
+        gradient per float bias leaf when ``bias_grads`` (else None each)."""
         p = self.problem
         d_out = d_out.to(self.dtype).contiguous()
         delta = (d_out * out).sum(-1)  # (N, Hq, Lq)
+        ds_index = ds_tiles = None
+        if bias_grads:  # every (n, h, partial tile) gets a slot for its score gradient
+            partial = (self.mask.index >= 0).expand(self.N, p.Hq, *self.mask.index.shape[2:])
+            ds_index = torch.full(partial.shape, -1, dtype=torch.int32)
+            ds_index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
+            ds_tiles = torch.zeros(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
         grads = _ext.backward(
-            self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse, delta, *self._extra()
+            self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse, delta, *self._extra(),
+            ds_index, ds_tiles,
         )
-        return tuple(
+        dqkv = tuple(
             g.reshape(*p.batch_shape, *g.shape[1:]).sum_to_size(x.shape).to(x.dtype)
             for g, x in zip(grads, (q, k, v))
         )
+        if not bias_grads:
+            return (*dqkv, *(None for _ in self.biases))
+        return (*dqkv, *(self._bias_grad(b, ds_index, ds_tiles) for b in self.biases))
+
+    def _bias_grad(self, bias: torch.Tensor, ds_index: torch.Tensor, ds_tiles: torch.Tensor) -> torch.Tensor:
+        """A float mask's gradient: the score gradient dS of every partial tile (the only tiles
+        an additive mask has besides EMPTY ones), summed over the dims the bias broadcasts.
+
+        bias: (..., R, C), R in {1, Lq}, C in {1, Lk}; ds_index (N, Hq, nQ, nK); ds_tiles (P', bq, bk).
+        """
+        p = self.problem
+        grad = torch.zeros(bias.shape, dtype=self.dtype)
+        R, C = bias.shape[-2:]
+        for qi, kj in (ds_index >= 0).any(0).any(0).nonzero().tolist():
+            q0, k0 = qi * self.block_q, kj * self.block_k
+            q1, k1 = min(q0 + self.block_q, p.Lq), min(k0 + self.block_k, p.Lk)
+            slots = ds_index[:, :, qi, kj]
+            tile = ds_tiles.new_zeros(self.N, p.Hq, q1 - q0, k1 - k0)  # (N, Hq, r, c)
+            tile[slots >= 0] = ds_tiles[slots[slots >= 0].long(), : q1 - q0, : k1 - k0]
+            tile = tile.reshape(*p.batch_shape, p.Hq, q1 - q0, k1 - k0)
+            rows = slice(q0, q1) if R != 1 else slice(0, 1)
+            cols = slice(k0, k1) if C != 1 else slice(0, 1)
+            target = grad[..., rows, cols]
+            target += tile.sum_to_size(target.shape)
+        return grad.to(bias.dtype)
 
 
 class KernelAttention(torch.autograd.Function):
     """Saves q, k, v, the output and the lse; backward recomputes P tile by tile."""
 
     @staticmethod
-    def forward(ctx, call: KernelCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def forward(ctx, call: KernelCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *biases: torch.Tensor):
         out, lse = call.forward(q, k, v)
         ctx.call = call
         ctx.save_for_backward(q, k, v, out, lse)
@@ -161,4 +197,4 @@ class KernelAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        return (None, *ctx.call.backward(q, k, v, out, lse, d_out))
+        return (None, *ctx.call.backward(q, k, v, out, lse, d_out, any(ctx.needs_input_grad[4:])))

@@ -379,8 +379,6 @@ class TiledEngine(Engine):
             return _tiled_kernel.MISSING
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
-        if p.mask is not None and p.mask.is_additive and p.requires_grad:
-            return "a float mask may need its gradient, which only the torch-ops path computes"
         if not p.inputs_finite:
             return "query, key or value hold NaN or inf, which the torch-ops path keeps out of masked rows"
         return None
@@ -393,7 +391,7 @@ class TiledEngine(Engine):
         p = problem
         if self.torch_ops_reason(p) is None:
             call = _tiled_kernel.KernelCall(p, self.block_q, self.block_k)
-            out, lse = _tiled_kernel.KernelAttention.apply(call, p.query, p.key, p.value)
+            out, lse = _tiled_kernel.KernelAttention.apply(call, p.query, p.key, p.value, *call.biases)
             out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
         else:
             plan = _Plan(p, self.block_q, self.block_k)
