@@ -83,7 +83,7 @@ class TileMask:
             )
             return cls(index, lo=lo, hi=hi)
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
-        pack = torch.zeros(
+        pack = torch.empty(  # the kernel reads only the part of an edge tile inside Lq x Lk
             (int(partial.sum()), block_q, block_k),
             dtype=dtype if p.mask.is_additive else torch.uint8,
         )
@@ -147,7 +147,8 @@ class KernelCall:
             partial = (self.mask.index >= 0).expand(self.N, p.Hq, *self.mask.index.shape[2:])
             ds_index = torch.full(partial.shape, -1, dtype=torch.int32)
             ds_index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
-            ds_tiles = torch.zeros(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
+            # every slot's part inside Lq x Lk is written by the kernel
+            ds_tiles = torch.empty(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
         grads = _ext.backward(
             self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse, delta, *self._extra(),
             ds_index, ds_tiles,
@@ -172,9 +173,12 @@ class KernelCall:
         for qi, kj in (ds_index >= 0).any(0).any(0).nonzero().tolist():
             q0, k0 = qi * self.block_q, kj * self.block_k
             q1, k1 = min(q0 + self.block_q, p.Lq), min(k0 + self.block_k, p.Lk)
-            slots = ds_index[:, :, qi, kj]
-            tile = ds_tiles.new_zeros(self.N, p.Hq, q1 - q0, k1 - k0)  # (N, Hq, r, c)
-            tile[slots >= 0] = ds_tiles[slots[slots >= 0].long(), : q1 - q0, : k1 - k0]
+            slots = ds_index[:, :, qi, kj]  # (N, Hq)
+            if bool((slots >= 0).all()):
+                tile = ds_tiles[slots.flatten().long(), : q1 - q0, : k1 - k0]
+            else:  # some (n, h) skipped this tile: their dS is 0
+                tile = ds_tiles.new_zeros(self.N, p.Hq, q1 - q0, k1 - k0)
+                tile[slots >= 0] = ds_tiles[slots[slots >= 0].long(), : q1 - q0, : k1 - k0]
             tile = tile.reshape(*p.batch_shape, p.Hq, q1 - q0, k1 - k0)
             rows = slice(q0, q1) if R != 1 else slice(0, 1)
             cols = slice(k0, k1) if C != 1 else slice(0, 1)
