@@ -20,10 +20,13 @@ from tests.test_engines import _mask_cases
 TILES = [(16, 32), (7, 5), (64, 16)]
 
 
-@pytest.fixture(params=["kernel", "torch_ops"])
+@pytest.fixture(params=["kernel", "kernel_bf16_gemms", "torch_ops"])
 def path(request, monkeypatch):
-    """Which path of the tiled engine runs: the compiled kernel or torch ops."""
-    monkeypatch.setattr(engines.get("tiled"), "use_kernel", request.param == "kernel")
+    """Which path of the tiled engine runs: the compiled kernel (bfloat16 inputs computed in
+    float32 GEMMs, or in bfloat16 GEMMs whatever this machine measured) or torch ops."""
+    monkeypatch.setattr(engines.get("tiled"), "use_kernel", request.param != "torch_ops")
+    use_bf16 = request.param == "kernel_bf16_gemms"
+    monkeypatch.setattr(_tiled_kernel, "bf16_gemms", lambda *_: (use_bf16, "forced by the test"))
     return request.param
 
 
@@ -40,6 +43,13 @@ def test_the_compiled_kernel_is_built():
     assert _tiled_kernel.MISSING is None
     q = torch.randn(1, 2, 8, 4)
     assert dotattn.explain(q, q, q, engine="tiled").detail == "compiled kernel"
+
+
+def test_bfloat16_compute_is_chosen_by_measuring_this_machine():
+    use_bf16, why = _tiled_kernel.bf16_gemms(16, 128, 256)
+    assert ("measured" in why) and (use_bf16 == why.startswith("bfloat16 GEMMs"))
+    q = torch.randn(1, 2, 8, 16).bfloat16()
+    assert dotattn.explain(q, q, q, engine="tiled").detail == "compiled kernel, " + why
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,9 @@ void SGEMM(const char*, const char*, const int*, const int*, const int*, const f
            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void DGEMM(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's bfloat16 GEMM with float32 accumulation and output (uint16 holds a bfloat16).
+void GEMM_BF16BF16F32(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                      const int*, const uint16_t*, const int*, const float*, float*, const int*) __attribute__((weak));
 }
 
 namespace {
@@ -57,6 +60,20 @@ inline void gemm(bool ta, bool tb, int M, int N, int K, double alpha, const doub
                  const double* B, int ldb, double beta, double* C, int ldc) {
   const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
   DGEMM(&b, &a, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+inline void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const at::BFloat16* A, int lda,
+                 const at::BFloat16* B, int ldb, float beta, float* C, int ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  GEMM_BF16BF16F32(&b, &a, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(B), &ldb,
+                   reinterpret_cast<const uint16_t*>(A), &lda, &beta, C, &ldc);
+}
+
+// Copy a rows x cols block (leading dims lds, ldd) converting the element type.
+template <typename From, typename To>
+inline void convert(const From* src, int lds, To* dst, int ldd, int rows, int cols) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[static_cast<int64_t>(r) * ldd + c] = static_cast<To>(src[static_cast<int64_t>(r) * lds + c]);
 }
 
 // Row kernels written with GCC vector extensions, so they vectorise the same way on
@@ -306,7 +323,9 @@ int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 // Forward
 // ---------------------------------------------------------------------------
 
-template <typename T>
+// In is the storage type of q, k, v and out (float, double, or bfloat16 computed with
+// bfloat16 GEMMs into float32); T the compute type of scores, softmax and accumulator.
+template <typename In, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
                   const Dropout& dropout) {
@@ -316,14 +335,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int nQ = cdiv(Lq, bq), nK = cdiv(Lk, bk);
   const T scale = static_cast<T>(scale_);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const Rows<T> Q(q), K(k), V(v), O(out);
+  const Rows<In> Q(q), K(k), V(v), O(out);
   T* lse_p = lse.data_ptr<T>();  // contiguous (N, Hq, Lq)
   const int64_t tasks = N * Hq * nQ;
+  constexpr bool narrow_gemm = !std::is_same_v<In, T>;  // P goes to the second GEMM as In
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     // Per-thread workspace: one score tile, the accumulator and the running row state.
     std::vector<T> s(static_cast<size_t>(bq) * bk), acc(static_cast<size_t>(bq) * Ev);
+    std::vector<In> p_in(narrow_gemm ? static_cast<size_t>(bq) * bk : 0);
     std::vector<T> m_i(bq), l_i(bq), alpha(bq);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -366,17 +387,24 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           }
         }
         // acc += P~ V  (rows x Ev)
-        gemm(false, false, rows, static_cast<int>(Ev), cols, T(1), s.data(), bk, V.at(n, hk, k0), V.ld(),
+        const In* p_tile;
+        if constexpr (narrow_gemm) {
+          convert(s.data(), bk, p_in.data(), bk, rows, cols);
+          p_tile = p_in.data();
+        } else {
+          p_tile = s.data();
+        }
+        gemm(false, false, rows, static_cast<int>(Ev), cols, T(1), p_tile, bk, V.at(n, hk, k0), V.ld(),
              first ? T(0) : T(1), acc.data(), static_cast<int>(Ev));
         first = false;
       }
       // Normalise; a row with no allowed key gives 0 and lse -inf.
       T* lse_row = lse_p + (n * Hq + h) * Lq + q0;
       for (int r = 0; r < rows; ++r) {
-        T* orow = O.at(n, h, q0 + r);
+        In* orow = O.at(n, h, q0 + r);
         const bool alive = !first && l_i[r] > 0;
         const T inv = alive ? T(1) / l_i[r] : T(0);
-        for (int64_t c = 0; c < Ev; ++c) orow[c] = alive ? acc[r * Ev + c] * inv : T(0);
+        for (int64_t c = 0; c < Ev; ++c) orow[c] = static_cast<In>(alive ? acc[r * Ev + c] * inv : T(0));
         lse_row[r] = alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
       }
     }
@@ -387,7 +415,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // Backward (FlashAttention-2): recompute P from lse tile by tile.
 // ---------------------------------------------------------------------------
 
-template <typename T>
+// In as in forward_impl; dq, dk, dv accumulate in T.
+template <typename In, typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& d_out,
                    const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv, const TileMask<T>& mask, double scale_, int bq, int bk,
@@ -399,7 +428,9 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int nQ = cdiv(Lq, bq), nK = cdiv(Lk, bk);
   const T scale = static_cast<T>(scale_);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const Rows<T> Q(q), K(k), V(v), dO(d_out), dK(dk), dV(dv);
+  const Rows<In> Q(q), K(k), V(v), dO(d_out);
+  const Rows<T> dK(dk), dV(dv);
+  constexpr bool narrow_gemm = !std::is_same_v<In, T>;  // P and dS go to the GEMMs as In
   const T* lse_p = lse.data_ptr<T>();      // (N, Hq, Lq) contiguous
   const T* delta_p = delta.data_ptr<T>();  // (N, Hq, Lq) contiguous
   // dq: (splits, N, Hq, Lq, E) contiguous; split s of the key tiles adds into slice s.
@@ -416,6 +447,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   {
     std::vector<T> p(static_cast<size_t>(bq) * bk), dp(static_cast<size_t>(bq) * bk);
     std::vector<T> p_drop(dropout.on ? static_cast<size_t>(bq) * bk : 0);
+    std::vector<In> p_in(narrow_gemm ? static_cast<size_t>(bq) * bk : 0), ds_in(p_in.size());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int split = static_cast<int>(t % splits);
@@ -458,7 +490,14 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               pd = p_drop.data();
             }
             // dV_j += P_dropᵀ dO_i
-            gemm(true, false, cols, static_cast<int>(Ev), rows, T(1), pd, bk, dO.at(n, h, q0), dO.ld(), T(1),
+            const In* pd_in;
+            if constexpr (narrow_gemm) {
+              convert(pd, bk, p_in.data(), bk, rows, cols);
+              pd_in = p_in.data();
+            } else {
+              pd_in = pd;
+            }
+            gemm(true, false, cols, static_cast<int>(Ev), rows, T(1), pd_in, bk, dO.at(n, h, q0), dO.ld(), T(1),
                  dV.at(n, hk, k0), dV.ld());
             // dP = dO_i V_jᵀ, then dS = P ∘ (dP ∘ keep/(1-p) - delta)
             gemm(false, true, rows, cols, static_cast<int>(Ev), T(1), dO.at(n, h, q0), dO.ld(), V.at(n, hk, k0),
@@ -479,10 +518,17 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               }
             }
             // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i
+            const In* ds;
+            if constexpr (narrow_gemm) {
+              convert(dp.data(), bk, ds_in.data(), bk, rows, cols);
+              ds = ds_in.data();
+            } else {
+              ds = dp.data();
+            }
             T* dq_rows = dq_p + split * dq_split + ((n * Hq + h) * Lq + q0) * E;
-            gemm(false, false, rows, static_cast<int>(E), cols, scale, dp.data(), bk, K.at(n, hk, k0), K.ld(), T(1),
+            gemm(false, false, rows, static_cast<int>(E), cols, scale, ds, bk, K.at(n, hk, k0), K.ld(), T(1),
                  dq_rows, static_cast<int>(E));
-            gemm(true, false, cols, static_cast<int>(E), rows, scale, dp.data(), bk, Q.at(n, h, q0), Q.ld(), T(1),
+            gemm(true, false, cols, static_cast<int>(E), rows, scale, ds, bk, Q.at(n, h, q0), Q.ld(), T(1),
                  dK.at(n, hk, k0), dK.ld());
           }
         }
@@ -491,7 +537,15 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   }
 }
 
+// float32 for bfloat16 storage, else the storage type itself.
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 ? at::kFloat : q.scalar_type();
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || (dt == at::kBFloat16 && GEMM_BF16BF16F32 != nullptr),
+              "the tiled kernel takes float32, float64, or bfloat16 where MKL's bf16 GEMM is present");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (N, H, L, E)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
@@ -506,16 +560,21 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check_inputs(q, k, v);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, Lq, Ev}, q.options());
-  at::Tensor lse = at::empty({N, Hq, Lq}, q.options());
+  at::Tensor lse = at::empty({N, Hq, Lq}, q.options().dtype(compute_type(q)));
   const Dropout dropout(dropout_p, seed);
-  AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_forward",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      forward_impl<float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout);
-    })
-    AT_DISPATCH_CASE(at::kDouble, [&] {
-      forward_impl<double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk,
-                           dropout);
-    }));
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      forward_impl<float, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq,
+                                 bk, dropout);
+      break;
+    case at::kDouble:
+      forward_impl<double, double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale,
+                                   bq, bk, dropout);
+      break;
+    default:  // bfloat16, checked by check_inputs
+      forward_impl<at::BFloat16, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
+                                        scale, bq, bk, dropout);
+  }
   return {out, lse};
 }
 
@@ -531,8 +590,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(ds_index.has_value() == ds_tiles.has_value(), "ds_index and ds_tiles go together");
   if (ds_index.has_value()) {
     TORCH_CHECK(ds_index->is_contiguous() && ds_index->scalar_type() == at::kInt && ds_tiles->is_contiguous() &&
-                    ds_tiles->scalar_type() == q.scalar_type(),
-                "ds_index must be contiguous int32 (N, Hq, nQ, nK) and ds_tiles contiguous (P', bq, bk) in q's dtype");
+                    ds_tiles->scalar_type() == compute_type(q),
+                "ds_index must be contiguous int32 (N, Hq, nQ, nK) and ds_tiles contiguous (P', bq, bk) in the compute dtype");
   }
   const int64_t N = q.size(0), Hkv = k.size(1), Lk = k.size(2);
   const int nK = cdiv(Lk, bk);
@@ -540,23 +599,64 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   // every thread busy; each split then adds its dq into a slice of its own.
   const int64_t threads = at::get_num_threads();
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nK, (2 * threads + N * Hkv - 1) / (N * Hkv))));
-  at::Tensor dq = at::zeros({splits, N, q.size(1), q.size(2), q.size(3)}, q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  const auto acc = q.options().dtype(compute_type(q));  // gradients accumulate in the compute dtype
+  at::Tensor dq = at::zeros({splits, N, q.size(1), q.size(2), q.size(3)}, acc);
+  at::Tensor dk = at::zeros(k.sizes(), acc);
+  at::Tensor dv = at::zeros(v.sizes(), acc);
   const Dropout dropout(dropout_p, seed);
-  AT_DISPATCH_SWITCH(q.scalar_type(), "dotattn_tiled_backward",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      backward_impl<float>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
-                           scale, bq, bk, dropout, splits, ds_index, ds_tiles);
-    })
-    AT_DISPATCH_CASE(at::kDouble, [&] {
-      backward_impl<double>(q, k, v, d_out, lse, delta, dq, dk, dv, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk),
-                            scale, bq, bk, dropout, splits, ds_index, ds_tiles);
-    }));
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      backward_impl<float, float>(q, k, v, d_out, lse, delta, dq, dk, dv,
+                                  tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout, splits,
+                                  ds_index, ds_tiles);
+      break;
+    case at::kDouble:
+      backward_impl<double, double>(q, k, v, d_out, lse, delta, dq, dk, dv,
+                                    tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout,
+                                    splits, ds_index, ds_tiles);
+      break;
+    default:
+      backward_impl<at::BFloat16, float>(q, k, v, d_out, lse, delta, dq, dk, dv,
+                                         tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout,
+                                         splits, ds_index, ds_tiles);
+  }
   return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};
 }
 
 bool has_blas() { return SGEMM != nullptr && DGEMM != nullptr; }
+
+// Seconds per call of the kernel's two tile GEMMs (S = Q Kᵀ, then P V; bq x bk tiles, head
+// dim E), in float32 and in bfloat16 with float32 accumulation, on one thread: which one a
+// bfloat16 problem should compute in is decided from these, measured on this machine.
+std::vector<double> tile_gemm_seconds(int64_t bq, int64_t bk, int64_t E, int64_t repeats) {
+  std::vector<float> q(bq * E, 0.5f), k(bk * E, 0.25f), v(bk * E, 0.125f), s(bq * bk), acc(bq * E);
+  std::vector<at::BFloat16> qb(q.begin(), q.end()), kb(k.begin(), k.end()), vb(v.begin(), v.end()), pb(bq * bk);
+  const int M = bq, N = bk, D = E;
+  auto time = [&](auto&& step) {
+    double best = std::numeric_limits<double>::infinity();
+    for (int64_t r = -3; r < repeats; ++r) {
+      const double start = omp_get_wtime();
+      step();
+      if (r >= 0) best = std::min(best, omp_get_wtime() - start);  // three calls warm up
+    }
+    return best;
+  };
+  std::vector<double> out;
+#pragma omp parallel num_threads(1)
+  {
+    out.push_back(time([&] {
+      gemm(false, true, M, N, D, 1.0f, q.data(), D, k.data(), D, 0.0f, s.data(), N);
+      gemm(false, false, M, D, N, 1.0f, s.data(), N, v.data(), D, 0.0f, acc.data(), D);
+    }));
+    if (GEMM_BF16BF16F32 != nullptr) {
+      out.push_back(time([&] {
+        gemm(false, true, M, N, D, 1.0f, qb.data(), D, kb.data(), D, 0.0f, s.data(), N);
+        gemm(false, false, M, D, N, 1.0f, pb.data(), N, vb.data(), D, 0.0f, acc.data(), D);
+      }));
+    }
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -567,6 +667,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
+  m.def("tile_gemm_seconds", &tile_gemm_seconds,
+        "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");
   m.attr("EMPTY_TILE") = EMPTY_TILE;
   m.attr("FULL_TILE") = FULL_TILE;
 }

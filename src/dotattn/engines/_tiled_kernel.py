@@ -1,7 +1,11 @@
 """The tiled engine's compiled path: the C++ kernel in ``dotattn/csrc/tiled_cpu.cpp``.
 
-The kernel computes in float32 (float64 for float64 inputs); bfloat16 inputs are
-converted to float32 once, O(L·E), and the result back. The mask reaches it already
+The kernel computes scores, softmax and accumulators in float32 (float64 for float64
+inputs). For bfloat16 inputs the GEMMs run either in bfloat16 with float32
+accumulation (MKL's gemm_bf16bf16f32; P and dS rounded to bfloat16 on the way in, as
+torch's own CPU kernel does) or in float32 after converting q, k, v once, O(L·E):
+whichever the machine's tile GEMMs measured faster (:func:`bf16_gemms`), once per
+head dim and tile size. The mask reaches it already
 classified tile by tile: an index map saying EMPTY, FULL or PARTIAL. A PARTIAL
 tile is masked from the mask's row spans (``Mask.row_spans``: each row may attend
 one interval of keys), which covers causal, sliding-window, padding, prefix-LM,
@@ -15,6 +19,7 @@ dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -34,6 +39,25 @@ except ImportError as error:  # built without the extension: the torch-ops path 
     )
 else:
     MISSING = None if _ext.has_blas() else "this torch exports no BLAS (SGEMM) for the compiled kernel"
+
+
+# bfloat16 GEMMs must beat float32 by this much to pay for rounding P and dS each tile:
+# on an AVX2 machine whose bf16 tile GEMMs measured 1.1-1.4x float32, the whole forward
+# ran 0.93x and forward+backward 0.89x of the float32 path.
+BF16_MIN_SPEEDUP = 1.5
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_gemms(E: int, block_q: int, block_k: int) -> tuple[bool, str]:
+    """Whether bfloat16 problems of head dim E run their GEMMs in bfloat16, and why."""
+    f32, *bf16 = _ext.tile_gemm_seconds(block_q, block_k, E, 30)
+    if not bf16:
+        return False, "bfloat16 computed in float32 GEMMs (this torch's MKL has no bf16 GEMM)"
+    speedup = f32 / bf16[0]
+    if speedup >= BF16_MIN_SPEEDUP:
+        return True, f"bfloat16 GEMMs (measured {speedup:.2f}x float32 on this machine)"
+    return False, (f"bfloat16 computed in float32 GEMMs (bf16 GEMMs measured {speedup:.2f}x float32 on "
+                   f"this machine, below {BF16_MIN_SPEEDUP}x)")
 
 
 def _heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.Tensor:
@@ -112,15 +136,18 @@ class KernelCall:
         p = self.problem
         self.N = math.prod(p.batch_shape)
         self.dtype = compute_dtype(p.query.dtype)
+        # what q, k, v, dO and the output are stored in for the kernel
+        use_bf16 = p.query.dtype == torch.bfloat16 and bf16_gemms(p.E, self.block_q, self.block_k)[0]
+        self.storage = torch.bfloat16 if use_bf16 else self.dtype
         self.mask = TileMask.of(p, self.block_q, self.block_k, self.dtype)
         self.biases = [] if p.mask is None or not p.mask.is_additive else [
             leaf.tensor for leaf in p.mask.leaves() if isinstance(leaf, masks.Dense) and leaf.tensor.is_floating_point()
         ]
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
-        """(*batch', H, L, D) -> (N, H, L, D) in the compute dtype, last dim contiguous."""
+        """(*batch', H, L, D) -> (N, H, L, D) in the storage dtype, last dim contiguous."""
         H, L, D = x.shape[-3:]
-        x = x.expand(*self.problem.batch_shape, H, L, D).reshape(self.N, H, L, D).to(self.dtype)
+        x = x.expand(*self.problem.batch_shape, H, L, D).reshape(self.N, H, L, D).to(self.storage)
         return x if x.stride(-1) == 1 else x.contiguous()
 
     def _extra(self) -> tuple:
@@ -130,7 +157,7 @@ class KernelCall:
                 p.dropout_seed)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq), both in the compute dtype."""
+        """out (N, Hq, Lq, Ev) in the storage dtype and lse (N, Hq, Lq) in the compute dtype."""
         return tuple(_ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra()))
 
     def backward(
@@ -140,8 +167,8 @@ class KernelCall:
         """dq, dk, dv in the shapes and dtypes of q, k, v (broadcast dims summed), then one
         gradient per float bias leaf when ``bias_grads`` (else None each)."""
         p = self.problem
-        d_out = d_out.to(self.dtype).contiguous()
-        delta = (d_out * out).sum(-1)  # (N, Hq, Lq)
+        d_out = d_out.to(self.storage).contiguous()
+        delta = (d_out.to(self.dtype) * out.to(self.dtype)).sum(-1)  # (N, Hq, Lq)
         ds_index = ds_tiles = None
         if bias_grads:  # every (n, h, partial tile) gets a slot for its score gradient
             partial = (self.mask.index >= 0).expand(self.N, p.Hq, *self.mask.index.shape[2:])

@@ -385,7 +385,11 @@ class TiledEngine(Engine):
 
     def detail(self, problem: Problem) -> str:
         why = self.torch_ops_reason(problem)
-        return "compiled kernel" if why is None else f"torch ops, because {why}"
+        if why is not None:
+            return f"torch ops, because {why}"
+        if problem.query.dtype == torch.bfloat16:
+            return "compiled kernel, " + _tiled_kernel.bf16_gemms(problem.E, self.block_q, self.block_k)[1]
+        return "compiled kernel"
 
     def run(self, problem: Problem) -> AttentionResult:
         p = problem
