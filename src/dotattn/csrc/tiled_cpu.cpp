@@ -319,6 +319,17 @@ struct Rows {
 
 int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// The problem's sizes, in the names of the shape legend, and its tile counts.
+struct Sizes {
+  int64_t N, Hq, Lq, E, Hkv, Lk, Ev, G;
+  int nQ, nK;
+
+  static Sizes of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int bq, int bk) {
+    return {q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), k.size(2), v.size(3),
+            q.size(1) / k.size(1), cdiv(q.size(2), bq), cdiv(k.size(2), bk)};
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -329,10 +340,7 @@ template <typename In, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
                   const Dropout& dropout) {
-  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), Ev = v.size(3);
-  const int64_t G = Hq / Hkv;
-  const int nQ = cdiv(Lq, bq), nK = cdiv(Lk, bk);
+  const auto [N, Hq, Lq, E, Hkv, Lk, Ev, G, nQ, nK] = Sizes::of(q, k, v, bq, bk);
   const T scale = static_cast<T>(scale_);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Rows<In> Q(q), K(k), V(v), O(out);
@@ -422,10 +430,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    at::Tensor& dv, const TileMask<T>& mask, double scale_, int bq, int bk,
                    const Dropout& dropout, int splits, const c10::optional<at::Tensor>& ds_index,
                    const c10::optional<at::Tensor>& ds_tiles) {
-  const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), Ev = v.size(3);
-  const int64_t G = Hq / Hkv;
-  const int nQ = cdiv(Lq, bq), nK = cdiv(Lk, bk);
+  const auto [N, Hq, Lq, E, Hkv, Lk, Ev, G, nQ, nK] = Sizes::of(q, k, v, bq, bk);
   const T scale = static_cast<T>(scale_);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Rows<In> Q(q), K(k), V(v), dO(d_out);

@@ -160,7 +160,7 @@ class KernelCall:
         """out (N, Hq, Lq, Ev) in the storage dtype and lse (N, Hq, Lq) in the compute dtype."""
         return tuple(_ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra()))
 
-    def backward(
+    def gradients(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         d_out: torch.Tensor, bias_grads: bool,
     ) -> tuple[torch.Tensor | None, ...]:
@@ -212,20 +212,3 @@ class KernelCall:
             target = grad[..., rows, cols]
             target += tile.sum_to_size(target.shape)
         return grad.to(bias.dtype)
-
-
-class KernelAttention(torch.autograd.Function):
-    """Saves q, k, v, the output and the lse; backward recomputes P tile by tile."""
-
-    @staticmethod
-    def forward(ctx, call: KernelCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *biases: torch.Tensor):
-        out, lse = call.forward(q, k, v)
-        ctx.call = call
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (None, *ctx.call.backward(q, k, v, out, lse, d_out, any(ctx.needs_input_grad[4:])))

@@ -293,6 +293,20 @@ class _Plan:
                     dk[rows, :, k0:k1] += _heads_summed(ds, q_c).mul_(p.scale)
         return dq, dk, dv, bias_grads
 
+    def gradients(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        d_out: torch.Tensor, bias_grads: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv in the shapes and dtypes of q, k, v, then one gradient per float bias leaf
+        (computed whether or not ``bias_grads``: the score gradient is at hand anyway)."""
+        p = self.problem
+        dq, dk, dv, grads = self.backward(q, k, v, out, lse, d_out)
+        batch = p.batch_shape
+        dq = dq.reshape(*batch, p.Hq, p.Lq, p.E).sum_to_size(q.shape).to(q.dtype)
+        dk = dk.reshape(*batch, p.Hkv, p.Lk, p.E).sum_to_size(k.shape).to(k.dtype)
+        dv = dv.reshape(*batch, p.Hkv, p.Lk, p.Ev).sum_to_size(v.shape).to(v.dtype)
+        return (dq, dk, dv, *(_uncanonical(g, b.tensor, batch) for b, g in zip(self.biases, grads)))
+
     def _add_bias_grad(
         self, grad: torch.Tensor, bias: masks.Dense, ds: torch.Tensor, rows: slice,
         q0: int, q1: int, k0: int, k1: int,
@@ -316,8 +330,11 @@ class _Plan:
 
 
 class _TiledAttention(torch.autograd.Function):
+    """Either path's plan (_Plan in torch ops, _tiled_kernel.KernelCall compiled) as one autograd
+    node: saves q, k, v, the output and the lse; backward recomputes P tile by tile."""
+
     @staticmethod
-    def forward(ctx, plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *bias_tensors: torch.Tensor):
+    def forward(ctx, plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *biases: torch.Tensor):
         out, lse = plan.forward(q, k, v)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
@@ -326,16 +343,8 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
-        plan: _Plan = ctx.plan
-        p = plan.problem
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv, bias_grads = plan.backward(q, k, v, out, lse, d_out)
-        batch = p.batch_shape
-        dq = dq.reshape(*batch, p.Hq, p.Lq, p.E).sum_to_size(q.shape).to(q.dtype)
-        dk = dk.reshape(*batch, p.Hkv, p.Lk, p.E).sum_to_size(k.shape).to(k.dtype)
-        dv = dv.reshape(*batch, p.Hkv, p.Lk, p.Ev).sum_to_size(v.shape).to(v.dtype)
-        d_biases = [_uncanonical(grad, bias.tensor, batch) for bias, grad in zip(plan.biases, bias_grads)]
-        return (None, dq, dk, dv, *d_biases)
+        return (None, *ctx.plan.gradients(q, k, v, out, lse, d_out, any(ctx.needs_input_grad[4:])))
 
 
 def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
@@ -395,7 +404,7 @@ class TiledEngine(Engine):
         p = problem
         if self.torch_ops_reason(p) is None:
             call = _tiled_kernel.KernelCall(p, self.block_q, self.block_k)
-            out, lse = _tiled_kernel.KernelAttention.apply(call, p.query, p.key, p.value, *call.biases)
+            out, lse = _TiledAttention.apply(call, p.query, p.key, p.value, *call.biases)
             out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
         else:
             plan = _Plan(p, self.block_q, self.block_k)
