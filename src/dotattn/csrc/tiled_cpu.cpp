@@ -17,8 +17,10 @@
 // Every GEMM goes to the BLAS that torch links (MKL's SGEMM/DGEMM), one thread each,
 // inside our own OpenMP loop over (batch x heads, query blocks) in the forward and
 // (batch x kv heads, key-tile ranges) in the backward. The softmax is fused into the
-// tile loop and runs on the tile while it is in cache. Float32 and float64 only:
-// Python converts half precisions to float32 and back.
+// tile loop and runs on the tile while it is in cache. Storage types: float32, float64,
+// and bfloat16 with MKL's bf16 GEMMs (scores, softmax and accumulators in float32; P and
+// dS rounded to bfloat16 for the GEMMs). Python picks bf16 GEMMs or converts bfloat16 to
+// float32 by timing tile_gemm_seconds() on the machine.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -29,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
