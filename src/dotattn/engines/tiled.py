@@ -1,4 +1,10 @@
-"""The tiled CPU engine: flash-style online softmax, forward and backward, in torch ops.
+"""The tiled CPU engine: flash-style online softmax, forward and backward.
+
+It has two paths with one semantics. The compiled kernel (``_tiled_kernel.py`` and
+``csrc/tiled_cpu.cpp``) runs whenever it is built and the inputs are finite and
+non-empty; this file's torch-ops path runs otherwise (``TiledEngine.torch_ops_reason``
+says why, and ``dotattn.explain`` prints it). Both paths share the autograd node
+``_TiledAttention`` and the tile sizes; the torch-ops path is described below.
 
 Queries are cut into chunks of ``block_q`` positions and keys into tiles of
 ``block_k``; every step is one batched matmul over (batch x kv heads), with the
