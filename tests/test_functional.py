@@ -103,7 +103,7 @@ def test_forced_engine_lists_every_reason(picky):
 
 
 def test_auto_skips_an_engine_that_cannot_run_and_explains_why(picky):
-    q, k, v = qkv(1, 2, 128, 4)  # large enough that no engine asks auto to pass it over
+    q, k, v = qkv(1, 1, 4, 4)
     explanation = dotattn.explain(q, k, v)
     best_cpu = next(e.name for e in engines.available() if e.name != "picky")
     assert explanation.engine == best_cpu and explanation.requested == "auto"
@@ -124,15 +124,19 @@ def test_use_engine_nests_and_explicit_engine_wins(picky):
     assert dotattn.explain(q, k, v).requested == "auto"
 
 
-def test_auto_passes_tiled_over_for_tiny_problems_but_a_forced_tiled_runs_them():
+def test_auto_passes_tiled_over_for_tiny_tensor_masked_problems_but_a_forced_tiled_runs_them():
     tiny = qkv(1, 1, 8, 4)
-    explanation = dotattn.explain(*tiny)
+    dense = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.5
+    explanation = dotattn.explain(*tiny, dense)
     assert explanation.engine == "reference"
     assert "the problem is small" in " ".join(explanation.rejected["tiled"])
-    assert dotattn.explain(*tiny, engine="tiled").engine == "tiled"
+    assert dotattn.explain(*tiny, dense, engine="tiled").engine == "tiled"
     with dotattn.use_engine("tiled"):
-        assert dotattn.explain(*tiny).engine == "tiled"
-    assert dotattn.explain(*qkv(1, 8, 64, 4)).engine == "tiled"
+        assert dotattn.explain(*tiny, dense).engine == "tiled"
+    # no mask, or a mask made of numbers only (its tiles are cached): tiled at any size
+    assert dotattn.explain(*tiny).engine == "tiled"
+    assert dotattn.explain(*tiny, is_causal=True).engine == "tiled"
+    assert dotattn.explain(*qkv(1, 8, 64, 4), dense.repeat(8, 8)).engine == "tiled"
 
 
 def test_explain_consumes_no_randomness():

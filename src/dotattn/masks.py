@@ -268,6 +268,13 @@ class Mask(abc.ABC):
     def _row_spans(self, Lq: int, Lk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
+    @property
+    def value_key(self) -> tuple | None:
+        """A hashable value that equal masks share, for masks made of plain numbers only
+        (causal, sliding window, an int prefix, and combinations of them), so that engines
+        can cache what they derive from a mask; None for masks that hold tensors."""
+        return None
+
     def leaves(self) -> list[Mask]:
         """The primitive masks in this mask, left to right."""
         return [self]
@@ -365,6 +372,10 @@ class Causal(_Positional):
     def __repr__(self) -> str:
         return f"causal({self.align})"
 
+    @property
+    def value_key(self) -> tuple:
+        return ("causal", self.align)
+
     def _allowed(self, i, j, Lq, Lk, device):
         return j <= i + _align_offset(self.align, Lq, Lk)
 
@@ -392,6 +403,10 @@ class SlidingWindow(_Positional):
                 )
         self.before, self.after = before, after
         self.align = _check_align(align, "sliding_window")
+
+    @property
+    def value_key(self) -> tuple:
+        return ("sliding_window", self.before, self.after, self.align)
 
     def __repr__(self) -> str:
         if self.after == 0 and self.align == "top_left":
@@ -479,6 +494,10 @@ class PrefixLM(_Positional):
     def __repr__(self) -> str:
         p = self.prefix_lengths
         return f"prefix_lm({p if isinstance(p, int) else _summary(p)})"
+
+    @property
+    def value_key(self) -> tuple | None:
+        return ("prefix_lm", self.prefix_lengths) if isinstance(self.prefix_lengths, int) else None
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
@@ -786,6 +805,11 @@ class _Combination(Mask):
 
     def leaves(self) -> list[Mask]:
         return [leaf for child in self.children for leaf in child.leaves()]
+
+    @property
+    def value_key(self) -> tuple | None:
+        keys = tuple(c.value_key for c in self.children)
+        return None if None in keys else (self._symbol, keys)
 
 
 class And(_Combination):

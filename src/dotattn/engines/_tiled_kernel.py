@@ -19,6 +19,7 @@ dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def _heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.
     return t.reshape(1, Hm, R, C)
 
 
+# The most recently used tile masks of number-only masks; the kernel only reads them.
+_TILE_MASKS: collections.OrderedDict[tuple, TileMask] = collections.OrderedDict()
+_TILE_MASKS_KEPT = 64
+
+
 @dataclass
 class TileMask:
     """The mask as the kernel reads it.
@@ -90,9 +96,25 @@ class TileMask:
 
     @classmethod
     def of(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
+        """The mask of ``problem`` for tiles block_q x block_k. Masks made of plain numbers
+        (``Mask.value_key``: causal, windows, ...) are derived once per size and reused."""
         p = problem
         if p.mask is None:
             return cls()
+        key = p.mask.value_key
+        if key is None:
+            return cls._derive(p, block_q, block_k, dtype)
+        key = (key, p.Lq, p.Lk, block_q, block_k)  # such masks have no lead dims
+        if key not in _TILE_MASKS:
+            _TILE_MASKS[key] = cls._derive(p, block_q, block_k, dtype)
+            if len(_TILE_MASKS) > _TILE_MASKS_KEPT:
+                _TILE_MASKS.popitem(last=False)
+        _TILE_MASKS.move_to_end(key)
+        return _TILE_MASKS[key]
+
+    @classmethod
+    def _derive(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
+        p = problem
         codes = _heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
         index = torch.full(codes.shape, _ext.FULL_TILE, dtype=torch.int32)
         index[codes == masks.EMPTY] = _ext.EMPTY_TILE
