@@ -616,3 +616,12 @@ def test_zero_lengths_for_sized_masks():
     assert sparse.to_dense(0, 5).shape == (0, 5)
     assert sparse.block_map(0, 5, 2, 2).shape == (0, 3)
     assert M.padding([]).to_dense(3, 3).shape == (0, 1, 3, 3)
+
+
+def test_value_key_is_shared_by_equal_number_only_masks_and_absent_with_tensors():
+    assert M.causal().value_key == M.causal().value_key != M.causal(align="bottom_right").value_key
+    assert (M.causal() & M.sliding_window(4)).value_key == (M.causal() & M.sliding_window(4)).value_key
+    assert (M.causal() & M.sliding_window(4)).value_key != (M.causal() | M.sliding_window(4)).value_key
+    assert M.prefix_lm(3).value_key is not None and M.prefix_lm([3, 4]).value_key is None
+    assert (M.causal() & M.padding([3])).value_key is None
+    assert M.dense(torch.ones(2, 2, dtype=torch.bool)).value_key is None

@@ -161,3 +161,14 @@ def test_gradcheck_float64_with_small_tiles(path, mask, dropout_p, bias_shape):
         mp.setattr(engine, "block_q", 3)
         mp.setattr(engine, "block_k", 2)
         assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_tile_maps_of_number_only_masks_are_derived_once_per_size():
+    q, k, v = qkv(1, 2, 50, 8)
+    first = _tiled_kernel.TileMask.of(prepare(q, k, v, is_causal=True), 16, 32, torch.float32)
+    again = _tiled_kernel.TileMask.of(prepare(q, k, v, mask=masks.causal()), 16, 32, torch.float32)
+    other = _tiled_kernel.TileMask.of(prepare(q, k, v, is_causal=True), 16, 16, torch.float32)
+    assert again is first and other is not first
+    for n in range(_tiled_kernel._TILE_MASKS_KEPT + 5):  # the cache stays bounded
+        _tiled_kernel.TileMask.of(prepare(q, k, v, mask=masks.sliding_window(n)), 16, 32, torch.float32)
+    assert len(_tiled_kernel._TILE_MASKS) <= _tiled_kernel._TILE_MASKS_KEPT
