@@ -50,12 +50,11 @@ class Problem:
     def inputs_finite(self) -> bool:
         """Whether query, key and value hold no NaN or inf (checked once, on first use).
 
-        One sum per tensor, since NaN and inf reach the sum; only a sum that overflows
-        needs the elementwise check."""
-        return all(
-            bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-            for x in (self.query, self.key, self.value)
-        )
+        One reduction, since NaN and inf reach the sum of the three sums; only a total that
+        is not finite (bad input, or an overflow) needs the elementwise check."""
+        tensors = (self.query, self.key, self.value)
+        total = tensors[0].sum() + tensors[1].sum() + tensors[2].sum()
+        return bool(torch.isfinite(total)) or all(bool(torch.isfinite(x).all()) for x in tensors)
 
     @property
     def Hq(self) -> int:
@@ -92,6 +91,19 @@ class Problem:
         if self.mask is not None and self.mask.is_additive:
             tensors += [leaf.tensor for leaf in self.mask.leaves() if isinstance(leaf, masks.Dense)]
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """torch.broadcast_shapes for plain tuples, without its tracing machinery (it runs on
+    every call); ValueError when the shapes do not broadcast."""
+    out = [1] * max(len(s) for s in shapes)
+    for shape in shapes:
+        for i, size in enumerate(shape, start=len(out) - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return tuple(out)
 
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
@@ -181,8 +193,8 @@ def _attn_mask_as_mask(
             f"move it with attn_mask.to({str(query.device)!r})"
         )
     try:
-        fits = torch.broadcast_shapes(attn_mask.shape, scores_shape) == torch.Size(scores_shape)
-    except RuntimeError:
+        fits = _broadcast_shapes(tuple(attn_mask.shape), tuple(scores_shape)) == tuple(scores_shape)
+    except ValueError:
         fits = False
     if not fits:
         raise ValueError(
@@ -243,8 +255,8 @@ def prepare(
     enable_gqa = _check_flag("enable_gqa", enable_gqa)
     _check_heads(q.shape[-3], k.shape[-3], enable_gqa)
     try:
-        batch_shape = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
-    except RuntimeError:
+        batch_shape = _broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
         raise ValueError(
             f"the leading (batch) dims of query {tuple(q.shape[:-3])}, key {tuple(k.shape[:-3])} "
             f"and value {tuple(v.shape[:-3])} do not broadcast; give them equal sizes or size 1"

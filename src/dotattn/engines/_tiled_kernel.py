@@ -20,6 +20,7 @@ dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -105,12 +106,15 @@ class TileMask:
         if key is None:
             return cls._derive(p, block_q, block_k, dtype)
         key = (key, p.Lq, p.Lk, block_q, block_k)  # such masks have no lead dims
-        if key not in _TILE_MASKS:
-            _TILE_MASKS[key] = cls._derive(p, block_q, block_k, dtype)
-            if len(_TILE_MASKS) > _TILE_MASKS_KEPT:
+        found = _TILE_MASKS.get(key)
+        if found is None:  # derive; a thread racing on the same key derives the same thing
+            found = _TILE_MASKS[key] = cls._derive(p, block_q, block_k, dtype)
+            while len(_TILE_MASKS) > _TILE_MASKS_KEPT:
                 _TILE_MASKS.popitem(last=False)
-        _TILE_MASKS.move_to_end(key)
-        return _TILE_MASKS[key]
+        else:
+            with contextlib.suppress(KeyError):  # another thread may have just evicted it
+                _TILE_MASKS.move_to_end(key)
+        return found
 
     @classmethod
     def _derive(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
