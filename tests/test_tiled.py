@@ -13,7 +13,7 @@ from dotattn import engines, masks
 from dotattn._inputs import prepare
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.tiled import _Plan
-from dotattn.testing import assert_matches_oracle
+from dotattn.testing import assert_matches_oracle, oracle
 from tests.conftest import qkv
 from tests.test_engines import _mask_cases
 
@@ -172,3 +172,27 @@ def test_tile_maps_of_number_only_masks_are_derived_once_per_size():
     for n in range(_tiled_kernel._TILE_MASKS_KEPT + 5):  # the cache stays bounded
         _tiled_kernel.TileMask.of(prepare(q, k, v, mask=masks.sliding_window(n)), 16, 32, torch.float32)
     assert len(_tiled_kernel._TILE_MASKS) <= _tiled_kernel._TILE_MASKS_KEPT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_garbage_the_mask_hides_runs_in_the_kernel_and_visible_garbage_in_torch_ops(dtype):
+    q, k, v = qkv(2, 4, 30, 8, Hkv=2, Lk=40, dtype=dtype)
+    pad = masks.padding([40, 25], q_lengths=[30, 18]) & masks.causal(align="bottom_right")
+    ref = oracle(q, k, v, mask=pad, enable_gqa=True)
+    q, k, v = (x.clone().requires_grad_(False) for x in (q, k, v))
+    k[1, :, 25:] = float("nan")
+    v[1, :, 25:] = float("inf")
+    q[1, :, 18:] = float("nan")  # rows that see nothing
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    assert dotattn.explain(*leaves, mask=pad, enable_gqa=True, engine="tiled").detail.startswith("compiled kernel")
+    out = dotattn.scaled_dot_product_attention(*leaves, mask=pad, enable_gqa=True, engine="tiled")
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.output.float(), atol=tol, rtol=0)
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    assert (k.grad[1, :, 25:] == 0).all() and (q.grad[1, :, 18:] == 0).all()
+    # garbage a query can see goes to torch ops, which marks exactly the rows that see it
+    k2 = k.detach().clone()
+    k2[0, 0, 3] = float("nan")
+    explanation = dotattn.explain(q.detach(), k2, v.detach(), mask=pad, enable_gqa=True, engine="tiled")
+    assert explanation.detail.startswith("torch ops, because") and "lets a query see" in explanation.detail

@@ -43,6 +43,35 @@ else:
     MISSING = None if _ext.has_blas() else "this torch exports no BLAS (SGEMM) for the compiled kernel"
 
 
+def garbage_is_masked(problem: Problem) -> bool:
+    """Whether every NaN/inf in q, k, v sits where the mask hides it: in a query row that
+    sees no key, or in a key that no row of its kv head's query heads sees. Then the kernel
+    can run on the inputs with those entries zeroed (padding buffers full of garbage are the
+    usual case). Decided from row spans, so a mask without them answers False.
+    """
+    p = problem
+    spans = None if p.mask is None or p.mask.is_additive else p.mask.row_spans(p.Lq, p.Lk)
+    if spans is None:
+        return False
+    N, G = math.prod(p.batch_shape), p.Hq // p.Hkv
+    lo, hi = (_heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0] for x in torch.broadcast_tensors(*spans))
+    sees = lo < hi  # (Nm, Hm, Lq)
+
+    def bad_rows(x: torch.Tensor, H: int, L: int) -> torch.Tensor:  # (N, H, L)
+        bad = ~torch.isfinite(x).all(-1)
+        return bad.expand(*p.batch_shape, H, L).reshape(N, H, L)
+
+    if bool((bad_rows(p.query, p.Hq, p.Lq) & sees).any()):
+        return False
+    # How many rows see each key: +1 at lo, -1 at hi, summed along the keys.
+    steps = torch.zeros(*sees.shape[:2], p.Lk + 1, dtype=torch.int32)
+    steps.scatter_add_(-1, lo.clamp(max=p.Lk) * sees, sees.to(torch.int32))
+    steps.scatter_add_(-1, hi.clamp(max=p.Lk) * sees, -sees.to(torch.int32))
+    seen = steps.cumsum(-1)[..., : p.Lk] > 0  # (Nm, Hm, Lk)
+    bad_keys = bad_rows(p.key, p.Hkv, p.Lk) | bad_rows(p.value, p.Hkv, p.Lk)
+    return not bool((bad_keys.repeat_interleave(G, dim=1) & seen).any())
+
+
 # bfloat16 GEMMs must beat float32 by this much to pay for rounding P and dS each tile:
 # on an AVX2 machine whose bf16 tile GEMMs measured 1.1-1.4x float32, the whole forward
 # ran 0.93x and forward+backward 0.89x of the float32 path.
@@ -174,6 +203,8 @@ class KernelCall:
         """(*batch', H, L, D) -> (N, H, L, D) in the storage dtype, last dim contiguous."""
         H, L, D = x.shape[-3:]
         x = x.expand(*self.problem.batch_shape, H, L, D).reshape(self.N, H, L, D).to(self.storage)
+        if not self.problem.inputs_finite:  # the garbage sits where the mask hides it: zero it
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         return x if x.stride(-1) == 1 else x.contiguous()
 
     def _extra(self) -> tuple:

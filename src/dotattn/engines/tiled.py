@@ -399,8 +399,9 @@ class TiledEngine(Engine):
             return _tiled_kernel.MISSING
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
-        if not p.inputs_finite:
-            return "query, key or value hold NaN or inf, which the torch-ops path keeps out of masked rows"
+        if not p.inputs_finite and not _tiled_kernel.garbage_is_masked(p):
+            return ("query, key or value hold NaN or inf that the mask lets a query see (or a mask without "
+                    "row spans hides), which the torch-ops path marks exactly")
         return None
 
     def detail(self, problem: Problem) -> str:
