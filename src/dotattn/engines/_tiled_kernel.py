@@ -5,13 +5,15 @@ inputs). For bfloat16 inputs the GEMMs run either in bfloat16 with float32
 accumulation (MKL's gemm_bf16bf16f32; P and dS rounded to bfloat16 on the way in, as
 torch's own CPU kernel does) or in float32 after converting q, k, v once, O(L·E):
 whichever the machine's tile GEMMs measured faster (:func:`bf16_gemms`), once per
-head dim and tile size. The mask reaches it already
-classified tile by tile: an index map saying EMPTY, FULL or PARTIAL. A PARTIAL
-tile is masked from the mask's row spans (``Mask.row_spans``: each row may attend
-one interval of keys), which covers causal, sliding-window, padding, prefix-LM,
-sorted-document masks and their combinations in O(L) memory. Other masks (dense,
-block-sparse, float biases) are packed: one ``mask.tile`` call per partial tile
-position, stored as uint8 "may attend" or as the additive bias.
+head dim and tile size.
+
+The mask reaches the kernel already classified tile by tile: an index map saying
+EMPTY, FULL or PARTIAL. A PARTIAL tile is masked from the mask's row spans
+(``Mask.row_spans``: each row may attend one interval of keys), which covers causal,
+sliding-window, padding, prefix-LM, sorted-document masks and their combinations in
+O(L) memory. Other masks (dense, block-sparse, float biases) are packed: one
+``mask.tile`` call per partial tile position, stored as uint8 "may attend" or as the
+additive bias.
 
 Shape legend: N flattened batch, Hq/Hkv heads, Lq/Lk lengths, E head dim, Ev value
 dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
