@@ -119,20 +119,27 @@ def test_only_non_empty_tiles_are_visited_and_only_partial_ones_masked(kwargs, v
         assert tm.allowed is None and tm.bias is None and tm.lo.shape == tm.hi.shape == (1, 1, 1024)
 
 
-@pytest.mark.parametrize("additive", [False, True])
-def test_masks_without_row_spans_pack_only_their_partial_tiles(additive):
+@pytest.mark.parametrize("kind", ["bool", "float-combined", "float-alone"])
+def test_masks_without_row_spans_pack_only_their_partial_tiles(kind):
     q, k, v = qkv(2, 3, 100, 8)
     dense = torch.rand(100, 100, generator=torch.Generator().manual_seed(0)) > 0.5
     dense[:64] = True  # tiles of the first 64 rows are FULL
     dense[64:, :32] = False  # and EMPTY below them in the first 32 columns
-    mask = masks.dense(torch.zeros(100, 100).masked_fill(~dense, float("-inf")) if additive else dense)
+    bias = torch.zeros(100, 100).masked_fill(~dense, float("-inf"))
+    mask = {
+        "bool": masks.dense(dense),
+        "float-combined": masks.dense(bias) & masks.dense(torch.ones(100, 100, dtype=torch.bool)),
+        "float-alone": masks.dense(bias),
+    }[kind]
     tm = _tiled_kernel.TileMask.of(prepare(q, k, v, mask=mask), 64, 32, torch.float32)
     assert tm.lo is None and tm.index.shape == (1, 1, 2, 4)
     assert tm.index[0, 0, 1, 0] == -2
-    if additive:  # a bias must still be added, so its tiles are never FULL
-        assert tm.index[0, 0, 0].tolist() == [0, 1, 2, 3] and tm.bias.shape == (7, 64, 32)
-    else:
+    if kind == "bool":
         assert tm.index[0, 0, 0].tolist() == [-1] * 4 and tm.allowed.shape == (3, 64, 32)
+    elif kind == "float-combined":  # a bias must still be added, so its tiles are never FULL
+        assert tm.index[0, 0, 0].tolist() == [0, 1, 2, 3] and tm.bias.shape == (7, 64, 32)
+    else:  # one float tensor is read where it lies, not copied
+        assert tm.bias.shape == (1, 1, 100, 100) and tm.bias.data_ptr() == bias.data_ptr()
     assert_matches_oracle(q, k, v, mask=mask, engine="tiled")
 
 

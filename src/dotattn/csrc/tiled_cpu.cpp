@@ -11,7 +11,8 @@
 //          EMPTY_TILE  skipped: its keys are never read
 //          FULL_TILE   no mask work
 //          p >= 0      PARTIAL: tile p of `allowed` (uint8) or `bias` (additive, -inf = masked)
-//   allowed / bias: (P, bq, bk), each tile stored at the full tile size; or instead
+//   allowed / bias: (P, bq, bk), each tile stored at the full tile size; or bias is a
+//          whole float mask (Nm, Hm, Lq or 1, Lk or 1) read in place; or instead
 //   lo / hi: int32 (Nm, Hm, Lq), row spans: query i may attend keys lo[i] <= j < hi[i]
 //
 // Every GEMM goes to the BLAS that torch links (MKL's SGEMM/DGEMM), one thread each,
@@ -225,6 +226,8 @@ struct TileMask {
   const uint8_t* allowed = nullptr;
   const T* bias = nullptr;
   const int32_t *lo = nullptr, *hi = nullptr;  // row spans (Nm, Hm, Lq): keys lo <= j < hi
+  const T* dense = nullptr;                     // a float mask read in place, (Nm, Hm, R, C)
+  int64_t d_sn = 0, d_sh = 0, d_sq = 0, d_sk = 0;  // its strides; 0 where it broadcasts
   int64_t span_sn = 0, span_sh = 0;
   int bq = 0, bk = 0;
 
@@ -264,6 +267,18 @@ struct TileMask {
       }
       return;
     }
+    if (dense != nullptr) {  // the bias where it lies: no copy
+      for (int r = 0; r < rows; ++r) {
+        T* sr = s + static_cast<int64_t>(r) * ld;
+        const T* br = dense + n * d_sn + h * d_sh + (q0 + r) * d_sq + k0 * d_sk;
+        if (d_sk == 1) {
+          for (int c = 0; c < cols; ++c) sr[c] = br[c] == neg_inf ? neg_inf : sr[c] + br[c];
+        } else {  // one value per row
+          for (int c = 0; c < cols; ++c) sr[c] = br[0] == neg_inf ? neg_inf : sr[c] + br[0];
+        }
+      }
+      return;
+    }
     const int64_t base = static_cast<int64_t>(p) * bq * bk;
     for (int r = 0; r < rows; ++r) {
       T* sr = s + static_cast<int64_t>(r) * ld;
@@ -294,7 +309,17 @@ TileMask<T> tile_mask(const c10::optional<at::Tensor>& index, const c10::optiona
   m.sh = ix.size(1) == 1 ? 0 : ix.stride(1);
   m.nK = static_cast<int>(ix.size(3));
   if (allowed.has_value()) m.allowed = allowed->data_ptr<uint8_t>();
-  if (bias.has_value()) m.bias = bias->data_ptr<T>();
+  if (bias.has_value() && bias->dim() == 4) {  // a whole float mask, (Nm, Hm, Lq or 1, Lk or 1)
+    const at::Tensor& d = *bias;
+    TORCH_CHECK(d.stride(3) == 1 || d.size(3) == 1, "a dense float mask needs its last dim contiguous");
+    m.dense = d.data_ptr<T>();
+    m.d_sn = d.size(0) == 1 ? 0 : d.stride(0);
+    m.d_sh = d.size(1) == 1 ? 0 : d.stride(1);
+    m.d_sq = d.size(2) == 1 ? 0 : d.stride(2);
+    m.d_sk = d.size(3) == 1 ? 0 : 1;
+  } else if (bias.has_value()) {
+    m.bias = bias->data_ptr<T>();
+  }
   if (lo.has_value()) {
     TORCH_CHECK(lo->dim() == 3 && lo->scalar_type() == at::kInt && lo->is_contiguous() && hi->sizes() == lo->sizes() &&
                     hi->is_contiguous(), "row spans must be contiguous int32 (Nm, Hm, Lq)");

@@ -117,7 +117,8 @@ class TileMask:
     then one of
     lo, hi:  int32 (Nm, Hm, Lq): row spans, query i may attend keys lo <= j < hi
     allowed: uint8 (P, bq, bk): packed boolean tiles
-    bias:    (P, bq, bk) in the compute dtype: packed additive tiles
+    bias:    (P, bq, bk) in the compute dtype: packed additive tiles; or, for a mask that is
+             one float tensor, that tensor as (Nm, Hm, Lq or 1, Lk or 1), read in place
     """
 
     index: torch.Tensor | None = None
@@ -163,6 +164,10 @@ class TileMask:
                 for x in torch.broadcast_tensors(*spans)
             )
             return cls(index, lo=lo, hi=hi)
+        if isinstance(p.mask, masks.Dense) and p.mask.is_additive:  # the kernel reads it where it lies
+            index[partial] = 0
+            bias = _heads_canonical(p.mask.tensor.to(dtype), p.batch_shape, p.Hq)
+            return cls(index, None, bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous())
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
         pack = torch.empty(  # the kernel reads only the part of an edge tile inside Lq x Lk
             (int(partial.sum()), block_q, block_k),
