@@ -1,6 +1,6 @@
 """Where the tiled engine overtakes the reference engine: the rule behind ``engine="auto"``.
 
-    python benchmarks/crossover.py
+    python -m benchmarks.crossover      # from the repository root
 
 Tiny problems with a tensor mask run faster as the reference's few whole-tensor ops than
 through the tiled engine's set-up, which classifies such a mask's tiles on every call
