@@ -88,8 +88,8 @@ class Problem:
     @property
     def requires_grad(self) -> bool:
         tensors = [self.query, self.key, self.value]
-        if self.mask is not None and self.mask.is_additive:
-            tensors += [leaf.tensor for leaf in self.mask.leaves() if isinstance(leaf, masks.Dense)]
+        if self.mask is not None:
+            tensors += [leaf.tensor for leaf in self.mask.biases()]
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

@@ -279,6 +279,10 @@ class Mask(abc.ABC):
         """The primitive masks in this mask, left to right."""
         return [self]
 
+    def biases(self) -> list[Dense]:
+        """The leaves that add a float tensor to the scores (the ones a gradient reaches), left to right."""
+        return [leaf for leaf in self.leaves() if isinstance(leaf, Dense) and leaf.is_additive]
+
     def __and__(self, other: object) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented

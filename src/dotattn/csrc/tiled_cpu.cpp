@@ -73,11 +73,18 @@ inline void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const at::B
                    reinterpret_cast<const uint16_t*>(A), &lda, &beta, C, &ldc);
 }
 
-// Copy a rows x cols block (leading dims lds, ldd) converting the element type.
-template <typename From, typename To>
-inline void convert(const From* src, int lds, To* dst, int ldd, int rows, int cols) {
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) dst[static_cast<int64_t>(r) * ldd + c] = static_cast<To>(src[static_cast<int64_t>(r) * lds + c]);
+// A rows x cols tile (leading dim ld) as a GEMM of In takes it: the tile itself when In is
+// its type T, else converted into `buf` (same leading dim).
+template <typename In, typename T>
+inline const In* gemm_input(const T* tile, In* buf, int ld, int rows, int cols) {
+  if constexpr (std::is_same_v<In, T>) {
+    return tile;
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c)
+        buf[static_cast<int64_t>(r) * ld + c] = static_cast<In>(tile[static_cast<int64_t>(r) * ld + c]);
+    return buf;
+  }
 }
 
 // Row kernels written with GCC vector extensions, so they vectorise the same way on
@@ -422,13 +429,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           }
         }
         // acc += P~ V  (rows x Ev)
-        const In* p_tile;
-        if constexpr (narrow_gemm) {
-          convert(s.data(), bk, p_in.data(), bk, rows, cols);
-          p_tile = p_in.data();
-        } else {
-          p_tile = s.data();
-        }
+        const In* p_tile = gemm_input(s.data(), p_in.data(), bk, rows, cols);
         gemm(false, false, rows, static_cast<int>(Ev), cols, T(1), p_tile, bk, V.at(n, hk, k0), V.ld(),
              first ? T(0) : T(1), acc.data(), static_cast<int>(Ev));
         first = false;
@@ -522,13 +523,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               pd = p_drop.data();
             }
             // dV_j += P_dropᵀ dO_i
-            const In* pd_in;
-            if constexpr (narrow_gemm) {
-              convert(pd, bk, p_in.data(), bk, rows, cols);
-              pd_in = p_in.data();
-            } else {
-              pd_in = pd;
-            }
+            const In* pd_in = gemm_input(pd, p_in.data(), bk, rows, cols);
             gemm(true, false, cols, static_cast<int>(Ev), rows, T(1), pd_in, bk, dO.at(n, h, q0), dO.ld(), T(1),
                  dV.at(n, hk, k0), dV.ld());
             // dP = dO_i V_jᵀ, then dS = P ∘ (dP ∘ keep/(1-p) - delta)
@@ -550,13 +545,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               }
             }
             // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i
-            const In* ds;
-            if constexpr (narrow_gemm) {
-              convert(dp.data(), bk, ds_in.data(), bk, rows, cols);
-              ds = ds_in.data();
-            } else {
-              ds = dp.data();
-            }
+            const In* ds = gemm_input(dp.data(), ds_in.data(), bk, rows, cols);
             T* dq_rows = dq_p + split * dq_split + ((n * Hq + h) * Lq + q0) * E;
             gemm(false, false, rows, static_cast<int>(E), cols, scale, ds, bk, K.at(n, hk, k0), K.ld(), T(1),
                  dq_rows, static_cast<int>(E));

@@ -99,7 +99,14 @@ class Explanation:
 
 
 def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
-    """Resolve ``engine`` for ``problem`` without running it."""
+    """Resolve ``engine`` for ``problem`` without running it, with how the chosen engine runs it."""
+    chosen, requested, rejected = _resolve(problem, engine)
+    detail = None if chosen is None else _REGISTRY[chosen].detail(problem)
+    return Explanation(chosen, requested, rejected, detail)
+
+
+def _resolve(problem: Problem, engine: str) -> tuple[str | None, str, dict[str, list[str]]]:
+    """The chosen engine's name (None if none can run), the resolved request, and why each other was not used."""
     requested = _check_name(engine)
     if requested == "auto":
         requested = _SCOPED.get()
@@ -117,20 +124,19 @@ def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
             chosen = candidate.name
         else:
             rejected[candidate.name] = [f"could run it, but {chosen} ranks higher"]
-    detail = None if chosen is None else _REGISTRY[chosen].detail(problem)
-    return Explanation(chosen, requested, rejected, detail)
+    return chosen, requested, rejected
 
 
 def select(problem: Problem, engine: str = "auto") -> Engine:
     """The engine that will run ``problem``; EngineNotSupportedError with every reason if none."""
-    explanation = explain_problem(problem, engine)
-    if explanation.engine is None:
-        detail = "; ".join(
+    chosen, _, rejected = _resolve(problem, engine)  # no detail: the engine works that out as it runs
+    if chosen is None:
+        message = "; ".join(
             f"{name} cannot run this: " + "; ".join(reasons)
-            for name, reasons in explanation.rejected.items()
+            for name, reasons in rejected.items()
         )
-        raise EngineNotSupportedError(detail)
-    return _REGISTRY[explanation.engine]
+        raise EngineNotSupportedError(message)
+    return _REGISTRY[chosen]
 
 
 register(ReferenceEngine())

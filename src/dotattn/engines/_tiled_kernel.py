@@ -56,7 +56,7 @@ def garbage_is_masked(problem: Problem) -> bool:
     if spans is None:
         return False
     N, G = math.prod(p.batch_shape), p.Hq // p.Hkv
-    lo, hi = (_heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0] for x in torch.broadcast_tensors(*spans))
+    lo, hi = _spans_canonical(spans, p)
     sees = lo < hi  # (Nm, Hm, Lq)
 
     def bad_rows(x: torch.Tensor, H: int, L: int) -> torch.Tensor:  # (N, H, L)
@@ -93,8 +93,10 @@ def bf16_gemms(E: int, block_q: int, block_k: int) -> tuple[bool, str]:
                    f"this machine, below {BF16_MIN_SPEEDUP}x)")
 
 
-def _heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.Tensor:
-    """(*lead, R, C) broadcastable to (*batch, Hq, R, C) -> (Nm, Hm, R, C), Nm in {1, N}, Hm in {1, Hq}."""
+def heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.Tensor:
+    """(*lead, R, C) broadcastable to (*batch, Hq, R, C) -> (Nm, Hm, R, C), Nm in {1, N}, Hm in {1, Hq}.
+
+    Copies only when a batch lead is partly broadcast."""
     R, C = t.shape[-2:]
     lead = (1,) * (len(batch) + 1 - (t.dim() - 2)) + tuple(t.shape[:-2])
     t = t.reshape(*lead, R, C)
@@ -102,6 +104,11 @@ def _heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.
     if any(b != 1 for b in lead[:-1]):
         return t.expand(*batch, Hm, R, C).reshape(math.prod(batch), Hm, R, C)
     return t.reshape(1, Hm, R, C)
+
+
+def _spans_canonical(spans: tuple[torch.Tensor, torch.Tensor], p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row spans (*lead, Lq) as (Nm, Hm, Lq), through a trailing dim of 1."""
+    return tuple(heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0] for x in torch.broadcast_tensors(*spans))
 
 
 # The most recently used tile masks of number-only masks; the kernel only reads them.
@@ -151,22 +158,18 @@ class TileMask:
     @classmethod
     def _derive(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
         p = problem
-        codes = _heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
+        codes = heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
         index = torch.full(codes.shape, _ext.FULL_TILE, dtype=torch.int32)
         index[codes == masks.EMPTY] = _ext.EMPTY_TILE
         partial = codes == masks.PARTIAL
         spans = None if p.mask.is_additive else p.mask.row_spans(p.Lq, p.Lk)
         if spans is not None:
             index[partial] = 0
-            # (*lead, Lq) -> (Nm, Hm, Lq), through a trailing dim of 1
-            lo, hi = (
-                _heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0].to(torch.int32).contiguous()
-                for x in torch.broadcast_tensors(*spans)
-            )
+            lo, hi = (x.to(torch.int32).contiguous() for x in _spans_canonical(spans, p))
             return cls(index, lo=lo, hi=hi)
         if isinstance(p.mask, masks.Dense) and p.mask.is_additive:  # the kernel reads it where it lies
             index[partial] = 0
-            bias = _heads_canonical(p.mask.tensor.to(dtype), p.batch_shape, p.Hq)
+            bias = heads_canonical(p.mask.tensor.to(dtype), p.batch_shape, p.Hq)
             return cls(index, None, bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous())
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
         pack = torch.empty(  # the kernel reads only the part of an edge tile inside Lq x Lk
@@ -177,7 +180,7 @@ class TileMask:
         for qi, kj in partial.any(0).any(0).nonzero().tolist():
             q0, k0 = qi * block_q, kj * block_k
             q1, k1 = min(q0 + block_q, p.Lq), min(k0 + block_k, p.Lk)
-            tile = _heads_canonical(p.mask.tile(p.Lq, p.Lk, q0, q1, k0, k1), p.batch_shape, p.Hq)
+            tile = heads_canonical(p.mask.tile(p.Lq, p.Lk, q0, q1, k0, k1), p.batch_shape, p.Hq)
             where = partial[:, :, qi, kj]
             slots = index[:, :, qi, kj][where].long()
             pack[slots, : q1 - q0, : k1 - k0] = tile.expand(Nm, Hm, q1 - q0, k1 - k0)[where].to(pack.dtype)
@@ -202,9 +205,7 @@ class KernelCall:
         use_bf16 = p.query.dtype == torch.bfloat16 and bf16_gemms(p.E, self.block_q, self.block_k)[0]
         self.storage = torch.bfloat16 if use_bf16 else self.dtype
         self.mask = TileMask.of(p, self.block_q, self.block_k, self.dtype)
-        self.biases = [] if p.mask is None or not p.mask.is_additive else [
-            leaf.tensor for leaf in p.mask.leaves() if isinstance(leaf, masks.Dense) and leaf.tensor.is_floating_point()
-        ]
+        self.biases = [] if p.mask is None else p.mask.biases()
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
         """(*batch', H, L, D) -> (N, H, L, D) in the storage dtype, last dim contiguous."""
@@ -250,7 +251,7 @@ class KernelCall:
         )
         if not bias_grads:
             return (*dqkv, *(None for _ in self.biases))
-        return (*dqkv, *(self._bias_grad(b, ds_index, ds_tiles) for b in self.biases))
+        return (*dqkv, *(self._bias_grad(b.tensor, ds_index, ds_tiles) for b in self.biases))
 
     def _bias_grad(self, bias: torch.Tensor, ds_index: torch.Tensor, ds_tiles: torch.Tensor) -> torch.Tensor:
         """A float mask's gradient: the score gradient dS of every partial tile (the only tiles

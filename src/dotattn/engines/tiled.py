@@ -50,16 +50,9 @@ def _canonical(t: torch.Tensor, batch: tuple[int, ...], Hkv: int, G: int) -> tor
     Nb is N when the lead varies over the batch, else 1; (h, g) is (Hkv, G) when it
     varies over heads, else (1, 1). Copies only when a batch lead is partly broadcast.
     """
-    R, C = t.shape[-2:]
-    lead = (1,) * (len(batch) + 1 - (t.dim() - 2)) + tuple(t.shape[:-2])
-    t = t.reshape(*lead, R, C)
-    per_head = lead[-1] != 1
-    if any(b != 1 for b in lead[:-1]):
-        t = t.expand(*batch, lead[-1], R, C)
-        n = math.prod(batch)
-    else:
-        n = 1
-    return t.reshape(n, Hkv if per_head else 1, G if per_head else 1, R, C)
+    t = _tiled_kernel.heads_canonical(t, batch, Hkv * G)  # (Nb, Hq or 1, R, C)
+    Nb, Hm, R, C = t.shape
+    return t.reshape(Nb, Hkv, G, R, C) if Hm != 1 else t.reshape(Nb, 1, 1, R, C)
 
 
 def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,14 +117,11 @@ class _Plan:
         p = self.problem
         self.N = math.prod(p.batch_shape)
         self.G = p.Hq // p.Hkv
-        self.biases = []
+        self.biases = [] if p.mask is None else p.mask.biases()
         if p.mask is None:
             self.groups = [slice(0, self.N)]
             self.phases = [torch.full((self._n(p.Lq, self.block_q), self._n(p.Lk, self.block_k)), masks.FULL)]
             return
-        if p.mask.is_additive:
-            self.biases = [leaf for leaf in p.mask.leaves() if isinstance(leaf, masks.Dense)
-                           and leaf.tensor.is_floating_point()]
         codes = _canonical(
             p.mask.block_map(p.Lq, p.Lk, self.block_q, self.block_k), p.batch_shape, p.Hkv, self.G
         )
@@ -415,17 +405,15 @@ class TiledEngine(Engine):
     def run(self, problem: Problem) -> AttentionResult:
         p = problem
         if self.torch_ops_reason(p) is None:
-            call = _tiled_kernel.KernelCall(p, self.block_q, self.block_k)
-            out, lse = _TiledAttention.apply(call, p.query, p.key, p.value, *call.biases)
-            out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+            plan = _tiled_kernel.KernelCall(p, self.block_q, self.block_k)
         else:
             plan = _Plan(p, self.block_q, self.block_k)
-            out, lse = _TiledAttention.apply(plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases))
-            out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+        out, lse = _TiledAttention.apply(plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases))
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
         lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq)
         weights = None
-        if p.return_weights:
-            plan = _Plan(p, self.block_q, self.block_k)
+        if p.return_weights:  # a second pass over the tiles, in torch ops
+            plan = plan if isinstance(plan, _Plan) else _Plan(p, self.block_q, self.block_k)
             with torch.no_grad():
                 w = plan.weights(p.query, p.key, p.value, lse.reshape(plan.N, p.Hkv, plan.G, p.Lq))
             weights = w.reshape(*p.batch_shape, p.Hq, p.Lq, p.Lk).to(p.query.dtype)
