@@ -4,6 +4,7 @@
     python benchmarks/cpu.py --lengths 2048 --backward --masks full,causal,window256,documents
     python benchmarks/cpu.py --lengths 8192 --masks window256 --flex --backward
     python benchmarks/cpu.py --shapes 1x8x64,4x16x128 --lengths 512,2048 --math --markdown
+    python benchmarks/cpu.py --lengths 2048 --masks bias --backward  # learned (H, L, L) bias, trained
 
 For each dtype it first measures the GEMM peak with torch.matmul in that dtype, then
 times torch SDPA (default CPU backend; masks other than causal are passed as a dense
@@ -59,9 +60,10 @@ def make_mask(name: str, L: int) -> masks.Mask | None:
         return masks.causal()
     if name.startswith("window"):
         return masks.causal() & masks.sliding_window(int(name.removeprefix("window")))
+    # "bias" (a learned float bias) is built in run_case, which knows H
     if name == "documents":  # four documents of equal length
         return masks.documents(torch.arange(L) * 4 // L)
-    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN or documents")
+    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents or bias")
 
 
 def flex_mask_mod(name: str, L: int):
@@ -132,9 +134,13 @@ def main() -> None:
 
 
 def run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep) -> None:
-    mask = make_mask(mask_name, L)
-    dense = None if mask is None else mask.to_dense(L, L)
-    allowed = 1.0 if dense is None else float(dense.float().mean())
+    if mask_name == "bias":  # a learned per-head bias (H, L, L), trained along when --backward
+        dense = torch.randn(H, L, L).to(dtype).requires_grad_(args.backward)
+        mask, allowed = masks.dense(dense), 1.0
+    else:
+        mask = make_mask(mask_name, L)
+        dense = None if mask is None else mask.to_dense(L, L)
+        allowed = 1.0 if dense is None else float(dense.float().mean())
     flops = 4 * B * H * L * L * E * allowed * (3.5 if args.backward else 1.0)
     q, k, v = (torch.randn(B, H, L, E).to(dtype).requires_grad_(args.backward) for _ in range(3))
     grad = torch.randn(B, H, L, E).to(dtype)
@@ -172,6 +178,8 @@ def run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep) -
         fns.append(lambda: flex(q, k, v, block_mask=block_mask))
     labels += names
     fns += [run(lambda n=n: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, engine=n)) for n in names]
+    for n in names:  # how each engine runs it (for tiled: kernel or fallback, and the bf16 GEMM choice)
+        print(f"  {n}: {dotattn.explain(q, k, v, mask=mask, engine=n).detail}")
     times = timed(fns, args.repeats)
     for label, seconds in zip(labels, times):
         gflops = flops / seconds / 1e9
