@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from dotattn import engines
 from dotattn.engines.tiled import TiledEngine
 
-# The tiled engine's torch-ops fallback, registered under its own name for the tests
-# only, so the whole engine-parametrized suite runs on both of the engine's paths.
-_TORCH_OPS = TiledEngine(use_kernel=False)
-_TORCH_OPS.name = "tiled_torch_ops"
-engines.register(_TORCH_OPS)
+# The tiled engine's torch-ops fallback, and its kernel with bfloat16 GEMMs (which this
+# machine may not choose, but one with AMX or AVX512-BF16 does), registered under their
+# own names for the tests only, so the whole engine-parametrized suite runs on every path.
+for _name, _engine in [("tiled_torch_ops", TiledEngine(use_kernel=False)),
+                       ("tiled_bf16_gemms", TiledEngine(bf16_gemms=True))]:
+    _engine.name = _name
+    engines.register(_engine)
+# bfloat16 GEMMs change nothing for the other dtypes
+engines.get("tiled_bf16_gemms").support = dataclasses.replace(TiledEngine.support, dtypes=(torch.bfloat16,))
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 

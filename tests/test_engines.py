@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dotattn
-from dotattn import masks
+from dotattn import engines, masks
 from dotattn.testing import assert_matches_oracle, oracle
 from tests.conftest import engine_cases, engine_names, qkv
 
@@ -277,7 +277,7 @@ def test_gradcheck_float64(mask):
 
 @pytest.mark.parametrize("engine", engine_names())
 def test_use_engine_scopes_the_default(engine):
-    q, k, v = qkv(1, 1, 4, 4)
+    q, k, v = qkv(1, 1, 4, 4, dtype=engines.get(engine).support.dtypes[0])
     with dotattn.use_engine(engine):
         assert dotattn.explain(q, k, v).engine == engine
     assert dotattn.explain(q, k, v).requested == "auto"

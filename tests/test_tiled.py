@@ -25,8 +25,7 @@ def path(request, monkeypatch):
     """Which path of the tiled engine runs: the compiled kernel (bfloat16 inputs computed in
     float32 GEMMs, or in bfloat16 GEMMs whatever this machine measured) or torch ops."""
     monkeypatch.setattr(engines.get("tiled"), "use_kernel", request.param != "torch_ops")
-    use_bf16 = request.param == "kernel_bf16_gemms"
-    monkeypatch.setattr(_tiled_kernel, "bf16_gemms", lambda *_: (use_bf16, "forced by the test"))
+    monkeypatch.setattr(engines.get("tiled"), "bf16_gemms", request.param == "kernel_bf16_gemms")
     return request.param
 
 

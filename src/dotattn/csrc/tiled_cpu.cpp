@@ -19,8 +19,8 @@
 // inside our own OpenMP loop over (batch x heads, query blocks) in the forward and
 // (batch x kv heads, key-tile ranges) in the backward. The softmax is fused into the
 // tile loop and runs on the tile while it is in cache. Storage types: float32, float64,
-// and bfloat16 with MKL's bf16 GEMMs (scores, softmax and accumulators in float32; P and
-// dS rounded to bfloat16 for the GEMMs). Python picks bf16 GEMMs or converts bfloat16 to
+// and bfloat16 with MKL's bf16 GEMMs (scores, softmax and accumulators in float32; P
+// rounded to bfloat16 for the GEMMs, dS split into two bfloat16 parts). Python picks bf16 GEMMs or converts bfloat16 to
 // float32 by timing tile_gemm_seconds() on the machine.
 
 #include <torch/extension.h>
@@ -85,6 +85,18 @@ inline const In* gemm_input(const T* tile, In* buf, int ld, int rows, int cols) 
         buf[static_cast<int64_t>(r) * ld + c] = static_cast<In>(tile[static_cast<int64_t>(r) * ld + c]);
     return buf;
   }
+}
+
+// What gemm_input's rounding lost: buf (holding In(tile)) becomes In(tile - buf), so the
+// two GEMM inputs together carry tile to about twice In's precision.
+template <typename In, typename T>
+inline const In* gemm_residual(const T* tile, In* buf, int ld, int rows, int cols) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      In& b = buf[static_cast<int64_t>(r) * ld + c];
+      b = static_cast<In>(tile[static_cast<int64_t>(r) * ld + c] - static_cast<T>(b));
+    }
+  return buf;
 }
 
 // Row kernels written with GCC vector extensions, so they vectorise the same way on
@@ -368,8 +380,9 @@ struct Sizes {
 // Forward
 // ---------------------------------------------------------------------------
 
-// In is the storage type of q, k, v and out (float, double, or bfloat16 computed with
-// bfloat16 GEMMs into float32); T the compute type of scores, softmax and accumulator.
+// In is the storage type of q, k, v (float, double, or bfloat16 computed with bfloat16
+// GEMMs into float32); T the compute type of scores, softmax, accumulator and out (which
+// backward's delta = rowsum(dO·O) reads: rounded to bfloat16, it cost dk the 2x rule).
 template <typename In, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
@@ -377,7 +390,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto [N, Hq, Lq, E, Hkv, Lk, Ev, G, nQ, nK] = Sizes::of(q, k, v, bq, bk);
   const T scale = static_cast<T>(scale_);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const Rows<In> Q(q), K(k), V(v), O(out);
+  const Rows<In> Q(q), K(k), V(v);
+  const Rows<T> O(out);
   T* lse_p = lse.data_ptr<T>();  // contiguous (N, Hq, Lq)
   const int64_t tasks = N * Hq * nQ;
   constexpr bool narrow_gemm = !std::is_same_v<In, T>;  // P goes to the second GEMM as In
@@ -437,10 +451,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       // Normalise; a row with no allowed key gives 0 and lse -inf.
       T* lse_row = lse_p + (n * Hq + h) * Lq + q0;
       for (int r = 0; r < rows; ++r) {
-        In* orow = O.at(n, h, q0 + r);
+        T* orow = O.at(n, h, q0 + r);
         const bool alive = !first && l_i[r] > 0;
         const T inv = alive ? T(1) / l_i[r] : T(0);
-        for (int64_t c = 0; c < Ev; ++c) orow[c] = static_cast<In>(alive ? acc[r * Ev + c] * inv : T(0));
+        for (int64_t c = 0; c < Ev; ++c) orow[c] = alive ? acc[r * Ev + c] * inv : T(0);
         lse_row[r] = alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
       }
     }
@@ -544,13 +558,18 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                   std::copy(dp.data() + r * bk, dp.data() + r * bk + cols, dst + r * bk);
               }
             }
-            // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i
-            const In* ds = gemm_input(dp.data(), ds_in.data(), bk, rows, cols);
+            // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i. Narrow GEMMs take dS as two parts,
+            // hi = In(dS) and lo = In(dS - hi): dS is a difference of nearly equal terms, and
+            // rounding it once to bfloat16 made dk break the 2x rule where torch's did not.
             T* dq_rows = dq_p + split * dq_split + ((n * Hq + h) * Lq + q0) * E;
-            gemm(false, false, rows, static_cast<int>(E), cols, scale, ds, bk, K.at(n, hk, k0), K.ld(), T(1),
-                 dq_rows, static_cast<int>(E));
-            gemm(true, false, cols, static_cast<int>(E), rows, scale, ds, bk, Q.at(n, h, q0), Q.ld(), T(1),
-                 dK.at(n, hk, k0), dK.ld());
+            for (int part = 0; part < (narrow_gemm ? 2 : 1); ++part) {
+              const In* ds = part == 0 ? gemm_input(dp.data(), ds_in.data(), bk, rows, cols)
+                                       : gemm_residual(dp.data(), ds_in.data(), bk, rows, cols);
+              gemm(false, false, rows, static_cast<int>(E), cols, scale, ds, bk, K.at(n, hk, k0), K.ld(), T(1),
+                   dq_rows, static_cast<int>(E));
+              gemm(true, false, cols, static_cast<int>(E), rows, scale, ds, bk, Q.at(n, h, q0), Q.ld(), T(1),
+                   dK.at(n, hk, k0), dK.ld());
+            }
           }
         }
       }
@@ -580,7 +599,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 double dropout_p, int64_t seed) {
   check_inputs(q, k, v);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
-  at::Tensor out = at::empty({N, Hq, Lq, Ev}, q.options());
+  at::Tensor out = at::empty({N, Hq, Lq, Ev}, q.options().dtype(compute_type(q)));
   at::Tensor lse = at::empty({N, Hq, Lq}, q.options().dtype(compute_type(q)));
   const Dropout dropout(dropout_p, seed);
   switch (q.scalar_type()) {
@@ -653,30 +672,28 @@ std::vector<double> tile_gemm_seconds(int64_t bq, int64_t bk, int64_t E, int64_t
   std::vector<float> q(bq * E, 0.5f), k(bk * E, 0.25f), v(bk * E, 0.125f), s(bq * bk), acc(bq * E);
   std::vector<at::BFloat16> qb(q.begin(), q.end()), kb(k.begin(), k.end()), vb(v.begin(), v.end()), pb(bq * bk);
   const int M = bq, N = bk, D = E;
-  auto time = [&](auto&& step) {
-    double best = std::numeric_limits<double>::infinity();
-    for (int64_t r = -3; r < repeats; ++r) {
-      const double start = omp_get_wtime();
-      step();
-      if (r >= 0) best = std::min(best, omp_get_wtime() - start);  // three calls warm up
-    }
-    return best;
+  const bool bf16 = GEMM_BF16BF16F32 != nullptr;
+  // Best of `repeats` for each, the two interleaved call by call so that a burst of load
+  // from elsewhere on the machine hits both alike; three rounds warm up.
+  std::vector<double> best(bf16 ? 2 : 1, std::numeric_limits<double>::infinity());
+  auto time = [&](double& best_s, auto&& step, bool counted) {
+    const double start = omp_get_wtime();
+    step();
+    if (counted) best_s = std::min(best_s, omp_get_wtime() - start);
   };
-  std::vector<double> out;
 #pragma omp parallel num_threads(1)
-  {
-    out.push_back(time([&] {
+  for (int64_t r = -3; r < repeats; ++r) {
+    time(best[0], [&] {
       gemm(false, true, M, N, D, 1.0f, q.data(), D, k.data(), D, 0.0f, s.data(), N);
       gemm(false, false, M, D, N, 1.0f, s.data(), N, v.data(), D, 0.0f, acc.data(), D);
-    }));
-    if (GEMM_BF16BF16F32 != nullptr) {
-      out.push_back(time([&] {
+    }, r >= 0);
+    if (bf16)
+      time(best[1], [&] {
         gemm(false, true, M, N, D, 1.0f, qb.data(), D, kb.data(), D, 0.0f, s.data(), N);
         gemm(false, false, M, D, N, 1.0f, pb.data(), N, vb.data(), D, 0.0f, acc.data(), D);
-      }));
-    }
+      }, r >= 0);
   }
-  return out;
+  return best;
 }
 
 }  // namespace

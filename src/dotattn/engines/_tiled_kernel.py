@@ -2,8 +2,9 @@
 
 The kernel computes scores, softmax and accumulators in float32 (float64 for float64
 inputs). For bfloat16 inputs the GEMMs run either in bfloat16 with float32
-accumulation (MKL's gemm_bf16bf16f32; P and dS rounded to bfloat16 on the way in, as
-torch's own CPU kernel does) or in float32 after converting q, k, v once, O(L·E):
+accumulation (MKL's gemm_bf16bf16f32; P rounded to bfloat16 on the way in, as torch's
+own CPU kernel does, and dS split into two bfloat16 parts, hi + lo, for twice the
+precision: rounding it once made dk break the 2x rule) or in float32 after converting q, k, v once, O(L·E):
 whichever the machine's tile GEMMs measured faster (:func:`bf16_gemms`), once per
 head dim and tile size.
 
@@ -74,7 +75,7 @@ def garbage_is_masked(problem: Problem) -> bool:
     return not bool((bad_keys.repeat_interleave(G, dim=1) & seen).any())
 
 
-# bfloat16 GEMMs must beat float32 by this much to pay for rounding P and dS each tile:
+# bfloat16 GEMMs must beat float32 by this much to pay for rounding P and splitting dS each tile:
 # on an AVX2 machine whose bf16 tile GEMMs measured 1.1-1.4x float32, the whole forward
 # ran 0.93x and forward+backward 0.89x of the float32 path.
 BF16_MIN_SPEEDUP = 1.5
@@ -196,14 +197,14 @@ class KernelCall:
     problem: Problem
     block_q: int
     block_k: int
+    bf16_gemms: bool  # bfloat16 inputs: GEMMs in bfloat16 (else float32)
 
     def __post_init__(self) -> None:
         p = self.problem
         self.N = math.prod(p.batch_shape)
         self.dtype = compute_dtype(p.query.dtype)
         # what q, k, v, dO and the output are stored in for the kernel
-        use_bf16 = p.query.dtype == torch.bfloat16 and bf16_gemms(p.E, self.block_q, self.block_k)[0]
-        self.storage = torch.bfloat16 if use_bf16 else self.dtype
+        self.storage = torch.bfloat16 if self.bf16_gemms else self.dtype
         self.mask = TileMask.of(p, self.block_q, self.block_k, self.dtype)
         self.biases = [] if p.mask is None else p.mask.biases()
 
@@ -222,7 +223,7 @@ class KernelCall:
                 p.dropout_seed)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """out (N, Hq, Lq, Ev) in the storage dtype and lse (N, Hq, Lq) in the compute dtype."""
+        """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype."""
         return tuple(_ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra()))
 
     def gradients(

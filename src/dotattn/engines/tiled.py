@@ -364,10 +364,19 @@ class TiledEngine(Engine):
     # mask, or with a number-only mask (cached), tiled is faster at every size measured.
     AUTO_MIN_SCORES = 32768
 
-    def __init__(self, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, use_kernel: bool = True) -> None:
+    def __init__(self, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, use_kernel: bool = True,
+                 bf16_gemms: bool | None = None) -> None:
         self.block_q = block_q
         self.block_k = block_k
         self.use_kernel = use_kernel
+        self.bf16_gemms = bf16_gemms  # None: decided by measuring this machine
+
+    def _bf16_gemms(self, E: int) -> tuple[bool, str]:
+        """Whether the kernel runs bfloat16 problems of head dim E in bfloat16 GEMMs, and why."""
+        if self.bf16_gemms is None:
+            return _tiled_kernel.bf16_gemms(E, self.block_q, self.block_k)
+        return self.bf16_gemms, ("bfloat16 GEMMs" if self.bf16_gemms else "bfloat16 computed in float32 GEMMs") + (
+            " (set on this engine)")
 
     def auto_skip(self, problem: Problem) -> str | None:
         p = problem
@@ -399,13 +408,14 @@ class TiledEngine(Engine):
         if why is not None:
             return f"torch ops, because {why}"
         if problem.query.dtype == torch.bfloat16:
-            return "compiled kernel, " + _tiled_kernel.bf16_gemms(problem.E, self.block_q, self.block_k)[1]
+            return "compiled kernel, " + self._bf16_gemms(problem.E)[1]
         return "compiled kernel"
 
     def run(self, problem: Problem) -> AttentionResult:
         p = problem
         if self.torch_ops_reason(p) is None:
-            plan = _tiled_kernel.KernelCall(p, self.block_q, self.block_k)
+            bf16 = p.query.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
+            plan = _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
         else:
             plan = _Plan(p, self.block_q, self.block_k)
         out, lse = _TiledAttention.apply(plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases))
