@@ -93,6 +93,8 @@ def _mask_cases(B: int, Lq: int, Lk: int) -> dict[str, masks.Mask]:
         "sliding_window": masks.sliding_window(5, 2),
         "sliding_window_causal": masks.causal() & masks.sliding_window(7),
         "padding": masks.padding(torch.tensor([Lk, Lk - 9][:B]), q_lengths=torch.tensor([Lq - 4, Lq][:B])),
+        "left_padding_decoding": masks.padding(torch.tensor([Lk - 9, Lk][:B]), side="left")
+        & masks.causal(align="bottom_right"),
         "documents": masks.documents(docs_q, docs_k),
         "prefix_lm": masks.prefix_lm(torch.tensor([3, 11][:B])),
         "block_sparse": masks.block_sparse(

@@ -91,7 +91,7 @@ def primitives(
     if kind == "padding":
         kv = draw(st.lists(st.integers(0, Lk), min_size=B, max_size=B))
         q = draw(st.none() | st.lists(st.integers(0, Lq), min_size=B, max_size=B))
-        return M.padding(kv, q)
+        return M.padding(kv, q, side=draw(st.sampled_from(["right", "left"])))
     if kind == "documents":
         ids = st.integers(-1, 3)
 
@@ -288,6 +288,14 @@ def test_padding_dense():
     kv_only = M.padding(kv).to_dense(5, 4)
     for b in range(3):
         assert torch.equal(kv_only[b, 0], brute(lambda i, j: j < kv[b], 5, 4))
+
+
+def test_left_padding_dense():
+    kv, q = [2, 4, 0], [1, 3, 3]
+    got = M.padding(kv, q, side="left").to_dense(3, 4)
+    for b in range(3):
+        assert torch.equal(got[b, 0], brute(lambda i, j: j >= 4 - kv[b] and i >= 3 - q[b], 3, 4))
+    assert repr(M.padding(kv, side="left")) == "padding(kv_lengths=[2, 4, 0], side='left')"
 
 
 def test_documents_dense():
@@ -526,6 +534,7 @@ def zero_ids(*shape: int) -> torch.Tensor:
         (lambda: M.padding(torch.tensor([[1, 2]])), ValueError, "(1, 2)"),
         (lambda: M.padding([1, 2], [1]), ValueError, "q_lengths has 1 entries but kv_lengths has 2"),
         (lambda: M.padding("3"), TypeError, "str"),
+        (lambda: M.padding([3], side="middle"), ValueError, "'middle'"),
         (lambda: M.padding([1.0]), TypeError, "[1.0]"),
         (lambda: M.documents([0, 1]), TypeError, "list"),
         (lambda: M.documents(torch.tensor([0.0, 1.0])), TypeError, "torch.float32"),

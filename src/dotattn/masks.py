@@ -69,6 +69,7 @@ __all__ = [
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 _ALIGNS = ("top_left", "bottom_right")
+_SIDES = ("right", "left")
 _NEG_INF = float("-inf")
 # How many values of a parameter tensor a repr shows before "...".
 _REPR_ITEMS = 6
@@ -436,9 +437,12 @@ class SlidingWindow(_Positional):
 
 
 class Padding(_Positional):
-    """Per batch row b: key j allowed iff j < kv_lengths[b]; query rows i >= q_lengths[b] see nothing."""
+    """Per batch row b, with side "right": key j allowed iff j < kv_lengths[b], query rows
+    i >= q_lengths[b] see nothing. With side "left" the real tokens are the last ones:
+    key j allowed iff j >= Lk - kv_lengths[b], rows i < Lq - q_lengths[b] see nothing."""
 
-    def __init__(self, kv_lengths: torch.Tensor | Sequence[int], q_lengths: torch.Tensor | Sequence[int] | None = None):
+    def __init__(self, kv_lengths: torch.Tensor | Sequence[int], q_lengths: torch.Tensor | Sequence[int] | None = None,
+                 *, side: str = "right"):
         self.kv_lengths = _lengths_tensor(kv_lengths, "padding", "kv_lengths")
         self.q_lengths = None if q_lengths is None else _lengths_tensor(q_lengths, "padding", "q_lengths")
         if self.q_lengths is not None and len(self.q_lengths) != len(self.kv_lengths):
@@ -446,10 +450,14 @@ class Padding(_Positional):
                 f"padding: q_lengths has {len(self.q_lengths)} entries but kv_lengths has "
                 f"{len(self.kv_lengths)}; pass one query length per batch row"
             )
+        if side not in _SIDES:
+            raise ValueError(f"padding: side must be one of {_SIDES}, got {side!r}")
+        self.side = side
 
     def __repr__(self) -> str:
         q = "" if self.q_lengths is None else f", q_lengths={_summary(self.q_lengths)}"
-        return f"padding(kv_lengths={_summary(self.kv_lengths)}{q})"
+        side = "" if self.side == "right" else f", side={self.side!r}"
+        return f"padding(kv_lengths={_summary(self.kv_lengths)}{q}{side})"
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
@@ -465,23 +473,33 @@ class Padding(_Positional):
         if self.q_lengths is not None:
             _check_at_most(self.q_lengths, Lq, self, "q_lengths", "Lq")
 
+    def _real(self, i: torch.Tensor, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Whether position i (of a length-L side) holds a real token, per batch row."""
+        if self.side == "right":
+            return i < _per_batch(lengths, device)
+        return i >= L - _per_batch(lengths, device)
+
     def _allowed(self, i, j, Lq, Lk, device):
-        allowed = j < _per_batch(self.kv_lengths, device)
+        allowed = self._real(j, Lk, self.kv_lengths, device)
         if self.q_lengths is not None:
-            allowed = allowed & (i < _per_batch(self.q_lengths, device))
+            allowed = allowed & self._real(i, Lq, self.q_lengths, device)
         return allowed
 
     def _row_spans(self, Lq, Lk, device):
         i = torch.arange(Lq, device=device)
-        hi = self.kv_lengths.to(device)[:, None, None].expand(len(self.kv_lengths), 1, Lq)
+        kv = self.kv_lengths.to(device)[:, None, None].expand(len(self.kv_lengths), 1, Lq)
+        lo, hi = (torch.zeros_like(kv), kv) if self.side == "right" else (Lk - kv, torch.full_like(kv, Lk))
         if self.q_lengths is not None:
-            hi = torch.where(i < self.q_lengths.to(device)[:, None, None], hi, 0)
-        return torch.zeros_like(hi), hi
+            real = self._real(i, Lq, self.q_lengths, device)[..., 0, :]  # (B, 1, Lq)
+            lo, hi = torch.where(real, lo, 0), torch.where(real, hi, 0)
+        return lo, hi
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
-        # The allowed set is a rectangle anchored at (0, 0): a tile is full when its far corner
-        # is in it, non-empty when its near corner is.
-        return self._allowed(q_last, k_last, Lq, Lk, device), self._allowed(q_first, k_first, Lq, Lk, device)
+        # The allowed set is a rectangle anchored at the (0, 0) corner (right padding) or the
+        # (Lq, Lk) corner (left): a tile is full when its corner farthest from the anchor is
+        # in it, non-empty when its nearest corner is.
+        near, far = ((q_first, k_first), (q_last, k_last)) if self.side == "right" else ((q_last, k_last), (q_first, k_first))
+        return self._allowed(*far, Lq, Lk, device), self._allowed(*near, Lq, Lk, device)
 
 
 class PrefixLM(_Positional):
@@ -909,15 +927,18 @@ def sliding_window(before: int, after: int = 0, *, align: str = "top_left") -> S
 
 
 def padding(
-    kv_lengths: torch.Tensor | Sequence[int], q_lengths: torch.Tensor | Sequence[int] | None = None
+    kv_lengths: torch.Tensor | Sequence[int], q_lengths: torch.Tensor | Sequence[int] | None = None,
+    *, side: str = "right",
 ) -> Padding:
-    """Right-padded batches. kv_lengths, q_lengths: (B,) non-negative ints.
+    """Padded batches. kv_lengths, q_lengths: (B,) non-negative ints, the real tokens per row.
 
-    Key j is allowed for row b iff j < kv_lengths[b]; query rows i >= q_lengths[b]
-    see nothing (fully masked rows, which the library turns into zero output).
-    lead_shape (B, 1).
+    side "right" (real tokens first): key j is allowed for row b iff j < kv_lengths[b];
+    query rows i >= q_lengths[b] see nothing (fully masked rows, which the library turns
+    into zero output). side "left" (real tokens last, as in batched generation and KV
+    caches): key j is allowed iff j >= Lk - kv_lengths[b]; rows i < Lq - q_lengths[b]
+    see nothing. lead_shape (B, 1).
     """
-    return Padding(kv_lengths, q_lengths)
+    return Padding(kv_lengths, q_lengths, side=side)
 
 
 def documents(q_doc_ids: torch.Tensor, kv_doc_ids: torch.Tensor | None = None) -> Documents:
