@@ -1,0 +1,10 @@
+"""Modules that project, reshape and call the functional API: multi-head attention with
+grouped-query heads, rotary embeddings and a KV cache; additive (Bahdanau) attention."""
+
+from __future__ import annotations
+
+from dotattn.nn.attention import MultiHeadAttention
+from dotattn.nn.kv_cache import KVCache
+from dotattn.nn.rope import RotaryEmbedding
+
+__all__ = ["KVCache", "MultiHeadAttention", "RotaryEmbedding"]
