@@ -1,0 +1,205 @@
+"""The transformers integration: dotattn as an ``attn_implementation``.
+
+    import dotattn.hf
+    name = dotattn.hf.register()
+    model = AutoModel.from_pretrained(path, attn_implementation=name)
+
+``register`` installs two functions under one name, as transformers needs both:
+
+``attention_forward`` (transformers' ``AttentionInterface``), called by every attention layer:
+    query: (B, Hq, Lq, E)   key: (B, Hkv, Lk, E)   value: (B, Hkv, Lk, Ev)
+    attention_mask: what ``build_mask`` returned (a ``dotattn.masks`` mask, a bool tensor
+    (B, 1, Lq, Lk) or None), or a 4-D tensor the caller passed itself (bool or additive float)
+    returns (attn_output (B, Lq, Hq, Ev), attn_weights (B, Hq, Lq, Lk) or None), the layout
+    of transformers' own ``sdpa_attention_forward``. GQA runs with ``enable_gqa``, never
+    copying K and V; the weights come back when the model is called with
+    ``output_attentions=True``, which transformers forwards to the layers as a keyword (it
+    refuses ``config.output_attentions`` for any implementation but "eager").
+
+``build_mask`` (transformers' ``AttentionMaskInterface``), called once per forward with the
+sizes and the 2-D padding mask (B, kv) instead of transformers' dense (B, 1, Lq, Lk) mask.
+For transformers' plain causal and bidirectional masks it returns a structured mask, so the
+tiled engine skips masked tiles and needs no mask memory:
+
+    causal, no cache or a DynamicCache   causal(top_left) or causal(bottom_right)
+    padding that is one run per row      & padding(lengths) (right) or padding(lengths, side="left")
+    padding with holes                   & dense((B, 1, 1, Lk)), one row shared by every query
+    bidirectional without padding        None (no mask), when transformers allows skipping it
+
+Everything else (sliding windows, chunks, packed sequences, or/and overlays, static caches,
+and callers that ask for a materialised mask, which they may then edit as a tensor) gets
+transformers' own ``sdpa_mask``, so it means exactly what it means for "sdpa". As with
+"sdpa", a None mask means ``is_causal`` (the argument, else ``module.is_causal``) decides,
+top-left aligned, for more than one query.
+
+Differences from "sdpa": a query row that sees no key (a left-padding position) gives zeros,
+never NaN; dropout uses dotattn's own reproducible pattern, not torch's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+try:
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
+except ImportError as e:
+    raise ImportError(f"dotattn.hf needs transformers ({e}); install it with: pip install 'dotattn[hf]'") from e
+
+from dotattn import masks
+from dotattn.functional import scaled_dot_product_attention
+
+__all__ = ["attention_forward", "build_mask", "register"]
+
+# Older transformers size masks by cache_position instead, which build_mask does not read.
+if "q_length" not in inspect.signature(sdpa_mask).parameters:
+    raise ImportError(
+        f"dotattn.hf needs a transformers whose sdpa_mask takes q_length and q_offset (5.x); "
+        f"found {transformers.__version__}: pip install -U transformers"
+    )
+
+
+def register(name: str = "dotattn") -> str:
+    """Register dotattn with transformers under ``name`` and return it; calling it again is harmless.
+
+    Both registries are class-wide, so every model loaded afterwards can use
+    ``attn_implementation=name``, and ``model.set_attn_implementation(name)`` switches a loaded one.
+    """
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, build_mask)
+    return name
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: masks.Mask | torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One attention layer, for transformers. See the module docstring for the shapes.
+
+    kwargs used: ``output_attentions`` (return the weights) and ``position_bias``
+    (B or 1, Hq or 1, Lq, Lk), an additive float bias as in T5, added like the "sdpa" path adds it.
+    """
+    for name, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks")):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"dotattn cannot apply {what} ({name}={kwargs[name]!r}); "
+                'load this model with attn_implementation="eager" instead'
+            )
+    attn_mask, mask = None, None
+    if isinstance(attention_mask, masks.Mask):
+        mask = attention_mask
+    else:
+        attn_mask = attention_mask
+    # As in "sdpa": a given mask is complete, and without one is_causal decides; a single query
+    # (decoding) sees every key, which top-left causal would hide.
+    if attention_mask is None:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(query.shape[2] > 1 and is_causal)
+    else:
+        is_causal = False
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        bias = masks.dense(position_bias)
+        mask = bias if mask is None else mask & bias
+
+    output_attentions = bool(kwargs.get("output_attentions", False))
+    result = scaled_dot_product_attention(
+        query, key, value, attn_mask,
+        dropout_p=dropout if module.training else 0.0,
+        is_causal=is_causal,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+        mask=mask,
+        return_weights=output_attentions,
+    )
+    output, weights = (result.output, result.weights) if output_attentions else (result, None)
+    return output.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Ev)
+
+
+def build_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> masks.Mask | torch.Tensor | None:
+    """The mask of one forward, for transformers; the arguments are those of transformers' ``sdpa_mask``.
+
+    Query i sits at position q_offset + i and key j at kv_offset + j; attention_mask (B, >= kv)
+    bool marks the real keys (True), by position. Returns a ``dotattn.masks`` mask, None, or
+    the bool tensor (B, 1, Lq, Lk) of ``sdpa_mask``; see the module docstring for which.
+    """
+    args = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+    )
+    # A caller that forbids skipping the mask wants a tensor it may edit (Falcon adds ALiBi to it,
+    # Longformer slices it back to 2-D), so it gets the one "sdpa" would get.
+    if mask_function is causal_mask_function and kwargs.get("allow_is_causal_skip", True):
+        base = _causal(q_length, kv_length, q_offset, kv_offset)
+        if base is None:
+            return sdpa_mask(**args)
+    elif mask_function is bidirectional_mask_function and kwargs.get("allow_is_bidirectional_skip", False):
+        base = None  # every key
+    else:
+        return sdpa_mask(**args)
+
+    padding = None
+    if attention_mask is not None:
+        real = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+        padding = _padding(real.bool())
+    if base is None:
+        return padding
+    return base if padding is None else base & padding
+
+
+def _causal(q_length: int, kv_length: int, q_offset: int | torch.Tensor, kv_offset: int) -> masks.Causal | None:
+    """Causal by position (kv_offset + j <= q_offset + i) as a dotattn mask, or None if no alignment fits.
+
+    That is j <= i + (q_offset - kv_offset): top_left when the offsets are equal (no cache),
+    bottom_right when the queries are the last positions of the keys (a DynamicCache).
+    """
+    if isinstance(q_offset, torch.Tensor):
+        # Static caches give the offset as a tensor so that compiled graphs do not depend on
+        # its value; reading it here would break that.
+        return None
+    shift = q_offset - kv_offset
+    if shift == 0:
+        return masks.causal()
+    if shift == kv_length - q_length:
+        return masks.causal(align="bottom_right")
+    return None
+
+
+def _padding(real: torch.Tensor) -> masks.Mask | None:
+    """Which keys hold real tokens, real (B, Lk) bool, as a dotattn mask; None when all do."""
+    if bool(real.all()):
+        return None
+    lengths = real.sum(dim=-1)
+    rises = bool((~real[:, :-1] & real[:, 1:]).any())  # a pad followed by a real token
+    falls = bool((real[:, :-1] & ~real[:, 1:]).any())  # a real token followed by a pad
+    if not rises:
+        return masks.padding(lengths)
+    if not falls:
+        return masks.padding(lengths, side="left")
+    return masks.dense(real[:, None, None, :])  # (B, 1, 1, Lk): holes, one row for every query
