@@ -17,7 +17,7 @@ import torch
 
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
-from dotattn.engines._nonfinite import finite_part
+from dotattn.engines._nonfinite import finite_part, nan_scores, nan_where_seen
 from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
 
 def _expand_heads(x: torch.Tensor, Hq: int) -> torch.Tensor:
@@ -26,6 +26,20 @@ def _expand_heads(x: torch.Tensor, Hq: int) -> torch.Tensor:
     if Hkv in (1, Hq):
         return x  # equal, or broadcast by matmul
     return x.repeat_interleave(Hq // Hkv, dim=-3)
+
+
+def stable_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row softmax of scores s (..., Lq, Lk), -inf where masked: p (..., Lq, Lk), and the row
+    max m and sum denom (..., Lq, 1), lse = m + log(denom). A row with no allowed key gives
+    p = 0 (denom 0), never NaN."""
+    if s.shape[-1] > 0:
+        m = s.detach().amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    else:
+        m = s.new_zeros((*s.shape[:-1], 1))
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    return e / torch.where(denom == 0, torch.ones_like(denom), denom), m, denom
 
 
 def dropout_keep(problem: Problem, device: torch.device) -> torch.Tensor:
@@ -58,10 +72,7 @@ class ReferenceEngine(Engine):
         s = q @ k.transpose(-2, -1)
         # 2. scale, so the scores keep unit variance
         s = s * problem.scale
-        if q_bad is not None or k_bad is not None:
-            bad_row = q_bad.any(-1)[..., :, None] if q_bad is not None else False
-            bad_col = k_bad.any(-1)[..., None, :] if k_bad is not None else False
-            s = s.masked_fill(bad_row | bad_col, float("nan"))
+        s = nan_scores(s, q_bad, k_bad)
 
         allowed = None
         if problem.mask is not None:
@@ -74,14 +85,7 @@ class ReferenceEngine(Engine):
             s = s.masked_fill(~allowed, float("-inf"))
 
         # 3. numerically stable row softmax; a row with no allowed key gives zeros
-        if Lk > 0:
-            m = s.detach().amax(-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        else:
-            m = s.new_zeros((*s.shape[:-1], 1))
-        e = torch.exp(s - m)
-        denom = e.sum(-1, keepdim=True)
-        p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+        p, m, denom = stable_softmax(s)
 
         p_dropped = p
         if problem.dropout_p > 0:
@@ -89,11 +93,7 @@ class ReferenceEngine(Engine):
             p_dropped = p * keep / (1.0 - problem.dropout_p)
 
         # 4. second matmul, (*batch, Hq, Lq, Ev)
-        out = p_dropped @ v
-        if v_bad is not None:
-            sees = torch.ones_like(s, dtype=compute) if allowed is None else allowed.to(compute)
-            sees = sees.expand(s.shape)
-            out = out.masked_fill((sees @ v_bad.to(compute)) > 0, float("nan"))
+        out = nan_where_seen(p_dropped @ v, v_bad, allowed, s.shape)
 
         lse = weights = None
         if problem.return_lse:

@@ -3,8 +3,9 @@ grouped-query heads, rotary embeddings and a KV cache; additive (Bahdanau) atten
 
 from __future__ import annotations
 
+from dotattn.nn.additive import AdditiveAttention
 from dotattn.nn.attention import MultiHeadAttention
 from dotattn.nn.kv_cache import KVCache
 from dotattn.nn.rope import RotaryEmbedding
 
-__all__ = ["KVCache", "MultiHeadAttention", "RotaryEmbedding"]
+__all__ = ["AdditiveAttention", "KVCache", "MultiHeadAttention", "RotaryEmbedding"]
