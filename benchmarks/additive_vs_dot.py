@@ -1,10 +1,12 @@
 """Additive (Bahdanau) attention next to scaled dot-product attention on CPU: the seeds'
 comparison table (computation, parameters, speed, memory), measured side by side in one run.
 
-    python benchmarks/additive_vs_dot.py                     # L 128,512,2048; d 64,256; B 1,4; fwd and fwd+bwd
-    python benchmarks/additive_vs_dot.py --markdown
-    python benchmarks/additive_vs_dot.py --lengths 512 --dims 64,128 --batches 1,2,4 --passes forward --repeats 5
-    python benchmarks/additive_vs_dot.py --max-elements 5e9  # also the largest case (L 2048, d 256, B 4)
+    python -m benchmarks.additive_vs_dot                     # L 128,512,2048; d 64,256; B 1,4; fwd and fwd+bwd
+    python -m benchmarks.additive_vs_dot --markdown
+    python -m benchmarks.additive_vs_dot --lengths 512 --dims 64,128 --batches 1,2,4 --passes forward --repeats 5
+    python -m benchmarks.additive_vs_dot --max-elements 5e9  # also the largest case (L 2048, d 256, B 4)
+
+(from the repository root: it reuses benchmarks.cpu.timed)
 
 What is timed, on the same x_q, x_k, x_v (B, L, d) float32, self-attention sizes (Lq = Lk = L), H = d:
 
@@ -17,8 +19,8 @@ What is timed, on the same x_q, x_k, x_v (B, L, d) float32, self-attention sizes
 Neither projects the value, so both compute softmax(score) · x_v and differ only in how the
 score is made. "fwd+bwd" adds the backward of sum(output · g) to every input and parameter.
 
-  ms        median of --repeats runs, the two interleaved run by run, after one warm-up run
-            each (the memory run below), so machine drift hits both alike.
+  ms        median of --repeats runs, the two interleaved run by run, after the memory run
+            and one warm-up run each, so machine drift hits both alike.
   GFLOP     forward: dot 4·B·L·d² (projections) + 4·B·L²·d (QKᵀ and PV); additive
             4·B·L·d·H (projections) + 4·B·L²·H (add, tanh counted as 1 flop, v·) + 2·B·L²·d (PV);
             softmax not counted. fwd+bwd: 3x the forward (backward = 2x forward) for both.
@@ -38,7 +40,6 @@ import contextlib
 import datetime
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import dotattn
+from benchmarks.cpu import timed
 from dotattn.nn.additive import AdditiveAttention
 
 MiB = 2**20
@@ -97,17 +99,6 @@ def peak_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
-def timed(fns: list[Callable[[], None]], repeats: int) -> list[float]:
-    """Median seconds of each function, interleaved run by run (warm-up done by the caller)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, acc in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 def forward_flops(B: int, L: int, d: int, H: int) -> tuple[float, float]:
     """(additive, dot) forward FLOPs, as the module docstring counts them."""
     additive = 4 * B * L * d * H + 4 * B * L * L * H + 2 * B * L * L * d
@@ -152,7 +143,7 @@ def run_case(B: int, L: int, d: int, backward: bool, repeats: int) -> dict:
         return go
 
     fns = [make(additive, lambda r: r[0]), make(dot, lambda r: r)]
-    peaks = [peak_bytes(fn) for fn in fns]  # doubles as each side's warm-up
+    peaks = [peak_bytes(fn) for fn in fns]
     ms = [t * 1e3 for t in timed(fns, repeats)]
     flops = [f * (3 if backward else 1) for f in forward_flops(B, L, d, d)]
     return {"ms": ms, "gflop": [f / 1e9 for f in flops], "gflops": [f / t / 1e6 for f, t in zip(flops, ms)],

@@ -35,6 +35,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dotattn import masks
+from dotattn._inputs import _check_tensor
 from dotattn.engines._nonfinite import finite_part, nan_scores, nan_where_seen
 from dotattn.engines.base import compute_dtype
 from dotattn.engines.reference import stable_softmax
@@ -101,20 +102,6 @@ class _AdditiveScores(torch.autograd.Function):
             dwq[..., i0:i1, :] = g.sum(-2)
             duk += g.sum(-3)
         return dwq.sum_to_size(wq.shape), duk.sum_to_size(uk.shape), dv
-
-
-def _check_tensor(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"AdditiveAttention: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"AdditiveAttention: {name} has dtype {x.dtype}; it needs a floating dtype (use {name}.float())"
-        )
-    if x.dim() < 2:
-        raise ValueError(
-            f"AdditiveAttention: {name} has shape {tuple(x.shape)}; it needs at least 2 dims (..., L, features)"
-        )
-    return x
 
 
 def _check_positive(name: str, value: object) -> int:
