@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dotattn.cli import demo
+from dotattn.cli import check, demo, engines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dotattn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
+    engines.add_parser(commands)
+    check.add_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
