@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 $(VENV)/.installed: pyproject.toml setup.py src/dotattn/csrc/tiled_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,plots]'
 	touch $@
 
 demo: $(VENV)/.installed
