@@ -6,7 +6,7 @@ comparison table (computation, parameters, speed, memory), measured side by side
     python -m benchmarks.additive_vs_dot --lengths 512 --dims 64,128 --batches 1,2,4 --passes forward --repeats 5
     python -m benchmarks.additive_vs_dot --max-elements 5e9  # also the largest case (L 2048, d 256, B 4)
 
-(from the repository root: it reuses benchmarks.cpu.timed)
+(from the repository root, as a module)
 
 What is timed, on the same x_q, x_k, x_v (B, L, d) float32, self-attention sizes (Lq = Lk = L), H = d:
 
@@ -45,10 +45,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import dotattn
-from benchmarks.cpu import timed
+from dotattn.cli.bench import peak_bytes, timed
 from dotattn.nn.additive import AdditiveAttention
 
 MiB = 2**20
@@ -62,41 +61,6 @@ def cpu_model() -> str:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence fd 2 (the profiler's C++ start/stop lines) for the duration."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak bytes torch allocated on the CPU while fn() ran, above what was live at its start.
-
-    Walks the profiler's allocation events (positive for an allocation, negative for a
-    free) in time order and keeps the running maximum of their sum.
-    """
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocations: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == torch._C._profiler._EventType.Allocation and event.extra_fields.device.type == "cpu":
-            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
-        stack.extend(event.children)
-    live = peak = 0
-    for _, size in sorted(allocations):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def forward_flops(B: int, L: int, d: int, H: int) -> tuple[float, float]:

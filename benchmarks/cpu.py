@@ -19,7 +19,6 @@ and 3.5x that for forward+backward (the backward is 2.5x the forward).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -27,30 +26,9 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
+from dotattn.cli.bench import gemm_peak, timed  # benchmarks/crossover.py and additive_vs_dot.py import timed from here
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a square n x n matmul in ``dtype`` (median of ``repeats``).
-
-    A dtype this CPU has no fast GEMM for (bfloat16 without AVX512-BF16 or AMX runs
-    below 1 GFLOP/s on some machines) is measured at n = 384 once, so the probe takes
-    a second rather than minutes.
-    """
-    a, b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
-    start = time.perf_counter()
-    a @ b
-    if 2 * 256**3 / (time.perf_counter() - start) < 5e9:
-        n, repeats = 384, 1
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def make_mask(name: str, L: int) -> masks.Mask | None:
@@ -76,19 +54,6 @@ def flex_mask_mod(name: str, L: int):
     if name == "documents":
         return lambda b, h, i, j: (i * 4 // L) == (j * 4 // L)
     return lambda b, h, i, j: i >= 0
-
-
-def timed(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each function, interleaved run by run (after one warm-up each)."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, acc in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dotattn.cli import check, demo, engines
+from dotattn.cli import bench, check, demo, engines, explain
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -14,5 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_parser(commands)
     engines.add_parser(commands)
     check.add_parser(commands)
+    bench.add_parser(commands)
+    explain.add_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
