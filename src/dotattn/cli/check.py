@@ -19,7 +19,8 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn._inputs import prepare
-from dotattn.cli.engines import dtype_name, runs_on_cpu
+from dotattn.cli.engines import runs_on_cpu, table
+from dotattn.engines.base import dtype_name
 from dotattn.testing import compare_to_oracle
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -166,13 +167,8 @@ def _check(engine: str, dtype: torch.dtype, cases: list[Case]) -> list[Row]:
 
 def _print_table(rows: list[Row]) -> None:
     header = ["engine", "dtype", "case", "tensor", "error", "torch error", "bound", "ok"]
-    cells = [header] + [[r.engine, r.dtype, r.case, r.tensor, r.error, r.torch_error, r.bound, r.verdict]
-                        for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
-    for i, c in enumerate(cells):
-        print("  ".join(x.ljust(w) for x, w in zip(c, widths)) + "  " + c[-1])
-        if i == 0:
-            print("  ".join("-" * w for w in widths) + "  --")
+    print(table(header, [[r.engine, r.dtype, r.case, r.tensor, r.error, r.torch_error, r.bound, r.verdict]
+                         for r in rows]))
 
 
 def run(args: argparse.Namespace) -> int:

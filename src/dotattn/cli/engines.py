@@ -12,6 +12,7 @@ import torch
 import dotattn
 from dotattn import engines
 from dotattn.engines import Engine
+from dotattn.engines.base import dtype_name
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # the dtypes whose `detail` is worth showing: those the CPU engines have more than one way to run
@@ -21,10 +22,6 @@ DETAIL_DTYPES = (torch.float32, torch.bfloat16)
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("engines", help="print what every registered engine supports")
     p.set_defaults(run=run)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def runs_on_cpu(engine: Engine) -> bool:
@@ -52,7 +49,8 @@ def _row(engine: Engine) -> list[str]:
     ]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under a header and a rule of dashes."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -72,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     header = ["engine", "priority", "devices", *(dtype_name(d) for d in DTYPES),
               "masks", "dropout", "backward", "weights", "max head dim"]
     registered = engines.available()
-    print(_table(header, [_row(e) for e in registered]))
+    print(table(header, [_row(e) for e in registered]))
     print()
     for e in registered:
         print(f"{e.name}: {e.description}")

@@ -48,7 +48,7 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -71,9 +71,9 @@ class Support:
         if self.devices is not None and device not in self.devices:
             reasons.append(f"device {device} is not supported (use {' or '.join(self.devices)})")
         if problem.query.dtype not in self.dtypes:
-            names = " or ".join(_dtype_name(d) for d in self.dtypes)
+            names = " or ".join(dtype_name(d) for d in self.dtypes)
             reasons.append(
-                f"dtype {_dtype_name(problem.query.dtype)} is not supported on {device} (use {names})"
+                f"dtype {dtype_name(problem.query.dtype)} is not supported on {device} (use {names})"
             )
         head_dim = max(problem.E, problem.Ev)
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
