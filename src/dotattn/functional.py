@@ -6,16 +6,26 @@ Lq query length, Lk key length, E head dim of query and key, Ev head dim of valu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from dotattn import engines
+from dotattn import diagnostics, engines
 from dotattn._inputs import Problem, prepare
 from dotattn.engines import AttentionResult, Explanation
 from dotattn.masks import Mask
 
 
 def _run(problem: Problem, engine: str) -> AttentionResult:
-    result = engines.select(problem, engine).run(problem)
+    monitor = diagnostics.active()
+    if monitor is None:
+        result = engines.select(problem, engine).run(problem)
+    else:  # the monitor needs the lse, which every engine has at hand
+        measured = dataclasses.replace(problem, return_lse=True)
+        result = engines.select(measured, engine).run(measured)
+        monitor.record(measured, result)
+        if not problem.return_lse:
+            result = result._replace(lse=None)
     if problem.squeeze_head:
         result = AttentionResult(*(None if t is None else t.squeeze(0) for t in result))
     return result
