@@ -257,7 +257,7 @@ class Monitor:
 def _short(name: str) -> str:
     """A module path's last two parts that say which layer it is, e.g. 'layer.3'."""
     parts = name.split(".")
-    numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+    numbered = [i for i, p in enumerate(parts) if p.isdigit() and i > 0]
     return ".".join(parts[numbered[-1] - 1: numbered[-1] + 1]) if numbered else name
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dotattn.cli import bench, check, demo, engines, explain
+from dotattn.cli import bench, check, demo, diagnose, engines, explain
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,5 +16,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_parser(commands)
     bench.add_parser(commands)
     explain.add_parser(commands)
+    diagnose.add_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,74 @@
+"""``dotattn diagnose``: the real all-MiniLM-L6-v2 run through dotattn under a ``diagnostics.Monitor``.
+
+Every sentence is run on its own (no padding rows to blur the statistics) and the calls
+add up per layer; the table has one line per layer and head, and heads that are
+saturated, near-uniform, sinks on the first token, or saw masked or non-finite rows are
+flagged. A heatmap of the three key statistics (layers x heads) goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import dotattn
+from dotattn.cli.demo import SENTENCE
+from dotattn.cli.explain import load_model
+from dotattn.diagnostics import Monitor
+
+SENTENCES = (
+    SENTENCE,
+    "The animal didn't cross the street because it was too tired.",
+    "Attention is what teams reach for when they debug a model in production.",
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("diagnose", help="per layer and head attention statistics of a real model, with flags")
+    p.add_argument("sentences", nargs="*", default=list(SENTENCES), help="default: three example sentences")
+    p.add_argument("--engine", default="auto", help="engine that runs the model's attention (default auto)")
+    p.add_argument("--saturated", type=float, default=0.9, help="flag heads whose mean max prob exceeds this")
+    p.add_argument("--uniform", type=float, default=0.9, help="flag heads whose normalized entropy exceeds this")
+    p.add_argument("--sink", type=float, default=0.5, help="flag heads whose first-token mass exceeds this")
+    p.add_argument("--out", type=Path, default=Path("out/diagnose"), help="folder for the PNG (default out/diagnose)")
+    p.set_defaults(run=run)
+
+
+def diagnose(sentences: list[str], engine: str = "auto") -> Monitor:
+    """A Monitor that saw all-MiniLM-L6-v2 run every sentence through dotattn (the ``engine``)."""
+    import dotattn.hf
+
+    tokenizer, model = load_model()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(dotattn.hf.register())
+    try:
+        with Monitor(model) as monitor, dotattn.use_engine(engine), torch.no_grad():
+            for sentence in sentences:
+                model(**tokenizer(sentence, return_tensors="pt"))
+    finally:
+        model.set_attn_implementation(previous)
+    return monitor
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.sentences:
+        raise ValueError("give at least one sentence, or none for the defaults")
+    monitor = diagnose(args.sentences, args.engine)
+    print(f"all-MiniLM-L6-v2 through dotattn (engine {args.engine}), {len(args.sentences)} sentence(s):")
+    for s in args.sentences:
+        print(f"  {s}")
+    print("\nper layer and head, over every query row (entropy in nats; normalized: 1 = uniform, 0 = one-hot):")
+    print(monitor.table())
+    flags = monitor.flags(args.saturated, args.uniform, args.sink)
+    counts = Counter(f.what for f in flags)
+    heads = sum(s.heads for s in monitor)
+    print(f"\nflags: {len(flags)} on {heads} heads" + ("" if not flags else ": " + ", ".join(
+        f"{n} {what}" for what, n in counts.items())))
+    for f in flags:
+        print(f"  {f}")
+    path = monitor.plot(args.out / "diagnose.png", f"all-MiniLM-L6-v2, {len(args.sentences)} sentence(s)")
+    print(f"\nwrote {path}")
+    return 0
