@@ -15,10 +15,12 @@ $(VENV)/.installed: pyproject.toml setup.py src/dotattn/csrc/tiled_cpu.cpp
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,plots]'
 	touch $@
 
-# The seed's steps on the real all-MiniLM-L6-v2 (heatmaps in out/explain), then a quick
-# side-by-side benchmark against torch SDPA (table, CSV/JSON and a plot in out/bench).
+# The seed's steps on the real all-MiniLM-L6-v2 (heatmaps in out/explain), its heads'
+# statistics and flags (out/diagnose), then a quick side-by-side benchmark against torch
+# SDPA (table, CSV/JSON and a plot in out/bench).
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/dotattn explain
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/dotattn diagnose
 	$(VENV)/bin/dotattn bench --quick
 
 # pytest exits 5 when it collects no test: not a failure of the code.
