@@ -19,6 +19,9 @@ from dotattn._inputs import Problem
 from dotattn.engines.base import AttentionResult, Engine, EngineNotSupportedError, Support
 from dotattn.engines.reference import ReferenceEngine
 from dotattn.engines.tiled import TiledEngine
+# imports without triton: the kernels load on the first run, and the engine reports
+# "triton is not installed (pip install triton)" when it is missing
+from dotattn.engines.triton import TritonEngine
 
 __all__ = [
     "AttentionResult",
@@ -141,3 +144,4 @@ def select(problem: Problem, engine: str = "auto") -> Engine:
 
 register(ReferenceEngine())
 register(TiledEngine())
+register(TritonEngine())

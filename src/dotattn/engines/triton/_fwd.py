@@ -1,0 +1,229 @@
+"""The Triton forward kernel, and the device helpers the backward kernels share.
+
+Scores are kept in log2 units (``qk_scale = scale · log2 e``), so the softmax runs on
+``exp2``; the saved lse is ``m_i + log2(l_i)`` in those units, +inf for a row that sees
+no key (so backward's ``exp2(s - lse)`` is 0 there, never NaN). The engine converts it
+to the natural log, -inf for such rows, before the user sees it.
+
+A program owns one query block of one (batch, query head). It visits the key tiles the
+mask's block map lists for its block, in two phases: FULL tiles without any mask work,
+then PARTIAL tiles with the mask evaluated in the kernel: row spans (each row may attend
+keys lo <= j < hi: causal in both alignments, sliding windows, padding, prefix-LM,
+sorted documents and their intersections, from O(L) numbers), a boolean tensor read
+tile by tile, and an additive bias read tile by tile. EMPTY tiles are never listed.
+
+Shape legend: N flattened batch, Hq/Hkv heads (query head h reads kv head h // G),
+Lq/Lk lengths, E head dim, Ev value dim, BLOCK_E/BLOCK_EV their next powers of two.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST computes in float32: Triton's interpreter multiplies bfloat16
+    operands as raw bits (triton 3.9), while a GPU's bf16 MMA takes exact products in
+    float32 anyway, so the two agree."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 values held in int64, as ``dotattn._dropout.mix32``: a product
+    wraps in int64, and its low 32 bits are the uint32 product."""
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keep(seed, bh, offs_m, offs_n, threshold_shifted, TRANSPOSED: tl.constexpr):
+    """The shared dropout pattern of one tile (``dotattn._dropout.keep_mask``): bool
+    (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) when TRANSPOSED. The threshold arrives
+    shifted by -2**31 so it fits an int32 argument."""
+    row_key = _mix32(_mix32(bh.to(tl.int64) ^ seed) ^ _mix32(offs_m.to(tl.int64)))
+    cols = offs_n.to(tl.int64)
+    if TRANSPOSED:
+        u = _mix32(row_key[None, :] ^ cols[:, None])
+    else:
+        u = _mix32(row_key[:, None] ^ cols[None, :])
+    return (u - 2147483648) >= threshold_shifted
+
+
+@triton.jit
+def _tile_allowed(
+    offs_m, offs_n, Lq, Lk,
+    span_lo, span_hi,  # int32 (BLOCK_M,) of this block's rows
+    allowed_base, stride_am, stride_ak,  # the bool mask of this (batch, head), as uint8
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """Which entries of a PARTIAL tile may attend: bool (BLOCK_M, BLOCK_N), or
+    (BLOCK_N, BLOCK_M) when TRANSPOSED (the dk/dv kernel's layout)."""
+    if TRANSPOSED:
+        m = offs_m[None, :]
+        n = offs_n[:, None]
+        lo = span_lo[None, :]
+        hi = span_hi[None, :]
+    else:
+        m = offs_m[:, None]
+        n = offs_n[None, :]
+        lo = span_lo[:, None]
+        hi = span_hi[:, None]
+    inside = (m < Lq) & (n < Lk)
+    ok = inside
+    if HAS_SPANS:
+        ok = ok & (n >= lo) & (n < hi)
+    if HAS_ALLOWED:
+        ok = ok & (tl.load(allowed_base + m * stride_am + n * stride_ak, mask=inside, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, TRANSPOSED: tl.constexpr):
+    """The additive mask of one tile in log2 units, float32, 0 outside Lq x Lk."""
+    if TRANSPOSED:
+        m = offs_m[None, :]
+        n = offs_n[:, None]
+    else:
+        m = offs_m[:, None]
+        n = offs_n[None, :]
+    b = tl.load(bias_base + m * stride_bm + n * stride_bk, mask=(m < Lq) & (n < Lk), other=0.0)
+    return b.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+    idx_base, count,  # the key tiles to visit: count indices at idx_base (or 0..count-1 when idx_base is None)
+    offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
+    span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+    seed, bh, threshold_shifted, inv_keep,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One phase of the forward: fold ``count`` key tiles into the running m_i, l_i, acc."""
+    for t in range(0, count):
+        if LISTED:
+            start_n = tl.load(idx_base + t) * BLOCK_N
+        else:
+            start_n = t * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_kl + offs_e[:, None] * stride_ke  # (BLOCK_E, BLOCK_N)
+        v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_ev[None, :] * stride_ve  # (BLOCK_N, BLOCK_EV)
+        kT = tl.load(k_ptrs, mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < E), other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_n[:, None] < Lk) & (offs_ev[None, :] < Ev), other=0.0)
+        s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
+        if MASKED:  # partial tile: apply the mask
+            if HAS_BIAS:
+                s += _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, False)
+            ok = _tile_allowed(offs_m, offs_n, Lq, Lk, span_lo, span_hi, allowed_base, stride_am, stride_ak,
+                               HAS_SPANS, HAS_ALLOWED, False)
+            s = tl.where(ok, s, float("-inf"))
+        elif not EVEN_N:  # full tile: only the keys past Lk of the last tile
+            s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_keep(seed, bh, offs_m, offs_n, threshold_shifted, False), p * inv_keep, 0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_kl, stride_ke,
+    stride_vb, stride_vh, stride_vl, stride_ve,
+    stride_ob, stride_oh, stride_ol, stride_oe,
+    Hq, G, Lq, Lk, E, Ev, qk_scale,
+    # the mask: row spans (Nm, Hm, Lq), a bool tensor and a bias, each (Nm, Hm, R, C) by strides
+    SpanLo, SpanHi, stride_sb, stride_sh,
+    Allowed, stride_ab, stride_ah, stride_am, stride_ak,
+    Bias, stride_bb, stride_bh, stride_bm, stride_bk,
+    # the block map as tile lists (Nm, Hm, nQ[, nK]): FULL tiles, then PARTIAL tiles
+    FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    n_k_tiles, seed, threshold_shifted, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) float32, log2 units; grid (cdiv(Lq, BLOCK_M), N·Hq)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    n = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    q_ptrs = Q + n * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & (offs_e[None, :] < E), other=0.0)
+    k_base = K + n * stride_kb + (h // G) * stride_kh
+    v_base = V + n * stride_vb + (h // G) * stride_vh
+
+    span_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    span_hi = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_SPANS:
+        span_lo = tl.load(SpanLo + n * stride_sb + h * stride_sh + offs_m, mask=offs_m < Lq, other=0)
+        span_hi = tl.load(SpanHi + n * stride_sb + h * stride_sh + offs_m, mask=offs_m < Lq, other=0)
+    allowed_base = Allowed + n * stride_ab + h * stride_ah
+    bias_base = Bias + n * stride_bb + h * stride_bh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+    if HAS_MAP:
+        at = n * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
+        lists = n * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
+        # off-band tiles: every entry may attend, no mask work
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+            FullIdx + lists, tl.load(FullCount + at),
+            offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            seed, bh, threshold_shifted, inv_keep,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+        )
+        # partial tiles (the diagonal band, the edges): apply the mask
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+            PartIdx + lists, tl.load(PartCount + at),
+            offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            seed, bh, threshold_shifted, inv_keep,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+        )
+    else:  # no mask: every tile is full
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+            FullIdx, n_k_tiles,
+            offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            seed, bh, threshold_shifted, inv_keep,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+        )
+
+    alive = l_i > 0.0  # a row that sees no key: output 0, lse +inf (the engine reports -inf)
+    acc = acc / tl.where(alive, l_i, 1.0)[:, None]
+    lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("inf"))
+    o_ptrs = Out + n * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_ev[None, :] < Ev))
+    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
