@@ -225,6 +225,7 @@ class _Call:
     problem: Problem
     blocks: tuple[int, int] | None  # fixed (BLOCK_M, BLOCK_N), or None to autotune
     parts: _MaskParts
+    split: bool  # 16-bit inputs: P and dS enter their GEMMs as hi + lo halves
 
     def __post_init__(self) -> None:
         p = self.problem
@@ -239,6 +240,9 @@ class _Call:
         else:
             self.precision = "tf32"  # ignored for 16-bit operands
         self.upcast = self.interpreted and dtype == torch.bfloat16
+        # Triton's interpreter rounds float32 -> 16-bit by truncation (triton 3.9), so there the
+        # kernels store float32 and torch rounds to nearest; a GPU rounds to nearest itself.
+        self.store_dtype = torch.float32 if self.interpreted else dtype
         self.empty = 0 in (self.N, p.Hq, p.Lq, p.Lk)
         if p.dropout_p > 0:
             threshold = min(int(round(p.dropout_p * 2**32)), 2**32 - 1)
@@ -264,7 +268,7 @@ class _Call:
         return dict(
             HAS_SPANS=self.parts.lo is not None, HAS_ALLOWED=self.parts.allowed is not None,
             HAS_BIAS=bias is not None, HAS_DROPOUT=p.dropout_p > 0,
-            PRECISION=self.precision, UPCAST=self.upcast,
+            PRECISION=self.precision, UPCAST=self.upcast, SPLIT=self.split and p.query.dtype != torch.float32,
         )
 
     def _lists(self, bm: int, bn: int, transposed: bool) -> list:
@@ -287,10 +291,10 @@ class _Call:
     # -- forward ------------------------------------------------------------------
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
-        """out (N, Hq, Lq, Ev) in the input dtype, lse (N, Hq, Lq) float32 in log2 units."""
+        """out (N, Hq, Lq, Ev) in the store dtype, lse (N, Hq, Lq) float32 in log2 units."""
         p = self.problem
         q, k, v = self._inputs(q, k, v)
-        out = torch.zeros(self.N, p.Hq, p.Lq, p.Ev, dtype=q.dtype, device=q.device)
+        out = torch.zeros(self.N, p.Hq, p.Lq, p.Ev, dtype=self.store_dtype, device=q.device)
         lse = torch.full((self.N, p.Hq, p.Lq), float("inf"), dtype=torch.float32, device=q.device)
         if self.empty:
             return out, lse
@@ -327,9 +331,9 @@ class _Call:
         p = self.problem
         qc, kc, vc = self._inputs(q, k, v)
         do = d_out.to(qc.dtype)
-        dq = torch.zeros(self.N, p.Hq, p.Lq, p.E, dtype=qc.dtype, device=qc.device)
-        dk = torch.zeros(self.N, p.Hkv, p.Lk, p.E, dtype=qc.dtype, device=qc.device)
-        dv = torch.zeros(self.N, p.Hkv, p.Lk, p.Ev, dtype=qc.dtype, device=qc.device)
+        dq = torch.zeros(self.N, p.Hq, p.Lq, p.E, dtype=self.store_dtype, device=qc.device)
+        dk = torch.zeros(self.N, p.Hkv, p.Lk, p.E, dtype=self.store_dtype, device=qc.device)
+        dv = torch.zeros(self.N, p.Hkv, p.Lk, p.Ev, dtype=self.store_dtype, device=qc.device)
         ds = (torch.zeros(self.N, p.Hq, p.Lq, p.Lk, dtype=torch.float32, device=qc.device)
               if bias_grad else None)
         if not self.empty:
@@ -443,9 +447,20 @@ class TritonEngine(Engine):
     # CUDA only; CPU tensors too while Triton interprets (TRITON_INTERPRET=1), for tests
     _SUPPORT = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256)
 
-    def __init__(self, block_m: int | None = None, block_n: int | None = None) -> None:
+    def __init__(self, block_m: int | None = None, block_n: int | None = None,
+                 split_half_gemms: bool | None = None) -> None:
         self.block_m = block_m  # None: autotuned on the GPU, INTERPRETER_BLOCKS in the interpreter
         self.block_n = block_n
+        # float16/bfloat16: P and dS are rounded to the input dtype for their GEMMs. On CUDA
+        # once, as FlashAttention and torch's own GPU kernels do; on CPU (the interpreter) as
+        # hi + lo halves, since torch's CPU kernels, the baseline there, keep them in float32.
+        # None: decided by the device; True/False: always.
+        self.split_half_gemms = split_half_gemms
+
+    def _split(self, problem: Problem) -> bool:
+        if self.split_half_gemms is None:
+            return problem.query.device.type != "cuda"
+        return self.split_half_gemms
 
     @property
     def support(self) -> Support:
@@ -478,9 +493,9 @@ class TritonEngine(Engine):
         p = problem
         blocks = None if self.block_m is None else (self.block_m, self.block_n or self.block_m)
         parts = _MaskParts.of(p)
-        call = _Call(p, blocks, parts)
+        call = _Call(p, blocks, parts, self._split(p))
         out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, parts.bias)
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
         lse2 = lse2.reshape(*p.batch_shape, p.Hq, p.Lq)
         lse = torch.where(torch.isinf(lse2), _NEG_INF, lse2 / LOG2E)  # natural log; -inf: sees nothing
         if not p.inputs_finite:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dotattn.engines.triton._fwd import _dot, _keep, _tile_allowed, _tile_bias
+from dotattn.engines.triton._fwd import _dot, _dot_rounded, _keep, _tile_allowed, _tile_bias
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _attn_bwd_dkdv_inner(
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of dk/dv for one query head: ``count`` query tiles, in the transposed
     layout (keys along the rows) so dk and dv accumulate without transposing P."""
@@ -87,12 +87,12 @@ def _attn_bwd_dkdv_inner(
         dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
         if HAS_DROPOUT:
             keepT = _keep(seed, bh, offs_m, offs_n, threshold_shifted, True)
-            dv = _dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv, PRECISION, UPCAST)
+            dv = _dot_rounded(tl.where(keepT, pT * inv_keep, 0.0), do, dv, PRECISION, UPCAST, SPLIT)
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
         else:
-            dv = _dot(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
+            dv = _dot_rounded(pT, do, dv, PRECISION, UPCAST, SPLIT)
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
+        dk = _dot_rounded(dsT, tl.trans(qT), dk, PRECISION, UPCAST, SPLIT)
     return dk, dv
 
 
@@ -112,7 +112,7 @@ def attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dk (N, Hkv, Lk, E), dv (N, Hkv, Lk, Ev); grid (cdiv(Lk, BLOCK_N), N·Hkv).
     The tile lists are (Nm, Hm, nK, nQ): query tiles per key tile."""
@@ -148,7 +148,7 @@ def attn_bwd_dkdv(
             offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_M, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+            BLOCK_M, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
         dk, dv = _attn_bwd_dkdv_inner(
@@ -157,7 +157,7 @@ def attn_bwd_dkdv(
             offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_M, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+            BLOCK_M, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
     out = bhk.to(tl.int64) * Lk
     tl.store(DK + (out + offs_n[:, None]) * E + offs_e[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -176,7 +176,7 @@ def _attn_bwd_dq_inner(
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of dq: ``count`` key tiles."""
     for t in range(0, count):
@@ -207,7 +207,7 @@ def _attn_bwd_dq_inner(
         if STORE_DS:  # the gradient of an additive mask is the score gradient
             tl.store(ds_base + offs_m[:, None] * Lk + offs_n[None, :], ds,
                      mask=(offs_m[:, None] < Lq) & in_n[None, :])
-        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION, UPCAST)
+        dq = _dot_rounded(ds, tl.trans(kT), dq, PRECISION, UPCAST, SPLIT)
     return dq
 
 
@@ -227,7 +227,7 @@ def attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dq (N, Hq, Lq, E) and, with STORE_DS, dS (N, Hq, Lq, Lk) float32 on visited tiles;
     grid (cdiv(Lq, BLOCK_M), N·Hq)."""
@@ -268,7 +268,7 @@ def attn_bwd_dq(
             span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
             BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, STORE_DS,
-            PRECISION, UPCAST,
+            PRECISION, UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
         dq = _attn_bwd_dq_inner(
@@ -278,7 +278,7 @@ def attn_bwd_dq(
             span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
             BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, STORE_DS,
-            PRECISION, UPCAST,
+            PRECISION, UPCAST, SPLIT,
         )
     else:
         dq = _attn_bwd_dq_inner(
@@ -288,7 +288,7 @@ def attn_bwd_dq(
             span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
             BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, STORE_DS,
-            PRECISION, UPCAST,
+            PRECISION, UPCAST, SPLIT,
         )
     tl.store(DQ + (bh.to(tl.int64) * Lq + offs_m[:, None]) * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_m[:, None] & (offs_e[None, :] < E))

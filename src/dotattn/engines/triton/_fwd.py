@@ -36,6 +36,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_rounded(p, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + p @ b for a float32 p (probabilities, score gradients) and b in the input
+    dtype: p is rounded to b's dtype, as FlashAttention does; with SPLIT (16-bit inputs)
+    also its rounding error, p = hi + lo, for twice the precision at twice the MMAs."""
+    hi = p.to(b.dtype)
+    acc = _dot(hi, b, acc, PRECISION, UPCAST)
+    if SPLIT:
+        acc = _dot((p - hi.to(tl.float32)).to(b.dtype), b, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def _mix32(x):
     """lowbias32 on uint32 values held in int64, as ``dotattn._dropout.mix32``: a product
     wraps in int64, and its low 32 bits are the uint32 product."""
@@ -112,7 +124,7 @@ def _attn_fwd_inner(
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of the forward: fold ``count`` key tiles into the running m_i, l_i, acc."""
     for t in range(0, count):
@@ -141,7 +153,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, threshold_shifted, False), p * inv_keep, 0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        acc = _dot_rounded(p, v, acc * alpha[:, None], PRECISION, UPCAST, SPLIT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -164,7 +176,7 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) float32, log2 units; grid (cdiv(Lq, BLOCK_M), N·Hq)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -200,7 +212,7 @@ def attn_fwd(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
         # partial tiles (the diagonal band, the edges): apply the mask
         acc, l_i, m_i = _attn_fwd_inner(
@@ -209,7 +221,7 @@ def attn_fwd(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
     else:  # no mask: every tile is full
         acc, l_i, m_i = _attn_fwd_inner(
@@ -218,7 +230,7 @@ def attn_fwd(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
 
     alive = l_i > 0.0  # a row that sees no key: output 0, lse +inf (the engine reports -inf)
