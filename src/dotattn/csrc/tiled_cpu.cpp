@@ -26,6 +26,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -663,6 +666,338 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};
 }
 
+// ---------------------------------------------------------------------------
+// Split-K decoding forward ("flash-decoding"): few query rows against a long KV cache.
+// ---------------------------------------------------------------------------
+//
+//   q: (N, Hkv, R, E) compute type, contiguous; R = G·Lq, the query heads that share a kv
+//      head stacked into rows, so each key and value is read once per kv head
+//   k: (N, Hkv, Lk, E)  v: (N, Hkv, Lk, Ev) storage type (float, double, bfloat16), any
+//      strides with the last dim contiguous (a KV cache's views are read in place)
+//   lo, hi: int32 (N, Hkv, R) contiguous, row r may attend keys lo <= j < hi
+//   out: (S, N, Hkv, R, Ev), lse: (S, N, Hkv, R) compute type: the softmax of each part of
+//      the keys on its own, which Python merges by lse.
+//
+// Task (n, hk, s) takes the s-th of S equal parts of [min lo, max hi), the keys some row of
+// (n, hk) may attend: keys that no row sees (left padding) are never read and no part sits
+// idle on them. It calls no BLAS: with a handful of rows a GEMM call is mostly overhead.
+// Instead register-blocked loops (2 rows x 4 keys for the scores, 4 rows x 2 vectors for
+// the values) read each key and value tile from memory once, for every row.
+
+// Keys per tile: the tile's keys, values and scores stay in L1 while the rows use them.
+constexpr int kDecodeTile = 32;
+
+// x[0:kW] as float: a plain load, or bfloat16 widened (its bits are a float's upper half).
+inline vfloat vload_f(const float* x) { return vload(x); }
+
+inline vfloat vload_f(const at::BFloat16* x) {
+  typedef uint16_t vu16 __attribute__((vector_size(kW * sizeof(uint16_t))));
+  typedef uint32_t vu32 __attribute__((vector_size(kW * sizeof(uint32_t))));
+  vu16 h;
+  std::memcpy(&h, x, sizeof(h));
+  const vu32 w = __builtin_convertvector(h, vu32) << 16;
+  vfloat f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// rows x n of src (leading dim ld) into dst (leading dim n) as float; bfloat16 widens exactly.
+template <typename In>
+inline void widen(const In* src, int64_t ld, int rows, int n, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const In* sr = src + r * ld;
+    float* dr = dst + static_cast<int64_t>(r) * n;
+    int e = 0;
+    for (; e + kW <= n; e += kW) vstore(dr + e, vload_f(sr + e));
+    for (; e < n; ++e) dr[e] = static_cast<float>(sr[e]);
+  }
+}
+
+// Lane i of the result is the sum of a[i]'s lanes (i < 8): the horizontal sums of eight
+// accumulators at once.
+inline vfloat sums8(const vfloat* a) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // 128-bit halves' sums
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  vfloat out = {};
+  for (int i = 0; i < 8; ++i) out[i] = hsum(a[i]);
+  return out;
+#endif
+}
+
+// s[r * lds + c] = scale · q_r · key_c for r < rows, c < cols; q contiguous (rows, E), keys
+// float rows of leading dim ldk. Blocks of 2 rows x 4 keys share every load.
+inline void tile_scores(const float* q, int E, int rows, const float* keys, int64_t ldk, int cols, float scale,
+                        float* s, int lds) {
+  const bool blocked = E % kW == 0;
+  int r = 0;
+  for (; blocked && r + 2 <= rows; r += 2) {
+    const float* q0 = q + static_cast<int64_t>(r) * E;
+    const float* q1 = q0 + E;
+    int c = 0;
+    for (; c + 4 <= cols; c += 4) {
+      const float* k0 = keys + c * ldk;
+      vfloat a[8] = {};
+      for (int e = 0; e < E; e += kW) {
+        const vfloat x0 = vload(q0 + e), x1 = vload(q1 + e);
+        const vfloat y0 = vload(k0 + e), y1 = vload(k0 + ldk + e), y2 = vload(k0 + 2 * ldk + e),
+                     y3 = vload(k0 + 3 * ldk + e);
+        a[0] += x0 * y0, a[1] += x0 * y1, a[2] += x0 * y2, a[3] += x0 * y3;
+        a[4] += x1 * y0, a[5] += x1 * y1, a[6] += x1 * y2, a[7] += x1 * y3;
+      }
+      const vfloat d = sums8(a) * scale;
+      for (int i = 0; i < 4; ++i) {
+        s[r * lds + c + i] = d[i];
+        s[(r + 1) * lds + c + i] = d[4 + i];
+      }
+    }
+    for (; c < cols; ++c) {
+      vfloat a0 = {}, a1 = {};
+      for (int e = 0; e < E; e += kW) {
+        const vfloat y = vload(keys + c * ldk + e);
+        a0 += vload(q0 + e) * y;
+        a1 += vload(q1 + e) * y;
+      }
+      s[r * lds + c] = scale * hsum(a0);
+      s[(r + 1) * lds + c] = scale * hsum(a1);
+    }
+  }
+  for (; r < rows; ++r) {  // a last odd row, or a head dim the vectors do not divide
+    const float* qr = q + static_cast<int64_t>(r) * E;
+    for (int c = 0; c < cols; ++c) {
+      const float* kc = keys + c * ldk;
+      vfloat a = {};
+      int e = 0;
+      for (; e + kW <= E; e += kW) a += vload(qr + e) * vload(kc + e);
+      float d = hsum(a);
+      for (; e < E; ++e) d += qr[e] * kc[e];
+      s[r * lds + c] = scale * d;
+    }
+  }
+}
+
+// acc_r[0:Ev] += sum over c < cols of p_r[c] · value_c for `rows` rows (acc leading dim Ev,
+// p leading dim lds, values float rows of leading dim ldv). Blocks of 4 rows x 2 vectors
+// share every load; pass rows = 4 only for rows whose keys are the same.
+inline void tile_values(float* acc, int Ev, int rows, const float* p, int lds, const float* values, int64_t ldv,
+                        int cols) {
+  int e = 0;
+  if (rows == 4) {
+    for (; e + 2 * kW <= Ev; e += 2 * kW) {
+      vfloat a[8];
+      for (int r = 0; r < 4; ++r) a[2 * r] = vload(acc + r * Ev + e), a[2 * r + 1] = vload(acc + r * Ev + e + kW);
+      for (int c = 0; c < cols; ++c) {
+        const vfloat y0 = vload(values + c * ldv + e), y1 = vload(values + c * ldv + e + kW);
+        for (int r = 0; r < 4; ++r) {
+          const float pc = p[r * lds + c];
+          a[2 * r] += pc * y0;
+          a[2 * r + 1] += pc * y1;
+        }
+      }
+      for (int r = 0; r < 4; ++r) vstore(acc + r * Ev + e, a[2 * r]), vstore(acc + r * Ev + e + kW, a[2 * r + 1]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* ar = acc + r * Ev;
+    const float* pr = p + r * lds;
+    int f = e;
+    for (; f + kW <= Ev; f += kW) {
+      vfloat a = vload(ar + f);
+      for (int c = 0; c < cols; ++c) a += pr[c] * vload(values + c * ldv + f);
+      vstore(ar + f, a);
+    }
+    for (; f < Ev; ++f) {
+      float a = ar[f];
+      for (int c = 0; c < cols; ++c) a += pr[c] * values[c * ldv + f];
+      ar[f] = a;
+    }
+  }
+}
+
+// float64 is for testing: plain loops.
+inline void tile_scores(const double* q, int E, int rows, const double* keys, int64_t ldk, int cols, double scale,
+                        double* s, int lds) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      double d = 0;
+      for (int e = 0; e < E; ++e) d += q[static_cast<int64_t>(r) * E + e] * keys[c * ldk + e];
+      s[r * lds + c] = scale * d;
+    }
+}
+
+inline void tile_values(double* acc, int Ev, int rows, const double* p, int lds, const double* values, int64_t ldv,
+                        int cols) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c)
+      for (int e = 0; e < Ev; ++e) acc[r * Ev + e] += p[r * lds + c] * values[c * ldv + e];
+}
+
+// The sum of x[0:n]: finite exactly when every entry is (or an overflow, which is rare and
+// only costs a rerun).
+inline float finite_sum(const float* x, int n) {
+  vfloat acc = {};
+  for (int c = 0; c + kW <= n; c += kW) acc += vload(x + c);
+  float sum = hsum(acc);
+  for (int c = n - n % kW; c < n; ++c) sum += x[c];
+  return sum;
+}
+
+inline double finite_sum(const double* x, int n) {
+  double sum = 0;
+  for (int c = 0; c < n; ++c) sum += x[c];
+  return sum;
+}
+
+template <typename In, typename T>
+void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+                  const at::Tensor& hi, at::Tensor& out, at::Tensor& lse, double scale_, int64_t S) {
+  const int64_t N = q.size(0), Hkv = q.size(1), R = q.size(2), Lk = k.size(2);
+  const int E = static_cast<int>(q.size(3)), Ev = static_cast<int>(v.size(3));
+  const T scale = static_cast<T>(scale_);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const T* q_p = q.data_ptr<T>();
+  const Rows<In> K(k), V(v);
+  const int32_t* lo_p = lo.data_ptr<int32_t>();
+  const int32_t* hi_p = hi.data_ptr<int32_t>();
+  T* out_p = out.data_ptr<T>();
+  T* lse_p = lse.data_ptr<T>();
+  const int64_t tasks = N * Hkv * S;
+  constexpr bool widened = !std::is_same_v<In, T>;  // bfloat16 tiles are widened to float once
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    // Per-thread workspace: one tile's scores (and widened keys and values), the
+    // accumulators and the running row state.
+    std::vector<T> s(static_cast<size_t>(R) * kDecodeTile), acc(static_cast<size_t>(R) * Ev);
+    std::vector<T> k_tile(widened ? static_cast<size_t>(kDecodeTile) * E : 0);
+    std::vector<T> v_tile(widened ? static_cast<size_t>(kDecodeTile) * Ev : 0);
+    std::vector<T> m_i(R), l_i(R);
+    std::vector<int> a_r(R), b_r(R);
+    std::vector<uint8_t> seen_garbage(R);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t part = t % S, nh = t / S, n = nh / Hkv, hk = nh % Hkv;
+      std::fill(seen_garbage.begin(), seen_garbage.end(), 0);
+      const int32_t* row_lo = lo_p + nh * R;
+      const int32_t* row_hi = hi_p + nh * R;
+      // The keys some row sees, then this task's part of them.
+      int64_t first = Lk, last = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        if (row_lo[r] >= row_hi[r]) continue;
+        first = std::min<int64_t>(first, row_lo[r]);
+        last = std::max<int64_t>(last, row_hi[r]);
+      }
+      const int64_t per_part = last > first ? (last - first + S - 1) / S : 0;
+      const int64_t j_begin = first + part * per_part;
+      const int64_t j_end = std::min(last, j_begin + per_part);
+      const T* qh = q_p + nh * R * E;
+      std::fill(m_i.begin(), m_i.end(), neg_inf);
+      std::fill(l_i.begin(), l_i.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeTile) {
+        const int cols = static_cast<int>(std::min<int64_t>(kDecodeTile, j_end - j0));
+        const T* keys = nullptr;
+        const T* values = nullptr;
+        int64_t ldk = E, ldv = Ev;
+        if constexpr (widened) {
+          widen(K.at(n, hk, j0), K.ld(), cols, E, k_tile.data());
+          keys = k_tile.data();
+        } else {
+          keys = K.at(n, hk, j0), ldk = K.ld();
+        }
+        // S = scale Q Kᵀ for every row against the tile's keys (rows x cols) ...
+        tile_scores(qh, E, static_cast<int>(R), keys, ldk, cols, scale, s.data(), kDecodeTile);
+        // ... then each row keeps only its span: a key outside it, garbage or not, becomes
+        // -inf here and never reaches that row's values.
+        bool any = false;
+        for (int64_t r = 0; r < R; ++r) {
+          T* sr = s.data() + r * kDecodeTile;
+          const int a = static_cast<int>(std::clamp<int64_t>(row_lo[r] - j0, 0, cols));
+          const int b = static_cast<int>(std::clamp<int64_t>(row_hi[r] - j0, a, cols));
+          a_r[r] = a, b_r[r] = b;
+          if (a == b) continue;  // the row sees nothing here: its state stays as it is
+          any = true;
+          // A NaN or inf among the scores a row sees came from garbage in q or a key it may
+          // attend: the row's result becomes NaN, and Python reruns the problem on the tiled
+          // engine, which marks exactly the rows that saw garbage.
+          if (!std::isfinite(finite_sum(sr + a, b - a))) seen_garbage[r] = 1;
+          // Online softmax: new row max, rescale factor, P~ = exp(S - m) in place, row sum.
+          const T m_new = std::max(m_i[r], row_max(sr + a, b - a));
+          const T m_safe = m_new == neg_inf ? T(0) : m_new;
+          const T sum = exp_sum(sr + a, b - a, m_safe);
+          const T alpha = exp_nonpos(m_i[r] - m_safe);
+          l_i[r] = l_i[r] * alpha + sum;
+          m_i[r] = m_new;
+          if (alpha != T(1)) {
+            T* ar = acc.data() + r * Ev;
+            for (int e = 0; e < Ev; ++e) ar[e] *= alpha;
+          }
+        }
+        if (!any) continue;
+        if constexpr (widened) {
+          widen(V.at(n, hk, j0), V.ld(), cols, Ev, v_tile.data());
+          values = v_tile.data();
+        } else {
+          values = V.at(n, hk, j0), ldv = V.ld();
+        }
+        // acc += P~ V, each row over its own keys; four rows with the same keys go together.
+        for (int64_t r = 0; r < R;) {
+          const int a = a_r[r], b = b_r[r];
+          int rows = 1;
+          if (r + 4 <= R && a_r[r + 1] == a && a_r[r + 2] == a && a_r[r + 3] == a && b_r[r + 1] == b &&
+              b_r[r + 2] == b && b_r[r + 3] == b)
+            rows = 4;
+          if (b > a)
+            tile_values(acc.data() + r * Ev, Ev, rows, s.data() + r * kDecodeTile + a, kDecodeTile, values + a * ldv,
+                        ldv, b - a);
+          r += rows;
+        }
+      }
+      // Normalise; a part where a row sees no key gives 0 and lse -inf.
+      T* out_rows = out_p + (part * N * Hkv + nh) * R * Ev;
+      T* lse_rows = lse_p + part * N * Hkv * R + nh * R;
+      for (int64_t r = 0; r < R; ++r) {
+        const bool alive = l_i[r] > 0;
+        const T inv = seen_garbage[r] ? std::numeric_limits<T>::quiet_NaN() : alive ? T(1) / l_i[r] : T(0);
+        for (int e = 0; e < Ev; ++e) out_rows[r * Ev + e] = acc[r * Ev + e] * inv;
+        lse_rows[r] = seen_garbage[r] ? inv : alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
+      }
+    }
+  }
+}
+
+std::vector<at::Tensor> split_k_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& lo, const at::Tensor& hi, double scale, int64_t parts) {
+  const auto st = k.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "split_k_forward takes float32, float64 or bfloat16 keys and values");
+  TORCH_CHECK(v.scalar_type() == st && q.scalar_type() == compute_type(k), "q must be in k's compute dtype, v in k's");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.is_contiguous(), "q (N, Hkv, R, E) contiguous, k, v 4-D");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && v.sizes().slice(0, 3) == k.sizes().slice(0, 3) &&
+                  k.size(3) == q.size(3), "q, k, v sizes do not fit (N, Hkv, R, E), (N, Hkv, Lk, E), (N, Hkv, Lk, Ev)");
+  TORCH_CHECK(lo.is_contiguous() && hi.is_contiguous() && lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt &&
+                  lo.sizes() == q.sizes().slice(0, 3) && hi.sizes() == lo.sizes(),
+              "row spans must be contiguous int32 (N, Hkv, R)");
+  TORCH_CHECK(parts >= 1, "parts must be >= 1");
+  const int64_t N = q.size(0), Hkv = q.size(1), R = q.size(2), Ev = v.size(3);
+  at::Tensor out = at::empty({parts, N, Hkv, R, Ev}, q.options());
+  at::Tensor lse = at::empty({parts, N, Hkv, R}, q.options());
+  switch (st) {
+    case at::kFloat:
+      split_k_impl<float, float>(q, k, v, lo, hi, out, lse, scale, parts);
+      break;
+    case at::kDouble:
+      split_k_impl<double, double>(q, k, v, lo, hi, out, lse, scale, parts);
+      break;
+    default:
+      split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, out, lse, scale, parts);
+  }
+  return {out, lse};
+}
+
 bool has_blas() { return SGEMM != nullptr && DGEMM != nullptr; }
 
 // Seconds per call of the kernel's two tile GEMMs (S = Q Kᵀ, then P V; bq x bk tiles, head
@@ -704,6 +1039,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward,
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
+  m.def("split_k_forward", &split_k_forward,
+        "out, lse = split_k_forward(q, k, v, lo, hi, scale, parts): each part's softmax over its share of the keys");
   m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.def("tile_gemm_seconds", &tile_gemm_seconds,
         "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");

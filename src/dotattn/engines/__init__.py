@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from dotattn._inputs import Problem
 from dotattn.engines.base import AttentionResult, Engine, EngineNotSupportedError, Support
 from dotattn.engines.reference import ReferenceEngine
+from dotattn.engines.split_k import SplitKEngine
 from dotattn.engines.tiled import TiledEngine
 # imports without triton: the kernels load on the first run, and the engine reports
 # "triton is not installed (pip install triton)" when it is missing
@@ -145,3 +146,4 @@ def select(problem: Problem, engine: str = "auto") -> Engine:
 register(ReferenceEngine())
 register(TiledEngine())
 register(TritonEngine())
+register(SplitKEngine())

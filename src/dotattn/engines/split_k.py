@@ -1,0 +1,191 @@
+"""The split-K engine ("flash-decoding"): few queries against a long key/value cache.
+
+Decoding asks for one query (or a few) per head against thousands of cached keys. The
+tiled engine gives each query head a task of its own, so every one of them reads its kv
+head's keys and values again (Hq/Hkv times per step), and a GEMM over one or a few query
+rows is mostly call overhead. This engine runs the compiled kernel's ``split_k_forward``
+(``csrc/tiled_cpu.cpp``) instead:
+
+    rows     the G = Hq/Hkv query heads of a kv head stacked into G·Lq rows, so each key
+             and value is read from memory once per step, for every row
+    parts    the keys some row may attend, [min lo, max hi) per (batch, kv head), cut into
+             S equal parts; tasks (batch x kv head x part) run in parallel, so one
+             sequence with one kv head still fills every thread
+    merge    each part's output and lse, merged by lse in float32 (float64 for float64)
+
+The mask reaches the kernel as row spans (``Mask.row_spans``: causal in both alignments,
+left or right padding, windows, and their combinations; a KV cache's decoding mask is
+one). Keys outside every row's span, such as a left-padded row's padding, are never read:
+the parts cover only the keys some row sees, so a part the mask's block map calls EMPTY
+does not exist. Within a part a key outside a row's span meets that row only as a -inf
+score, so garbage there never reaches an output. Garbage that a row may see makes the
+kernel's row NaN, and the problem then reruns on the tiled engine, which marks exactly
+the rows that saw it; no pass over the cache looks for NaN beforehand (it would read the
+cache a second time per step).
+
+Backward is the tiled engine's (FlashAttention-2 recomputes from q, k, v, the output and
+the lse, however they were computed). Problems the kernel does not take (dropout, the
+weights, a float or span-less mask, empty inputs, a build without the kernel) run on the
+tiled engine; ``explain`` says so, and ``engine="auto"`` passes over this engine for them.
+
+Shape legend: N flattened batch, Hq/Hkv heads, G = Hq/Hkv, Lq/Lk lengths, E head dim,
+Ev value dim, R = G·Lq rows per kv head, S parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dotattn._inputs import Problem
+from dotattn.engines import _tiled_kernel
+from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
+from dotattn.engines.tiled import BLOCK_K, BLOCK_Q, TiledEngine, _TiledAttention
+
+_NEG_INF = float("-inf")
+
+
+class _SplitKPlan:
+    """The split-K forward's result as a plan for the tiled engine's autograd node, whose
+    backward runs the tiled kernel's (it needs only q, k, v, the output and the lse)."""
+
+    def __init__(self, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self.problem, self.out, self.lse = problem, out, lse
+        self.biases = []  # a span mask has no float leaves
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out, self.lse
+
+    def gradients(self, *args, **kwargs) -> tuple[torch.Tensor | None, ...]:
+        p = self.problem
+        bf16 = p.query.dtype == torch.bfloat16 and _tiled_kernel.bf16_gemms(p.E, BLOCK_Q, BLOCK_K)[0]
+        return _tiled_kernel.KernelCall(p, BLOCK_Q, BLOCK_K, bf16).gradients(*args, **kwargs)
+
+
+def merge_parts(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge S partial softmaxes over disjoint key sets by their lse.
+
+    out: (S, ..., Ev), lse: (S, ...), float32 or float64; a part whose row saw no key has
+    lse -inf (and output 0). Returns out (..., Ev) and lse (...): 0 and -inf for a row that
+    no part saw, never NaN.
+    """
+    if out.shape[0] == 1:
+        return out[0], lse[0]
+    m = lse.amax(0)
+    m_safe = torch.where(m == _NEG_INF, 0.0, m)
+    w = torch.exp(lse - m_safe)  # (S, ...): 0 for a part that saw nothing
+    total = w.sum(0)
+    alive = total > 0
+    merged = (w.unsqueeze(-1) * out).sum(0) / torch.where(alive, total, 1.0).unsqueeze(-1)
+    return merged, torch.where(alive, m_safe + torch.log(total), _NEG_INF)
+
+
+class SplitKEngine(Engine):
+    name = "split_k"
+    description = ("flash-decoding for few queries against a long KV cache: keys split into parts run in "
+                   "parallel and merged by lse; a kv head's query heads share each key read")
+    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64))
+    priority = 20  # tried before tiled; auto_skip hands everything but decoding shapes to it
+
+    # Where auto picks split-K over the tiled engine (benchmarks/decode.py, --crossover):
+    # with more rows per kv head than this, the tiled engine's GEMM tiles win; below this
+    # many keys there is too little to split.
+    AUTO_MAX_ROWS = 64
+    AUTO_MIN_KEYS = 1024
+    # Parts per thread, so that dynamic scheduling evens out uneven parts, and the fewest
+    # keys worth a part of its own.
+    PARTS_PER_THREAD = 4
+    MIN_PART_KEYS = 256
+
+    def __init__(self) -> None:
+        self._tiled = TiledEngine()
+
+    def tiled_reason(self, problem: Problem) -> str | None:
+        """Why ``problem`` runs on the tiled engine rather than the split-K kernel; None when it does not."""
+        p = problem
+        if _tiled_kernel.MISSING is not None:
+            return _tiled_kernel.MISSING
+        if not hasattr(_tiled_kernel._ext, "split_k_forward"):
+            return ("the compiled kernel dotattn._tiled_cpu predates split_k_forward; rebuild it: "
+                    "pip install --no-build-isolation -e .")
+        if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
+            return "the problem is empty"
+        if p.dropout_p > 0:
+            return "dropout is keyed to each (head, query, key), which the split-K kernel does not draw"
+        if p.return_weights:
+            return "the weights are asked for, which need an (Lq, Lk) pass anyway"
+        if p.mask is not None and (p.mask.is_additive or p.mask.row_spans(p.Lq, p.Lk) is None):
+            return "the mask is not one span of keys per query (a float, dense or block mask)"
+        return None
+
+    def auto_skip(self, problem: Problem) -> str | None:
+        p = problem
+        why = self.tiled_reason(p)
+        if why is not None:
+            return f"it would run on the tiled engine anyway, because {why}"
+        rows = p.Hq // p.Hkv * p.Lq
+        if rows > self.AUTO_MAX_ROWS:
+            return (f"{rows} query rows per kv head (Hq/Hkv·Lq) is more than {self.AUTO_MAX_ROWS}: "
+                    "the tiled engine's GEMM tiles are faster; engine='split_k' forces it")
+        if p.Lk < self.AUTO_MIN_KEYS:
+            return (f"{p.Lk} keys are fewer than {self.AUTO_MIN_KEYS}, too few to split; "
+                    "engine='split_k' forces it")
+        return None
+
+    def parts(self, problem: Problem) -> int:
+        """How many parts the keys of each (batch, kv head) are cut into."""
+        p = problem
+        tasks = math.prod(p.batch_shape) * p.Hkv
+        wanted = -(-self.PARTS_PER_THREAD * torch.get_num_threads() // tasks)
+        return max(1, min(wanted, p.Lk // self.MIN_PART_KEYS))
+
+    def detail(self, problem: Problem) -> str:
+        why = self.tiled_reason(problem)
+        if why is not None:
+            return f"runs on the tiled engine, because {why}"
+        p = problem
+        return (f"split-K kernel, {self.parts(p)} part(s) per (batch, kv head), "
+                f"{p.Hq // p.Hkv * p.Lq} query rows per kv head")
+
+    def run(self, problem: Problem) -> AttentionResult:
+        p = problem
+        if self.tiled_reason(p) is not None:
+            return self._tiled.run(p)
+        with torch.no_grad():
+            out, lse = self._forward(p)
+        if not bool(torch.isfinite(out).all()):  # garbage a row may see: the tiled engine marks it exactly
+            return self._tiled.run(p)
+        if p.requires_grad:
+            out, lse = _TiledAttention.apply(_SplitKPlan(p, out, lse), p.query, p.key, p.value)
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype))
+        return AttentionResult(out, lse if p.return_lse else None, None)
+
+    def _forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq), contiguous, in the compute dtype."""
+        p = problem
+        N, G = math.prod(p.batch_shape), p.Hq // p.Hkv
+        compute = compute_dtype(p.query.dtype)
+        q = p.query.expand(*p.batch_shape, p.Hq, p.Lq, p.E).reshape(N, p.Hkv, G * p.Lq, p.E)
+        q = q.to(compute).contiguous()  # (N, Hkv, R, E): small, so copied once
+        k, v = (x.expand(*p.batch_shape, p.Hkv, p.Lk, x.shape[-1]).reshape(N, p.Hkv, p.Lk, x.shape[-1])
+                for x in (p.key, p.value))  # views for a KV cache's buffers; read in place
+        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+        lo, hi = self._spans(p, N, G)
+        out, lse = _tiled_kernel._ext.split_k_forward(q, k, v, lo, hi, p.scale, self.parts(p))
+        out, lse = merge_parts(out, lse)  # (N, Hkv, R, Ev), (N, Hkv, R)
+        return out.reshape(N, p.Hq, p.Lq, p.Ev), lse.reshape(N, p.Hq, p.Lq)
+
+    @staticmethod
+    def _spans(problem: Problem, N: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each stacked row's keys lo <= j < hi: int32 (N, Hkv, G·Lq), row g·Lq + i for head g, query i."""
+        p = problem
+        if p.mask is None:
+            lo = torch.zeros(1, 1, 1, dtype=torch.int32)
+            hi = torch.full((1, 1, 1), p.Lk, dtype=torch.int32)
+        else:
+            lo, hi = _tiled_kernel._spans_canonical(p.mask.row_spans(p.Lq, p.Lk), p)  # (Nm, Hm, Lq)
+        return tuple(
+            x.expand(N, p.Hq, p.Lq).reshape(N, p.Hkv, G * p.Lq).to(torch.int32).contiguous() for x in (lo, hi)
+        )
