@@ -1,0 +1,365 @@
+"""Ring attention: context parallelism over torch.distributed.
+
+Each of W processes holds a shard of the sequence: its queries, keys and values at
+L/W positions (``shard.py`` says which). Attention needs every query against every
+key, so the K/V shards travel round the ring: at step t, rank r holds the K/V of rank
+(r - t) mod W, sends it on to rank r+1 and receives the next one from rank r-1. The
+transfer for step t+1 is started before step t's computation, so the two overlap.
+
+    step t:  start send K/V(t) -> r+1, recv K/V(t+1) <- r-1
+             attend my queries to K/V(t)         (the tiled engine, on a mask view)
+             merge the partial output through its lse
+             wait for K/V(t+1)
+
+Every block runs the tiled CPU engine on ``masks.view`` of the whole problem's mask,
+so causal, window, document, padding and prefix masks are evaluated at global
+positions, and a shard pair whose block map is EMPTY is never computed (with the
+zigzag layout, its chunk pairs are: an EMPTY pair of chunks is left out of the block).
+Partial outputs merge through their log-sum-exp in float32 (float64 for float64):
+
+    lse = log(exp(lse_a) + exp(lse_b)),  out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)
+
+Backward (one autograd node, as in FlashAttention-2) recomputes each block's P from the
+merged lse and delta = rowsum(dO·O), which the tiled engine's backward already does when
+handed the merged output and lse. dQ stays home; K/V go round the ring again, each
+followed by the dK/dV partial that the ranks it visited have added to, which finally
+arrives back at its owner.
+
+Shape legend: B.. leading dims, Hq/Hkv heads, Sq = Lq/W and Sk = Lk/W shard lengths,
+E head dim, Ev value dim, C a zigzag chunk's length (S/2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dotattn import engines, masks
+from dotattn._inputs import Problem, prepare
+from dotattn.distributed.shard import check_layout, rank_and_world, same_on_every_rank, shard_ranges
+from dotattn.engines import _tiled_kernel
+from dotattn.engines.base import compute_dtype
+from dotattn.engines.tiled import _Plan
+
+_NEG_INF = float("-inf")
+# Tags keep the K/V and the dK/dV messages of backward apart between the same two ranks.
+_TAG_KV, _TAG_DKV = 1, 2
+
+
+# ---------------------------------------------------------------------------
+# One block: the tiled engine on a view of the whole mask
+# ---------------------------------------------------------------------------
+
+
+def _tiled_plan(problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
+    """The tiled engine's plan for a block, chosen as its run() chooses (kernel, else torch ops).
+    Blocks arrive in the compute dtype, so bfloat16 GEMMs never apply."""
+    engine = engines.get("tiled")
+    if engine.torch_ops_reason(problem) is None:
+        return _tiled_kernel.KernelCall(problem, engine.block_q, engine.block_k, False)
+    return _Plan(problem, engine.block_q, engine.block_k)
+
+
+def _canonical_heads(plan: _Plan | _tiled_kernel.KernelCall, x: torch.Tensor, trailing: int) -> torch.Tensor:
+    """(*batch, Hq, ...) -> the plan's layout: (N, Hq, ...) for the kernel, (N, Hkv, G, ...) for torch ops."""
+    p = plan.problem
+    N = math.prod(p.batch_shape)
+    heads = (p.Hq,) if isinstance(plan, _tiled_kernel.KernelCall) else (p.Hkv, p.Hq // p.Hkv)
+    return x.reshape(N, *heads, *x.shape[x.dim() - trailing:]).contiguous()
+
+
+def _attend(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's output (*batch, Hq, nq, Ev) and lse (*batch, Hq, nq), in the compute dtype."""
+    p = problem
+    out, lse = _tiled_plan(p).forward(p.query, p.key, p.value)
+    return out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev), lse.reshape(*p.batch_shape, p.Hq, p.Lq)
+
+
+def _attend_backward(
+    problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's share of dq, dk, dv (shapes of its q, k, v), given the MERGED output, lse and
+    dO of its query rows: P = exp(S - lse) and delta = rowsum(dO·O) are then the global ones."""
+    p = problem
+    plan = _tiled_plan(p)
+    dq, dk, dv, *_ = plan.gradients(
+        p.query, p.key, p.value, _canonical_heads(plan, out, 2), _canonical_heads(plan, lse, 1),
+        _canonical_heads(plan, d_out, 2), False,
+    )
+    return dq, dk, dv
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Fold a block's (out_b, lse_b) into the running (out, lse), in place.
+
+    out: (..., n, Ev)  lse: (..., n). A row that no block has seen yet has lse -inf and
+    out 0; a row that stays unseen keeps them (output 0, lse -inf).
+    """
+    m = torch.maximum(lse, lse_b)
+    m_safe = torch.where(m == _NEG_INF, 0.0, m)
+    a, b = torch.exp(lse - m_safe), torch.exp(lse_b - m_safe)
+    total = a + b
+    seen = total > 0
+    denom = torch.where(seen, total, 1.0)
+    out.mul_((a / denom).unsqueeze(-1)).add_(out_b * (b / denom).unsqueeze(-1))
+    lse.copy_(torch.where(seen, m_safe + torch.log(denom), _NEG_INF))
+
+
+# ---------------------------------------------------------------------------
+# The ring
+# ---------------------------------------------------------------------------
+
+
+class _Transfer:
+    """Tensors of one dtype sent to the next rank while the previous rank's arrive, as one message."""
+
+    def __init__(self, ring: _Ring, tensors: tuple[torch.Tensor, ...], tag: int) -> None:
+        self.shapes = [t.shape for t in tensors]
+        if ring.world == 1:  # the ring is this process: what leaves arrives
+            self.sent = self.received = torch.cat([t.reshape(-1) for t in tensors])
+            self.works = []
+            return
+        self.sent = torch.cat([t.reshape(-1) for t in tensors])
+        self.received = torch.empty_like(self.sent)
+        self.works = dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, self.sent, group=ring.group, tag=tag, group_peer=ring.next),
+            dist.P2POp(dist.irecv, self.received, group=ring.group, tag=tag, group_peer=ring.prev),
+        ])
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self.works:
+            work.wait()
+        sizes = [math.prod(s) for s in self.shapes]
+        return [part.view(shape) for part, shape in zip(self.received.split(sizes), self.shapes)]
+
+
+@dataclass
+class _Block:
+    """What one rank computes against one source rank's K/V: the chunks of each side that
+    meet a non-EMPTY part of the mask, and the mask view of exactly those rows and columns."""
+
+    q_chunks: list[int]
+    k_chunks: list[int]
+    mask: masks.Mask | None
+
+
+def _take(x: torch.Tensor, chunks: list[int], n_chunks: int) -> torch.Tensor:
+    """The given chunks (of n_chunks equal ones) of x along dim -2, concatenated."""
+    if len(chunks) == n_chunks:
+        return x
+    C = x.shape[-2] // n_chunks
+    parts = [x.narrow(-2, c * C, C) for c in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
+
+
+def _chunk_slices(chunks: list[int], n_chunks: int, S: int) -> list[tuple[int, slice]]:
+    """For each chunk: its offset in a _take of them, and its local rows."""
+    C = S // n_chunks
+    return [(i * C, slice(c * C, (c + 1) * C)) for i, c in enumerate(chunks)]
+
+
+@dataclass
+class _Ring:
+    """One ring_attention call: the process group and everything the steps need."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world: int
+    layout: str
+    Lq: int
+    Lk: int
+    mask: masks.Mask | None  # the whole Lq x Lk problem's mask
+    scale: float
+    enable_gqa: bool
+
+    @property
+    def next(self) -> int:
+        return (self.rank + 1) % self.world
+
+    @property
+    def prev(self) -> int:
+        return (self.rank - 1) % self.world
+
+    @property
+    def n_chunks(self) -> int:
+        return 1 if self.layout == "contiguous" else 2
+
+    def block(self, src: int) -> _Block | None:
+        """My queries against rank ``src``'s keys; None when the mask leaves every pair EMPTY."""
+        q_runs = shard_ranges(self.Lq, rank=self.rank, world=self.world, layout=self.layout)
+        k_runs = shard_ranges(self.Lk, rank=src, world=self.world, layout=self.layout)
+        n = self.n_chunks
+        if self.mask is None:
+            return _Block(list(range(n)), list(range(n)), None)
+        whole = masks.view(self.mask, self.Lq, self.Lk, q_runs, k_runs)
+        Cq, Ck = len(q_runs[0]), len(k_runs[0])
+        codes = whole.block_map(Cq * n, Ck * n, max(Cq, 1), max(Ck, 1))  # one tile per chunk pair
+        live = (codes != masks.EMPTY).reshape(-1, n, n).any(0)  # (n, n), over every batch row and head
+        q_chunks = [i for i in range(n) if bool(live[i].any())]
+        k_chunks = [j for j in range(n) if bool(live[:, j].any())]
+        if not q_chunks:
+            return None
+        if len(q_chunks) == len(k_chunks) == n:
+            return _Block(q_chunks, k_chunks, whole)
+        view = masks.view(self.mask, self.Lq, self.Lk, [q_runs[i] for i in q_chunks], [k_runs[j] for j in k_chunks])
+        return _Block(q_chunks, k_chunks, view)
+
+    def problem(self, block: _Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Problem:
+        n = self.n_chunks
+        return prepare(
+            _take(q, block.q_chunks, n), _take(k, block.k_chunks, n), _take(v, block.k_chunks, n),
+            scale=self.scale, enable_gqa=self.enable_gqa, mask=block.mask,
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (*batch, Hq, Sq, Ev) and lse (*batch, Hq, Sq), in the compute dtype."""
+        compute = compute_dtype(q.dtype)
+        q = q.to(compute)
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        Sq = q.shape[-2]
+        out = q.new_zeros(*batch, q.shape[-3], Sq, v.shape[-1])
+        lse = q.new_full((*batch, q.shape[-3], Sq), _NEG_INF)
+        kv = (k, v)
+        for step in range(self.world):
+            pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
+            block = self.block((self.rank - step) % self.world)
+            if block is not None:
+                out_b, lse_b = _attend(self.problem(block, q, kv[0].to(compute), kv[1].to(compute)))
+                for offset, rows in _chunk_slices(block.q_chunks, self.n_chunks, Sq):
+                    n = rows.stop - rows.start
+                    _merge(out[..., rows, :], lse[..., rows], out_b[..., offset : offset + n, :],
+                           lse_b[..., offset : offset + n])
+            if pending is not None:
+                kv = tuple(pending.wait())
+        return out, lse
+
+    def backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        d_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv in the compute dtype and the shapes of q, k, v."""
+        compute = compute_dtype(q.dtype)
+        q, d_out = q.to(compute), d_out.to(compute)
+        Sq, Sk = q.shape[-2], k.shape[-2]
+        dq = torch.zeros_like(q)
+        kv = (k, v)
+        d_kv: _Transfer | None = None  # the partials of the K/V now held, on their way here
+        for step in range(self.world):
+            pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
+            block = self.block((self.rank - step) % self.world)
+            parts = None
+            if block is not None:
+                problem = self.problem(block, q, kv[0].to(compute), kv[1].to(compute))
+                n = self.n_chunks
+                parts = _attend_backward(
+                    problem, _take(out, block.q_chunks, n), _take(lse[..., None], block.q_chunks, n)[..., 0],
+                    _take(d_out, block.q_chunks, n),
+                )
+                for offset, rows in _chunk_slices(block.q_chunks, n, Sq):
+                    dq[..., rows, :] += parts[0][..., offset : offset + rows.stop - rows.start, :]
+            # The K/V's partials so far come from the ranks it visited before; add mine and pass them on.
+            if d_kv is None:
+                dk, dv = k.new_zeros(k.shape, dtype=compute), v.new_zeros(v.shape, dtype=compute)
+            else:
+                dk, dv = d_kv.wait()
+            if parts is not None:
+                for offset, cols in _chunk_slices(block.k_chunks, self.n_chunks, Sk):
+                    width = cols.stop - cols.start
+                    dk[..., cols, :] += parts[1][..., offset : offset + width, :]
+                    dv[..., cols, :] += parts[2][..., offset : offset + width, :]
+            d_kv = _Transfer(self, (dk, dv), _TAG_DKV)  # after the last step, to their owner
+            if pending is not None:
+                kv = tuple(pending.wait())
+        dk, dv = d_kv.wait()
+        return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    """The whole ring as one autograd node: saves q, k, v, the merged output and lse."""
+
+    @staticmethod
+    def forward(ctx, ring: _Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, lse = ring.forward(q, k, v)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.ring.backward(q, k, v, out, lse, d_out)
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _whole_problem_meta(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, world: int) -> tuple:
+    """Stand-ins of the whole sequence's q, k, v (every position shares one element, so
+    they cost no memory), for validating a call at its global sizes."""
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[-2] *= world
+        return x.new_zeros(()).expand(shape)
+
+    return whole(query), whole(key), whole(value)
+
+
+def ring_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    mask: masks.Mask | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    layout: str = "contiguous",
+) -> torch.Tensor:
+    """Attention over a sequence sharded across the ranks of ``group`` (None: the default group).
+
+    query: (B.., Hq, Sq, E)   key: (B.., Hkv, Sk, E)   value: (B.., Hkv, Sk, Ev)
+    returns this rank's (B.., Hq, Sq, Ev). Sq = Lq/W and Sk = Lk/W: each rank passes its
+    shard (``shard_sequence`` with the same ``layout``), and gets its shard of the output.
+    A collective: every rank of the group calls it, with equal shapes.
+
+    Same semantics as ``dotattn.scaled_dot_product_attention`` on the whole sequence:
+    scale defaults to 1/sqrt(E); is_causal is top-left aligned on the whole Lq x Lk;
+    ``mask`` (causal, sliding_window, padding, documents, prefix_lm, ...) and
+    ``attn_mask`` describe the WHOLE problem (document ids of all Lk positions, an
+    attn_mask (.., Lq or 1, Lk or 1) identical on every rank) and are evaluated at global
+    positions. A row with no allowed key gives output 0 and zero gradients. Gradients flow
+    to query, key and value; a float attn_mask that requires grad is refused, since none
+    would reach it. No dropout.
+
+    layout "contiguous" (rank r holds positions r·L/W onward) or "zigzag" (chunks r and
+    2W-1-r of 2W: every rank does the same causal work).
+    """
+    check_layout(layout)
+    rank, world = rank_and_world(group)
+    # Before any check that could fail on some ranks only: a rank that raised alone would
+    # leave the others waiting in the ring.
+    shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (query, key, value))
+    same_on_every_rank(group, "ring_attention: the shapes of (query, key, value)", shapes)
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+        if layout == "zigzag" and (query.shape[-2] % 2 or key.shape[-2] % 2):
+            raise ValueError(
+                f"the zigzag layout holds two equal chunks per rank, but the shards are {query.shape[-2]} "
+                f"(query) and {key.shape[-2]} (key) long; shard a sequence whose length divides by "
+                f"2 x world = {2 * world} (shard_sequence(..., layout='zigzag') checks it)"
+            )
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad:
+        raise ValueError(
+            "ring_attention returns no gradient for a float attn_mask, and this one requires grad; "
+            "pass attn_mask.detach(), or use dotattn.scaled_dot_product_attention to train a bias"
+        )
+    whole = prepare(
+        *_whole_problem_meta(query, key, value, world), attn_mask, 0.0, is_causal, scale, enable_gqa, mask=mask
+    )
+    ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa)
+    squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
+    q, k, v = (x.unsqueeze(0) if squeeze else x for x in (query, key, value))
+    out = _RingAttention.apply(ring, q, k, v)
+    return out.squeeze(0) if squeeze else out

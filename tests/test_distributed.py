@@ -1,0 +1,247 @@
+"""dotattn.distributed: ring attention on 2 and 4 gloo processes against the single-process function.
+
+Spawning a process group costs seconds, so each world size starts one group whose workers
+run every case in turn and report their errors through a queue; the tests then read them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import socket
+import traceback
+from functools import cache
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dotattn
+from dotattn import masks as M
+from dotattn.distributed import gather_sequence, ring, ring_attention, shard_ranges, shard_sequence
+
+TOL = 1e-9  # float64, max abs error of output and every gradient
+LAYOUTS = ("contiguous", "zigzag")
+E, EV = 17, 11
+
+
+def _inputs(case: str, world: int, seed: int = 0) -> dict:
+    """The whole problem of a case, the same on every rank: q, k, v, the cotangent and kwargs."""
+    L = 16 * world + 8 * world  # divides by 2·world, chunks of 12 positions
+    Lq, B, Hq, Hkv = L, 2, 2, 2
+    kwargs: dict = {}
+    g = torch.Generator().manual_seed(seed)
+    if case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "window":
+        kwargs["mask"] = M.sliding_window(7, 3)
+    elif case == "documents":
+        lengths = [[5, 17, 1, L - 23], [L // 2, L - L // 2]]
+        ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths])
+        kwargs["mask"] = M.documents(ids) & M.causal()
+    elif case == "padding":  # right padding, padded query rows see nothing
+        kwargs["mask"] = M.padding([L - 5, L // 3], q_lengths=[L - 3, L // 3])
+        kwargs["is_causal"] = True
+    elif case == "left_padding":
+        kwargs["mask"] = M.padding([L - 7, 9], q_lengths=[L - 7, 9], side="left") & M.causal()
+    elif case == "gqa":
+        Hq, Hkv = 4, 2
+        kwargs.update(enable_gqa=True, is_causal=True)
+    elif case == "mqa_prefix":
+        Hq, Hkv = 3, 1
+        kwargs.update(enable_gqa=True, mask=M.prefix_lm(L // 3))
+    elif case == "cross_bottom_right":  # Lq = L/2 queries against L keys, the decoding alignment
+        Lq = L // 2
+        kwargs["mask"] = M.causal(align="bottom_right")
+    elif case == "dense_bool":
+        kwargs["attn_mask"] = torch.rand(L, L, generator=g) < 0.6
+    elif case == "dense_float":
+        kwargs["attn_mask"] = torch.randn(Hq, L, L, generator=g, dtype=torch.float64)
+    elif case != "full":
+        raise ValueError(case)
+    q = torch.randn(B, Hq, Lq, E, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, E, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, EV, generator=g, dtype=torch.float64)
+    d_out = torch.randn(B, Hq, Lq, EV, generator=g, dtype=torch.float64)
+    return dict(q=q, k=k, v=v, d_out=d_out, kwargs=kwargs)
+
+
+CASES = ["full", "causal", "window", "documents", "padding", "left_padding", "gqa", "mqa_prefix",
+         "cross_bottom_right", "dense_bool", "dense_float"]
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
+
+
+def _run_case(case: str, layout: str, rank: int, world: int) -> dict:
+    """This rank's max errors (output, dq, dk, dv) against the single-process function, and
+    how many blocks its forward computed."""
+    x = _inputs(case, world)
+    kwargs = x["kwargs"]
+    q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
+    expected = dotattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    expected.backward(x["d_out"])
+
+    shard = dict(rank=rank, world=world, layout=layout)
+    qs, ks, vs = (shard_sequence(x[n], **shard).clone().requires_grad_() for n in "qkv")
+    calls = []
+    attend = ring._attend
+
+    def counting(problem):
+        calls.append(problem.Lq * problem.Lk)
+        return attend(problem)
+
+    ring._attend = counting
+    try:
+        out = ring_attention(qs, ks, vs, layout=layout, **kwargs)
+    finally:
+        ring._attend = attend
+    out.backward(shard_sequence(x["d_out"], **shard))
+    whole = gather_sequence(out.detach(), layout=layout)
+    errors = {
+        "out": _max_err(out, shard_sequence(expected.detach(), **shard)),
+        "gathered": _max_err(whole, expected.detach()),
+        "dq": _max_err(qs.grad, shard_sequence(q.grad, **shard)),
+        "dk": _max_err(ks.grad, shard_sequence(k.grad, **shard)),
+        "dv": _max_err(vs.grad, shard_sequence(v.grad, **shard)),
+    }
+    finite = all(bool(torch.isfinite(t).all()) for t in (out, qs.grad, ks.grad, vs.grad))
+    return dict(errors=errors, finite=finite, blocks=len(calls), block_scores=sum(calls))
+
+
+def _error_cases(rank: int, world: int) -> dict:
+    """The message each bad call raises on this rank (every rank must raise, or the ring hangs)."""
+    out = {}
+    x = torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    bad = {
+        "mismatch": lambda: ring_attention(x[..., : 6 - (rank == 0), :], x, x),
+        "zigzag_odd": lambda: ring_attention(x[..., :5, :], x[..., :5, :], x[..., :5, :], layout="zigzag"),
+        "layout": lambda: ring_attention(x, x, x, layout="striped"),
+    }
+    for name, call in bad.items():
+        try:
+            call()
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    key = None
+    try:
+        for key in [(case, layout) for case in CASES for layout in LAYOUTS]:
+            results.put((rank, key, _run_case(*key, rank, world)))
+        key = "errors"
+        results.put((rank, key, _error_cases(rank, world)))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        # A rank that fails leaves the ring: report it and leave, and the others fail too.
+        results.put((rank, key, traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@cache
+def _results(world: int) -> dict:
+    """{key: [per-rank result]} from one spawned group of ``world`` gloo processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    expected = world * (len(CASES) * len(LAYOUTS) + 1)
+    out: dict = {}
+    try:
+        for _ in range(expected):
+            try:
+                rank, key, value = results.get(timeout=60)
+            except queue.Empty:
+                pytest.fail(f"the {world}-process group stopped reporting; got {sorted(map(str, out))}")
+            out.setdefault(key, [None] * world)[rank] = value
+            if isinstance(value, str):  # a traceback: the group is going down
+                pytest.fail(f"rank {rank} of {world} failed in case {key}:\n{value}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+WORLDS = (2, 4)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
+def test_ring_matches_single_process(case, layout, world):
+    per_rank = _results(world)[(case, layout)]
+    for rank, result in enumerate(per_rank):
+        assert isinstance(result, dict), f"rank {rank} failed:\n{result}"
+        assert result["finite"], f"rank {rank}: NaN or inf in the output or a gradient"
+        worst = {name: err for name, err in result["errors"].items() if not err <= TOL}
+        assert not worst, f"rank {rank}: errors above {TOL}: {worst}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_empty_shard_pairs_are_not_computed(world):
+    results = _results(world)
+    S = (16 * world + 8 * world) // world
+    # Causal, contiguous: rank r sees the shards of ranks 0..r only.
+    assert [r["blocks"] for r in results[("causal", "contiguous")]] == [r + 1 for r in range(world)]
+    # Zigzag: every rank meets every other rank's shard, but each chunk pair that causality
+    # empties is left out, so every rank computes the same number of scores.
+    zigzag = [r["block_scores"] for r in results[("causal", "zigzag")]]
+    assert len(set(zigzag)) == 1
+    assert zigzag[0] == S * S + (world - 1) * S * S // 2  # the diagonal whole, the rest halves
+    assert [r["blocks"] for r in results[("full", "contiguous")]] == [world] * world
+    # A window of 7 back and 3 ahead reaches only the neighbouring shards.
+    assert [r["blocks"] for r in results[("window", "contiguous")]] == [2] + [3] * (world - 2) + [2]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bad_calls_raise_on_every_rank(world):
+    per_rank = _results(world)["errors"]
+    for messages in per_rank:
+        assert "shapes of (query, key, value) differ across ranks" in messages["mismatch"]
+        assert "rank 0: ((1, 2, 5, 4)" in messages["mismatch"]
+        assert "shards are 5 (query) and 5 (key) long" in messages["zigzag_odd"]
+        assert "'striped'" in messages["layout"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shard_sequence_partitions_the_sequence(layout):
+    x = torch.arange(48).reshape(1, 48, 1)
+    shards = [shard_sequence(x, dim=1, rank=r, world=4, layout=layout) for r in range(4)]
+    assert sorted(torch.cat(shards, 1).flatten().tolist()) == list(range(48))
+    for r, s in enumerate(shards):
+        expected = [i for rng in shard_ranges(48, rank=r, world=4, layout=layout) for i in rng]
+        assert s.flatten().tolist() == expected
+    assert shard_ranges(48, rank=1, world=4, layout="zigzag") == [range(6, 12), range(36, 42)]
+
+
+def test_shard_sequence_errors_name_the_fix():
+    x = torch.zeros(2, 3, 30, 8)
+    with pytest.raises(ValueError, match=r"length 30.*multiple of 4 .*pad the sequence to 32"):
+        shard_sequence(x, rank=0, world=4)
+    with pytest.raises(ValueError, match=r"multiple of 8 \(2 x the world size\).*pad the sequence to 32"):
+        shard_sequence(x[..., :28, :], rank=0, world=4, layout="zigzag")
+    with pytest.raises(ValueError, match="layout must be"):
+        shard_sequence(x, rank=0, world=2, layout="striped")
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        ring_attention(x, x, x)
