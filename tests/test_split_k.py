@@ -1,0 +1,170 @@
+"""The split-K engine (flash-decoding) against the float64 oracle, and KV-cache decoding reaching it.
+
+The engine also runs the whole engine-parametrized suite (tests/test_engines.py); these
+tests add decoding shapes: few queries, thousands of keys, GQA/MQA, left padding with
+bottom-right causal, parts that do not divide the keys, rows and parts that see nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dotattn
+from dotattn import engines, masks
+from dotattn.engines.split_k import merge_parts
+from dotattn.nn import KVCache, MultiHeadAttention
+from dotattn.testing import assert_matches_oracle, oracle
+from tests.conftest import qkv
+
+DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")]
+
+
+def _decoding_mask(lengths: list[int]) -> masks.Mask:
+    """What a KVCache gives a step: real keys are the last lengths[b] of each row."""
+    return masks.padding(torch.tensor(lengths), side="left") & masks.causal(align="bottom_right")
+
+
+@pytest.fixture
+def split_k():
+    return engines.get("split_k")
+
+
+@pytest.fixture
+def never_on_tiled(split_k, monkeypatch):
+    """Fail a test whose problem would quietly run on the tiled engine instead."""
+    def refuse(problem):
+        raise AssertionError("split_k handed the problem to the tiled engine")
+    monkeypatch.setattr(split_k._tiled, "run", refuse)
+
+
+@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq", [1, 3, 16])
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (8, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
+def test_decoding_matches_the_oracle(dtype, Lq, Hq, Hkv):
+    Lk = 2053
+    q, k, v = qkv(2, Hq, Lq, 64, Hkv=Hkv, Lk=Lk, dtype=dtype, seed=Lq)
+    mask = _decoding_mask([Lk - 700, Lk])
+    assert_matches_oracle(q, k, v, engine="split_k", mask=mask, enable_gqa=True, backward=Lq == 3)
+
+
+@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [17, 128])
+def test_no_mask_and_head_dims_the_vectors_do_not_divide(dtype, E):
+    q, k, v = qkv(1, 4, 2, E, Hkv=2, Lk=3000, Ev=E + 3, dtype=dtype)
+    assert_matches_oracle(q, k, v, engine="split_k", enable_gqa=True, backward=False)
+
+
+@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.parametrize("parts", [2, 7, 64])
+def test_parts_that_do_not_divide_the_keys(split_k, monkeypatch, parts):
+    monkeypatch.setattr(split_k, "parts", lambda problem: parts)
+    Lk = 1001
+    q, k, v = qkv(3, 4, 2, 32, Hkv=2, Lk=Lk)
+    # live keys per row: 1001, 1000, 5: parts of uneven size, and parts past a short row's keys
+    assert_matches_oracle(q, k, v, engine="split_k", mask=_decoding_mask([Lk, Lk - 1, 5]), enable_gqa=True)
+
+
+@pytest.mark.usefixtures("never_on_tiled")
+def test_rows_and_parts_that_see_nothing(split_k, monkeypatch):
+    monkeypatch.setattr(split_k, "parts", lambda problem: 5)
+    q, k, v = (x.requires_grad_() for x in qkv(2, 4, 4, 16, Hkv=2, Lk=1500))
+    # batch row 1 has no real token at all; in row 0 the 3 queries before the last see nothing
+    # besides the keys causal allows, and queries past the real ones are cut by q_lengths
+    mask = masks.padding(torch.tensor([600, 0]), torch.tensor([2, 4]), side="left") & masks.causal(align="bottom_right")
+    res = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k",
+                                               return_lse=True)
+    ref = oracle(q, k, v, mask=mask, enable_gqa=True)
+    dead = ref.lse == float("-inf")
+    assert dead[1].all() and dead[0, :, :2].all() and not dead[0, :, 2:].any()
+    assert (res.output[dead] == 0).all() and (res.lse[dead] == float("-inf")).all()
+    torch.testing.assert_close(res.output, ref.output.float(), atol=1e-5, rtol=0)
+    res.output.sum().backward()
+    assert (q.grad[dead] == 0).all() and (k.grad[1] == 0).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_garbage_in_the_left_padding_is_never_read(bad):
+    q, k, v = qkv(2, 8, 1, 32, Hkv=2, Lk=1200)
+    mask = _decoding_mask([700, 1200])
+    clean = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k")
+    k[0, :, :500], v[0, :, :500] = bad, bad
+    dirty = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k")
+    assert torch.equal(clean, dirty)
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(where):
+    q, k, v = qkv(1, 4, 3, 16, Hkv=2, Lk=1100)
+    x = k if where == "key" else v
+    x[0, 1, 1098] = float("-inf")  # seen by the last two queries of kv head 1 only
+    res = dotattn.scaled_dot_product_attention(q, k, v, is_causal=False, mask=_decoding_mask([1100]),
+                                               enable_gqa=True, engine="split_k")
+    ref = oracle(q, k, v, mask=_decoding_mask([1100]), enable_gqa=True).output
+    assert torch.equal(res.isnan(), ref.isnan()) and ref.isnan().any() and not ref[0, :2].isnan().any()
+    torch.testing.assert_close(res[~ref.isnan()], ref[~ref.isnan()].float(), atol=1e-5, rtol=0)
+
+
+def test_merge_parts_equals_one_softmax_over_all_keys():
+    q, k, v = qkv(1, 2, 3, 8, Lk=50, dtype=torch.float64)
+    cuts = [0, 7, 7, 31, 50]  # one empty part
+    parts = [oracle(q, k[..., a:b, :], v[..., a:b, :]) for a, b in zip(cuts, cuts[1:])]
+    out, lse = merge_parts(torch.stack([p.output for p in parts]), torch.stack([p.lse for p in parts]))
+    whole = oracle(q, k, v)
+    torch.testing.assert_close(out, whole.output, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, whole.lse, atol=1e-12, rtol=0)
+    dead_out, dead_lse = merge_parts(torch.zeros(3, 2, 4), torch.full((3, 2), float("-inf")))
+    assert (dead_out == 0).all() and (dead_lse == float("-inf")).all()
+
+
+def test_auto_picks_split_k_only_for_decoding_shapes():
+    def chosen(Lq, Lk, **kwargs):
+        q, k, v = qkv(1, 8, Lq, 16, Hkv=2, Lk=Lk)
+        return dotattn.explain(q, k, v, enable_gqa=True, mask=_decoding_mask([Lk]), **kwargs)
+
+    decoding = chosen(1, 4096)
+    assert decoding.engine == "split_k" and "split-K kernel" in decoding.detail
+    prefill = chosen(128, 4096)
+    assert prefill.engine == "tiled" and "query rows per kv head" in prefill.rejected["split_k"][0]
+    assert "fewer than" in chosen(1, 100).rejected["split_k"][0]
+    dropout = chosen(1, 4096, dropout_p=0.1)
+    assert dropout.engine == "tiled" and "dropout" in dropout.rejected["split_k"][0]
+    forced = dotattn.explain(*qkv(1, 2, 4, 8, Lk=4096), mask=masks.dense(torch.ones(4, 4096, dtype=torch.bool)),
+                             engine="split_k")
+    assert forced.engine == "split_k" and forced.detail.startswith("runs on the tiled engine")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_cache_decoding_runs_on_split_k(split_k, monkeypatch, dtype):
+    """MultiHeadAttention decoding with a KVCache reaches split_k through engine='auto', and
+    gives what the tiled engine gives."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(64, 8, num_kv_heads=2, dtype=dtype).eval()
+    cache = m.new_cache(2, capacity=1100)
+    prompt = torch.randn(2, 1090, 64, dtype=dtype)
+    prompt[1, :300] = float("nan")  # left padding holds garbage
+    ran = []
+    real_run = split_k.run
+    monkeypatch.setattr(split_k, "run", lambda problem: ran.append(problem.Lq) or real_run(problem))
+    with torch.no_grad():
+        m(prompt, cache=cache, lengths=torch.tensor([1090, 790]))  # prefill: 1090 queries, tiled
+        step = torch.randn(2, 1, 64, dtype=dtype)
+        cache_after_prefill = (cache.k.clone(), cache.v.clone(), cache.lengths.clone(), cache.filled)
+        out = m(step, cache=cache)
+        assert ran == [1]  # the decoding step, not the prefill
+        cache.k, cache.v, cache.lengths, cache.filled = cache_after_prefill
+        expected = m(step, cache=cache, engine="tiled")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+def test_a_kv_cache_step_is_explained_as_split_k():
+    cache = KVCache(2, 2, capacity=4096, head_dim=16)
+    k, v = torch.randn(2, 2, 3000, 16), torch.randn(2, 2, 3000, 16)
+    cache.append(k, v, lengths=[3000, 1200])
+    keys, values, mask = cache.append(k[:, :, :1], v[:, :, :1])
+    explanation = dotattn.explain(torch.randn(2, 8, 1, 16), keys, values, mask=mask, enable_gqa=True)
+    assert explanation.engine == "split_k", str(explanation)
