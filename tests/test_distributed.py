@@ -72,6 +72,11 @@ CASES = ["full", "causal", "window", "documents", "padding", "left_padding", "gq
          "cross_bottom_right", "dense_bool", "dense_float"]
 
 
+def _backward(out: torch.Tensor, d_out: torch.Tensor) -> None:
+    """out.backward(d_out), through a scalar: a tensor gradient makes torch import sympy, seconds per process."""
+    (out * d_out).sum().backward()
+
+
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
@@ -83,7 +88,7 @@ def _run_case(case: str, layout: str, rank: int, world: int) -> dict:
     kwargs = x["kwargs"]
     q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
     expected = dotattn.scaled_dot_product_attention(q, k, v, **kwargs)
-    expected.backward(x["d_out"])
+    _backward(expected, x["d_out"])
 
     shard = dict(rank=rank, world=world, layout=layout)
     qs, ks, vs = (shard_sequence(x[n], **shard).clone().requires_grad_() for n in "qkv")
@@ -99,7 +104,7 @@ def _run_case(case: str, layout: str, rank: int, world: int) -> dict:
         out = ring_attention(qs, ks, vs, layout=layout, **kwargs)
     finally:
         ring._attend = attend
-    out.backward(shard_sequence(x["d_out"], **shard))
+    _backward(out, shard_sequence(x["d_out"], **shard))
     whole = gather_sequence(out.detach(), layout=layout)
     errors = {
         "out": _max_err(out, shard_sequence(expected.detach(), **shard)),
@@ -112,6 +117,30 @@ def _run_case(case: str, layout: str, rank: int, world: int) -> dict:
     return dict(errors=errors, finite=finite, blocks=len(calls), block_scores=sum(calls))
 
 
+LOW_PRECISION = (torch.float32, torch.bfloat16)
+
+
+def _run_low_precision(dtype: torch.dtype, layout: str, rank: int, world: int) -> dict:
+    """Causal attention in ``dtype``: (ring error, single-process tiled error) against the float64
+    oracle, for the output and each gradient of this rank's shard."""
+    x = _inputs("causal", world)
+    shard = dict(rank=rank, world=world, layout=layout)
+    grads = {}
+    for name, dt in (("oracle", torch.float64), ("single", dtype)):
+        q, k, v = (x[n].to(dt, copy=True).requires_grad_() for n in "qkv")
+        out = dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, engine="reference" if dt == torch.float64 else "tiled")
+        _backward(out, x["d_out"].to(dt))
+        grads[name] = [shard_sequence(t.detach().double(), **shard) for t in (out, q.grad, k.grad, v.grad)]
+    qs, ks, vs = (shard_sequence(x[n], **shard).to(dtype).requires_grad_() for n in "qkv")
+    out = ring_attention(qs, ks, vs, is_causal=True, layout=layout)
+    _backward(out, shard_sequence(x["d_out"], **shard).to(dtype))
+    grads["ring"] = [t.detach().double() for t in (out, qs.grad, ks.grad, vs.grad)]
+    return {
+        name: (_max_err(grads["ring"][i], grads["oracle"][i]), _max_err(grads["single"][i], grads["oracle"][i]))
+        for i, name in enumerate(("out", "dq", "dk", "dv"))
+    }
+
+
 def _error_cases(rank: int, world: int) -> dict:
     """The message each bad call raises on this rank (every rank must raise, or the ring hangs)."""
     out = {}
@@ -120,6 +149,7 @@ def _error_cases(rank: int, world: int) -> dict:
         "mismatch": lambda: ring_attention(x[..., : 6 - (rank == 0), :], x, x),
         "zigzag_odd": lambda: ring_attention(x[..., :5, :], x[..., :5, :], x[..., :5, :], layout="zigzag"),
         "layout": lambda: ring_attention(x, x, x, layout="striped"),
+        "local_mask": lambda: ring_attention(x, x, x, mask=M.documents(torch.zeros(6, dtype=torch.long))),
     }
     for name, call in bad.items():
         try:
@@ -137,6 +167,10 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     try:
         for key in [(case, layout) for case in CASES for layout in LAYOUTS]:
             results.put((rank, key, _run_case(*key, rank, world)))
+        for dtype in LOW_PRECISION:
+            for layout in LAYOUTS:
+                key = ("low_precision", dtype, layout)
+                results.put((rank, key, _run_low_precision(dtype, layout, rank, world)))
         key = "errors"
         results.put((rank, key, _error_cases(rank, world)))
         dist.barrier()
@@ -164,7 +198,7 @@ def _results(world: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, results)) for r in range(world)]
     for p in procs:
         p.start()
-    expected = world * (len(CASES) * len(LAYOUTS) + 1)
+    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + 1)
     out: dict = {}
     try:
         for _ in range(expected):
@@ -199,6 +233,17 @@ def test_ring_matches_single_process(case, layout, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=lambda d: str(d).removeprefix("torch."))
+def test_ring_in_low_precision_is_as_accurate_as_the_tiled_engine(dtype, layout, world):
+    """The 2x rule against the float64 oracle, with the single-process tiled engine as the yardstick."""
+    eps = {torch.float32: 1e-6, torch.bfloat16: 1e-3}[dtype]
+    for rank, result in enumerate(_results(world)[("low_precision", dtype, layout)]):
+        for name, (ring_err, single_err) in result.items():
+            assert ring_err <= 2 * single_err + eps, f"rank {rank} {name}: ring {ring_err:.2e}, tiled {single_err:.2e}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_empty_shard_pairs_are_not_computed(world):
     results = _results(world)
     S = (16 * world + 8 * world) // world
@@ -222,6 +267,8 @@ def test_bad_calls_raise_on_every_rank(world):
         assert "rank 0: ((1, 2, 5, 4)" in messages["mismatch"]
         assert "shards are 5 (query) and 5 (key) long" in messages["zigzag_odd"]
         assert "'striped'" in messages["layout"]
+        assert "q_doc_ids has length 6 but Lq is" in messages["local_mask"]
+        assert "describe every position, not this rank's shard" in messages["local_mask"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -118,11 +118,10 @@ class _Transfer:
 
     def __init__(self, ring: _Ring, tensors: tuple[torch.Tensor, ...], tag: int) -> None:
         self.shapes = [t.shape for t in tensors]
-        if ring.world == 1:  # the ring is this process: what leaves arrives
-            self.sent = self.received = torch.cat([t.reshape(-1) for t in tensors])
-            self.works = []
-            return
         self.sent = torch.cat([t.reshape(-1) for t in tensors])
+        if ring.world == 1:  # the ring is this process: what leaves arrives
+            self.received, self.works = self.sent, []
+            return
         self.received = torch.empty_like(self.sent)
         self.works = dist.batch_isend_irecv([
             dist.P2POp(dist.isend, self.sent, group=ring.group, tag=tag, group_peer=ring.next),
@@ -174,6 +173,7 @@ class _Ring:
     mask: masks.Mask | None  # the whole Lq x Lk problem's mask
     scale: float
     enable_gqa: bool
+    batch_shape: tuple[int, ...]  # q, k and v's leading dims, broadcast
 
     @property
     def next(self) -> int:
@@ -192,11 +192,13 @@ class _Ring:
         q_runs = shard_ranges(self.Lq, rank=self.rank, world=self.world, layout=self.layout)
         k_runs = shard_ranges(self.Lk, rank=src, world=self.world, layout=self.layout)
         n = self.n_chunks
+        Cq, Ck = len(q_runs[0]), len(k_runs[0])
+        if not Cq or not Ck:  # no queries, or no keys: outputs stay 0
+            return None
         if self.mask is None:
             return _Block(list(range(n)), list(range(n)), None)
         whole = masks.view(self.mask, self.Lq, self.Lk, q_runs, k_runs)
-        Cq, Ck = len(q_runs[0]), len(k_runs[0])
-        codes = whole.block_map(Cq * n, Ck * n, max(Cq, 1), max(Ck, 1))  # one tile per chunk pair
+        codes = whole.block_map(Cq * n, Ck * n, Cq, Ck)  # one tile per chunk pair
         live = (codes != masks.EMPTY).reshape(-1, n, n).any(0)  # (n, n), over every batch row and head
         q_chunks = [i for i in range(n) if bool(live[i].any())]
         k_chunks = [j for j in range(n) if bool(live[:, j].any())]
@@ -218,10 +220,9 @@ class _Ring:
         """out (*batch, Hq, Sq, Ev) and lse (*batch, Hq, Sq), in the compute dtype."""
         compute = compute_dtype(q.dtype)
         q = q.to(compute)
-        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
         Sq = q.shape[-2]
-        out = q.new_zeros(*batch, q.shape[-3], Sq, v.shape[-1])
-        lse = q.new_full((*batch, q.shape[-3], Sq), _NEG_INF)
+        out = q.new_zeros(*self.batch_shape, q.shape[-3], Sq, v.shape[-1])
+        lse = q.new_full((*self.batch_shape, q.shape[-3], Sq), _NEG_INF)
         kv = (k, v)
         for step in range(self.world):
             pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
@@ -294,10 +295,13 @@ class _RingAttention(torch.autograd.Function):
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _whole_problem_meta(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, world: int) -> tuple:
+def _whole_problem_meta(query: object, key: object, value: object, world: int) -> tuple:
     """Stand-ins of the whole sequence's q, k, v (every position shares one element, so
-    they cost no memory), for validating a call at its global sizes."""
-    def whole(x: torch.Tensor) -> torch.Tensor:
+    they cost no memory), for validating a call at its global sizes. Anything that is not
+    a tensor of at least 2 dims passes through, for prepare() to name."""
+    def whole(x: object) -> object:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return x
         shape = list(x.shape)
         shape[-2] *= world
         return x.new_zeros(()).expand(shape)
@@ -343,7 +347,7 @@ def ring_attention(
     # leave the others waiting in the ring.
     shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (query, key, value))
     same_on_every_rank(group, "ring_attention: the shapes of (query, key, value)", shapes)
-    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+    if all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in (query, key)):
         if layout == "zigzag" and (query.shape[-2] % 2 or key.shape[-2] % 2):
             raise ValueError(
                 f"the zigzag layout holds two equal chunks per rank, but the shards are {query.shape[-2]} "
@@ -355,10 +359,16 @@ def ring_attention(
             "ring_attention returns no gradient for a float attn_mask, and this one requires grad; "
             "pass attn_mask.detach(), or use dotattn.scaled_dot_product_attention to train a bias"
         )
-    whole = prepare(
-        *_whole_problem_meta(query, key, value, world), attn_mask, 0.0, is_causal, scale, enable_gqa, mask=mask
-    )
-    ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa)
+    meta = _whole_problem_meta(query, key, value, world)
+    try:
+        whole = prepare(*meta, attn_mask, 0.0, is_causal, scale, enable_gqa, mask=mask)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} (ring_attention checks its arguments against the whole sequence of {world} shards: "
+            "attn_mask and mask describe every position, not this rank's shard)"
+        ) from error
+    ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa,
+                 whole.batch_shape)
     squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
     q, k, v = (x.unsqueeze(0) if squeeze else x for x in (query, key, value))
     out = _RingAttention.apply(ring, q, k, v)
