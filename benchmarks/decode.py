@@ -1,0 +1,123 @@
+"""Decoding against a long KV cache: dotattn (auto, which picks split_k) vs torch SDPA, as
+a fraction of this machine's memory bandwidth.
+
+    python -m benchmarks.decode              # cache 4k..128k, B 1 and 8, GQA 32/8 and MQA 32/1, fp32 and bf16
+    python -m benchmarks.decode --quick      # a few small cases, seconds
+    python -m benchmarks.decode --crossover  # split_k vs tiled over rows per kv head and keys (auto's rule)
+
+One decoding step: q (B, 32, 1, 128) against the cache's K and V (B, Hkv, L, 128), given to
+dotattn as a KVCache gives them (views of the buffers, with the left-padding & bottom-right
+causal mask; every row full here) and to torch as plain tensors without a mask (a step's
+single query sees every key, so torch does no less than needed). Decoding reads the whole
+cache once per step, so its speed is bytes read (K + V) / time; the reference bandwidth is
+a plain ``dst.copy_(src)`` of a buffer 8x the L3 cache, counted as read + write, timed
+interleaved with both in every case so that a neighbour's load hits all three alike.
+Cases whose cache exceeds --max-gib are skipped (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import dotattn
+from dotattn import engines, masks
+from dotattn.cli.bench import timed
+from dotattn.engines.base import dtype_name
+
+E = 128
+HEADS = {"gqa": (32, 8), "mqa": (32, 1)}
+COPY_BYTES = 256 * 2**20  # per buffer; L3 is 32 MiB here
+
+
+def decoding_step(B: int, Hq: int, Hkv: int, L: int, dtype: torch.dtype):
+    """q (B, Hq, 1, E) and a full cache's keys, values (B, Hkv, L, E) with a KVCache's mask for them."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, 1, E, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, E, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, E, generator=g).to(dtype)
+    mask = masks.padding(torch.full((B,), L), torch.ones(B, dtype=torch.long), side="left") \
+        & masks.causal(align="bottom_right")
+    return q, k, v, mask
+
+
+def bandwidth_table(lengths: list[int], batches: list[int], heads: list[str], dtypes: list[torch.dtype],
+                    repeats: int, max_gib: float) -> None:
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy buffer {COPY_BYTES >> 20} MiB; "
+          f"E {E}, Lq 1; GB/s = (K + V bytes) / time; % = of the copy's GB/s (read + write) in the same case")
+    print(f"{'dtype':>8} {'heads':>5} {'B':>2} {'L':>6} {'K+V MB':>7} {'copy GB/s':>9} | {'ours ms':>8} "
+          f"{'GB/s':>5} {'%copy':>5} | {'torch ms':>8} {'GB/s':>5} {'%copy':>5} | {'speedup':>7}  engine")
+    for dtype in dtypes:
+        for name in heads:
+            Hq, Hkv = HEADS[name]
+            for B in batches:
+                for L in lengths:
+                    nbytes = 2 * B * Hkv * L * E * torch.tensor([], dtype=dtype).element_size()
+                    if nbytes > max_gib * 2**30:
+                        print(f"{dtype_name(dtype):>8} {name:>5} {B:>2} {L:>6} {nbytes / 1e6:>7.0f}  skipped: "
+                              f"above --max-gib {max_gib}")
+                        continue
+                    q, k, v, mask = decoding_step(B, Hq, Hkv, L, dtype)
+                    engine = dotattn.explain(q, k, v, mask=mask, enable_gqa=True)
+
+                    def ours() -> None:
+                        dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True)
+
+                    def theirs() -> None:
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+                    t_copy, t_ours, t_torch = timed([copy, ours, theirs], repeats)
+                    copy_gbs = 2 * COPY_BYTES / t_copy / 1e9
+                    ours_gbs, torch_gbs = nbytes / t_ours / 1e9, nbytes / t_torch / 1e9
+                    print(f"{dtype_name(dtype):>8} {name:>5} {B:>2} {L:>6} {nbytes / 1e6:>7.0f} {copy_gbs:>9.1f} | "
+                          f"{t_ours * 1e3:>8.2f} {ours_gbs:>5.1f} {100 * ours_gbs / copy_gbs:>4.0f}% | "
+                          f"{t_torch * 1e3:>8.2f} {torch_gbs:>5.1f} {100 * torch_gbs / copy_gbs:>4.0f}% | "
+                          f"{t_torch / t_ours:>6.2f}x  {engine.engine}", flush=True)
+
+
+def crossover(repeats: int) -> None:
+    """split_k vs tiled (both forced) over rows per kv head and cache length: where auto should switch."""
+    split_k = engines.get("split_k")
+    print(f"float32, E {E}, B 1, Hkv 8; auto picks split_k for rows <= {split_k.AUTO_MAX_ROWS} and "
+          f"L >= {split_k.AUTO_MIN_KEYS}; ratio = tiled ms / split_k ms (> 1: split_k faster)")
+    print(f"{'rows':>5} {'G':>3} {'Lq':>3} " + " ".join(f"{'L ' + str(L):>8}" for L in (256, 512, 1024, 4096, 16384)))
+    for G, Lq in [(4, 1), (1, 1), (4, 4), (4, 16), (1, 128), (4, 32), (4, 64)]:
+        ratios = []
+        for L in (256, 512, 1024, 4096, 16384):
+            q, k, v, _ = decoding_step(1, 8 * G, 8, L, torch.float32)
+            q = torch.randn(1, 8 * G, Lq, E)
+            mask = masks.causal(align="bottom_right")
+            fns = [lambda e=e: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=e)
+                   for e in ("split_k", "tiled")]
+            t_split, t_tiled = timed(fns, repeats)
+            ratios.append(t_tiled / t_split)
+        print(f"{G * Lq:>5} {G:>3} {Lq:>3} " + " ".join(f"{r:>7.2f}x" for r in ratios), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="cache 4k and 16k, B 1, one repeat")
+    parser.add_argument("--crossover", action="store_true", help="split_k vs tiled instead of the bandwidth table")
+    parser.add_argument("--lengths", type=int, nargs="+", help="cache lengths (default 4096 16384 65536 131072)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8)")
+    parser.add_argument("--repeats", type=int, help="timed runs per case, median (default 3)")
+    parser.add_argument("--max-gib", type=float, default=1.0, help="skip cases whose K + V exceed this (GiB)")
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.crossover:
+        crossover(repeats)
+        return
+    lengths = args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536, 131072])
+    batches = args.batches or ([1] if args.quick else [1, 8])
+    bandwidth_table(lengths, batches, list(HEADS), [torch.float32, torch.bfloat16], repeats, args.max_gib)
+
+
+if __name__ == "__main__":
+    main()
