@@ -149,6 +149,7 @@ def _error_cases(rank: int, world: int) -> dict:
         "mismatch": lambda: ring_attention(x[..., : 6 - (rank == 0), :], x, x),
         "zigzag_odd": lambda: ring_attention(x[..., :5, :], x[..., :5, :], x[..., :5, :], layout="zigzag"),
         "layout": lambda: ring_attention(x, x, x, layout="striped"),
+        "float16": lambda: ring_attention(x.half(), x.half(), x.half()),
         "local_mask": lambda: ring_attention(x, x, x, mask=M.documents(torch.zeros(6, dtype=torch.long))),
     }
     for name, call in bad.items():
@@ -267,6 +268,7 @@ def test_bad_calls_raise_on_every_rank(world):
         assert "rank 0: ((1, 2, 5, 4)" in messages["mismatch"]
         assert "shards are 5 (query) and 5 (key) long" in messages["zigzag_odd"]
         assert "'striped'" in messages["layout"]
+        assert "tiled engine, which cannot run this: dtype float16" in messages["float16"]
         assert "q_doc_ids has length 6 but Lq is" in messages["local_mask"]
         assert "describe every position, not this rank's shard" in messages["local_mask"]
 

@@ -32,7 +32,7 @@ E head dim, Ev value dim, C a zigzag chunk's length (S/2).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -174,6 +174,7 @@ class _Ring:
     scale: float
     enable_gqa: bool
     batch_shape: tuple[int, ...]  # q, k and v's leading dims, broadcast
+    blocks: dict[int, _Block | None] = field(default_factory=dict, repr=False)  # by source rank, for backward
 
     @property
     def next(self) -> int:
@@ -189,6 +190,11 @@ class _Ring:
 
     def block(self, src: int) -> _Block | None:
         """My queries against rank ``src``'s keys; None when the mask leaves every pair EMPTY."""
+        if src not in self.blocks:
+            self.blocks[src] = self._block(src)
+        return self.blocks[src]
+
+    def _block(self, src: int) -> _Block | None:
         q_runs = shard_ranges(self.Lq, rank=self.rank, world=self.world, layout=self.layout)
         k_runs = shard_ranges(self.Lk, rank=src, world=self.world, layout=self.layout)
         n = self.n_chunks
@@ -255,9 +261,9 @@ class _Ring:
             if block is not None:
                 problem = self.problem(block, q, kv[0].to(compute), kv[1].to(compute))
                 n = self.n_chunks
+                rows_lse = _take(lse.unsqueeze(-1), block.q_chunks, n).squeeze(-1)  # chunks run along dim -2
                 parts = _attend_backward(
-                    problem, _take(out, block.q_chunks, n), _take(lse[..., None], block.q_chunks, n)[..., 0],
-                    _take(d_out, block.q_chunks, n),
+                    problem, _take(out, block.q_chunks, n), rows_lse, _take(d_out, block.q_chunks, n)
                 )
                 for offset, rows in _chunk_slices(block.q_chunks, n, Sq):
                     dq[..., rows, :] += parts[0][..., offset : offset + rows.stop - rows.start, :]
@@ -367,6 +373,10 @@ def ring_attention(
             f"{error} (ring_attention checks its arguments against the whole sequence of {world} shards: "
             "attn_mask and mask describe every position, not this rank's shard)"
         ) from error
+    reasons = engines.get("tiled").reasons(whole)
+    if reasons:
+        raise ValueError("ring_attention computes its blocks with the tiled engine, which cannot run this: "
+                         + "; ".join(reasons))
     ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa,
                  whole.batch_shape)
     squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
