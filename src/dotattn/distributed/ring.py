@@ -45,8 +45,9 @@ from dotattn.engines.base import compute_dtype
 from dotattn.engines.tiled import _Plan
 
 _NEG_INF = float("-inf")
-# Tags keep the K/V and the dK/dV messages of backward apart between the same two ranks.
-_TAG_KV, _TAG_DKV = 1, 2
+# Tags keep apart the messages between the same two ranks: K/V, and backward's dK/dV,
+# one tag per tensor (base + index).
+_TAG_KV, _TAG_DKV = 10, 20
 
 
 # ---------------------------------------------------------------------------
@@ -114,25 +115,27 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
 
 
 class _Transfer:
-    """Tensors of one dtype sent to the next rank while the previous rank's arrive, as one message."""
+    """Tensors sent to the next rank while the previous rank's arrive (same shapes and dtypes).
+
+    Each tensor goes as it is (made contiguous, which a shard of the contiguous layout
+    may not be), so starting a transfer copies nothing that is already contiguous."""
 
     def __init__(self, ring: _Ring, tensors: tuple[torch.Tensor, ...], tag: int) -> None:
-        self.shapes = [t.shape for t in tensors]
-        self.sent = torch.cat([t.reshape(-1) for t in tensors])
+        self.sent = [t.contiguous() for t in tensors]
         if ring.world == 1:  # the ring is this process: what leaves arrives
             self.received, self.works = self.sent, []
             return
-        self.received = torch.empty_like(self.sent)
-        self.works = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, self.sent, group=ring.group, tag=tag, group_peer=ring.next),
-            dist.P2POp(dist.irecv, self.received, group=ring.group, tag=tag, group_peer=ring.prev),
-        ])
+        self.received = [torch.empty_like(t) for t in self.sent]
+        ops = [dist.P2POp(dist.isend, t, group=ring.group, tag=tag + i, group_peer=ring.next)
+               for i, t in enumerate(self.sent)]
+        ops += [dist.P2POp(dist.irecv, t, group=ring.group, tag=tag + i, group_peer=ring.prev)
+                for i, t in enumerate(self.received)]
+        self.works = dist.batch_isend_irecv(ops)
 
     def wait(self) -> list[torch.Tensor]:
         for work in self.works:
             work.wait()
-        sizes = [math.prod(s) for s in self.shapes]
-        return [part.view(shape) for part, shape in zip(self.received.split(sizes), self.shapes)]
+        return self.received
 
 
 @dataclass
