@@ -9,6 +9,7 @@ import torch
 
 from dotattn import engines
 from dotattn.engines.tiled import TiledEngine
+from dotattn.engines.triton import MISSING as TRITON_MISSING
 
 # The tiled engine's torch-ops fallback, and its kernel with bfloat16 GEMMs (which this
 # machine may not choose, but one with AMX or AVX512-BF16 does), registered under their
@@ -24,13 +25,27 @@ CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def engine_cases() -> list:
-    """(engine, dtype) pairs: every registered engine in every CPU dtype it declares."""
-    return [
+    """(engine, dtype) pairs: every registered engine in every CPU dtype it declares, and the
+    triton engine (CUDA-only) in Triton's interpreter when triton is installed."""
+    cases = [
         pytest.param(e.name, d, id=f"{e.name}-{str(d).removeprefix('torch.')}")
         for e in engines.available()
         for d in CPU_DTYPES
-        if d in e.support.dtypes and (e.support.devices is None or "cpu" in e.support.devices)
+        if d in e.support.dtypes and (e.support.devices is None or "cpu" in e.support.devices) and e.name != "triton"
     ]
+    if TRITON_MISSING is None:  # float32 only: test_triton.py runs its 16-bit paths, keeping the interpreter's time down
+        cases.append(pytest.param("triton", torch.float32, id="triton-float32"))
+    return cases
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(request, monkeypatch):
+    """Tests of the triton engine run it in Triton's interpreter, which takes CPU tensors. The
+    variable is set for those tests only (other tests see a CUDA-only engine), and before the
+    engine's first run, when its kernels are created (Triton reads it then)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("engine") == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def engine_names() -> list[str]:

@@ -45,8 +45,9 @@ from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
 
 LOG2E = 1.4426950408889634
 MISSING = None if importlib.util.find_spec("triton") is not None else "triton is not installed (pip install triton)"
-# The interpreter's fixed tile sizes: small enough that test problems span several tiles.
-INTERPRETER_BLOCKS = (32, 32)
+# The interpreter's tile sizes: large, since it pays per tile in Python (test_triton.py sets small
+# ones to cover many full, partial and empty tiles).
+INTERPRETER_BLOCKS = (128, 128)
 _NEG_INF = float("-inf")
 
 
@@ -442,7 +443,10 @@ def _visible_garbage(problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> 
 class TritonEngine(Engine):
     name = "triton"
     description = "fused Triton kernels (forward, and dk/dv + dq backward) for CUDA; every mask; O(L) memory"
-    priority = 20
+    # Among the engines that run CUDA tensors it outranks the reference engine; the tiled
+    # engine is CPU-only, so their order decides nothing (ranked below it, a CPU problem
+    # never even asks the interpreter).
+    priority = 5
 
     # CUDA only; CPU tensors too while Triton interprets (TRITON_INTERPRET=1), for tests
     _SUPPORT = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256)
@@ -515,6 +519,6 @@ class TritonEngine(Engine):
             if p.mask is not None:
                 dense = p.mask.to_dense(p.Lq, p.Lk, device=s.device)
                 s = s + dense.float() if dense.is_floating_point() else s.masked_fill(~dense, _NEG_INF)
-            alive = torch.isfinite(lse)[..., None]
+            alive = torch.isfinite(lse)
             w = torch.exp(s - torch.where(alive, lse, 0.0)[..., None])
-            return torch.where(alive & (s != _NEG_INF), w, 0.0)
+            return torch.where(alive[..., None] & (s != _NEG_INF), w, 0.0)
