@@ -88,7 +88,7 @@ def crossover(repeats: int) -> None:
     print(f"float32, E {E}, B 1, Hkv 8; auto picks split_k for rows <= {split_k.AUTO_MAX_ROWS} and "
           f"L >= {split_k.AUTO_MIN_KEYS}; ratio = tiled ms / split_k ms (> 1: split_k faster)")
     print(f"{'rows':>5} {'G':>3} {'Lq':>3} " + " ".join(f"{'L ' + str(L):>8}" for L in (256, 512, 1024, 4096, 16384)))
-    for G, Lq in [(4, 1), (1, 1), (4, 4), (4, 16), (1, 128), (4, 32), (4, 64)]:
+    for G, Lq in [(1, 1), (4, 1), (4, 4), (4, 8), (4, 16), (1, 128), (4, 32)]:
         ratios = []
         for L in (256, 512, 1024, 4096, 16384):
             q, k, v, _ = decoding_step(1, 8 * G, 8, L, torch.float32)

@@ -817,6 +817,106 @@ inline void tile_values(float* acc, int Ev, int rows, const float* p, int lds, c
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// bfloat16 keys and values read without widening them into a buffer first: 16 of them load
+// as one 256-bit vector, and an interleave with zeros makes two float vectors of it, holding
+// elements 0..3, 8..11 and 4..7, 12..15 (bf16_lane). A dot product does not care about the
+// order when q is stored in it too, and the value accumulators are put back in order at the
+// end, so each bfloat16 costs half an instruction to widen.
+constexpr bool kBf16Interleaved = true;
+
+inline int bf16_lane(int p) { return (p & 3) | ((p & 4) << 1) | ((p & 8) >> 1); }
+
+inline void vload_bf16x16(const at::BFloat16* x, vfloat& lo, vfloat& hi) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i z = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
+}
+
+// tile_scores for bfloat16 keys with q (rows, E) stored in bf16_lane order, E % 16 == 0.
+// Blocks of 4 rows x 2 keys: each key is widened once for four rows.
+inline void tile_scores_bf16(const float* q, int E, int rows, const at::BFloat16* keys, int64_t ldk, int cols,
+                             float scale, float* s, int lds) {
+  auto dot = [&](const float* qr, const at::BFloat16* kc) {
+    vfloat a = {};
+    for (int e = 0; e < E; e += 16) {
+      vfloat lo, hi;
+      vload_bf16x16(kc + e, lo, hi);
+      a += vload(qr + e) * lo;
+      a += vload(qr + e + 8) * hi;
+    }
+    return hsum(a);
+  };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float* q0 = q + static_cast<int64_t>(r) * E;
+    int c = 0;
+    for (; c + 2 <= cols; c += 2) {
+      const at::BFloat16* k0 = keys + c * ldk;
+      vfloat a[8] = {};
+      for (int e = 0; e < E; e += 16) {
+        vfloat x0, x1, y0, y1;
+        vload_bf16x16(k0 + e, x0, x1);
+        vload_bf16x16(k0 + ldk + e, y0, y1);
+        for (int i = 0; i < 4; ++i) {
+          const vfloat qa = vload(q0 + i * E + e), qb = vload(q0 + i * E + e + 8);
+          a[2 * i] += qa * x0;
+          a[2 * i] += qb * x1;
+          a[2 * i + 1] += qa * y0;
+          a[2 * i + 1] += qb * y1;
+        }
+      }
+      const vfloat d = sums8(a) * scale;
+      for (int i = 0; i < 4; ++i) {
+        s[(r + i) * lds + c] = d[2 * i];
+        s[(r + i) * lds + c + 1] = d[2 * i + 1];
+      }
+    }
+    for (; c < cols; ++c)
+      for (int i = 0; i < 4; ++i) s[(r + i) * lds + c] = scale * dot(q0 + i * E, keys + c * ldk);
+  }
+  for (; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) s[r * lds + c] = scale * dot(q + static_cast<int64_t>(r) * E, keys + c * ldk);
+}
+
+// tile_values for bfloat16 values, acc in bf16_lane order, Ev % 16 == 0; rows is 4 (rows
+// with the same keys, each value widened once for four) or 1.
+inline void tile_values_bf16(float* acc, int Ev, int rows, const float* p, int lds, const at::BFloat16* values,
+                             int64_t ldv, int cols) {
+  for (int e = 0; e < Ev; e += 16) {
+    if (rows == 4) {
+      vfloat a[8];
+      for (int i = 0; i < 4; ++i) a[2 * i] = vload(acc + i * Ev + e), a[2 * i + 1] = vload(acc + i * Ev + e + 8);
+      for (int c = 0; c < cols; ++c) {
+        vfloat lo, hi;
+        vload_bf16x16(values + c * ldv + e, lo, hi);
+        for (int i = 0; i < 4; ++i) {
+          const float pc = p[i * lds + c];
+          a[2 * i] += pc * lo;
+          a[2 * i + 1] += pc * hi;
+        }
+      }
+      for (int i = 0; i < 4; ++i) vstore(acc + i * Ev + e, a[2 * i]), vstore(acc + i * Ev + e + 8, a[2 * i + 1]);
+    } else {
+      vfloat a0 = vload(acc + e), a1 = vload(acc + e + 8);
+      for (int c = 0; c < cols; ++c) {
+        vfloat lo, hi;
+        vload_bf16x16(values + c * ldv + e, lo, hi);
+        a0 += p[c] * lo;
+        a1 += p[c] * hi;
+      }
+      vstore(acc + e, a0), vstore(acc + e + 8, a1);
+    }
+  }
+}
+#else
+constexpr bool kBf16Interleaved = false;
+inline int bf16_lane(int p) { return p; }
+inline void tile_scores_bf16(const float*, int, int, const at::BFloat16*, int64_t, int, float, float*, int) {}
+inline void tile_values_bf16(float*, int, int, const float*, int, const at::BFloat16*, int64_t, int) {}
+#endif
+
 // float64 is for testing: plain loops.
 inline void tile_scores(const double* q, int E, int rows, const double* keys, int64_t ldk, int cols, double scale,
                         double* s, int lds) {
@@ -865,7 +965,10 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   T* out_p = out.data_ptr<T>();
   T* lse_p = lse.data_ptr<T>();
   const int64_t tasks = N * Hkv * S;
-  constexpr bool widened = !std::is_same_v<In, T>;  // bfloat16 tiles are widened to float once
+  // bfloat16 is read in place, interleaved (see vload_bf16x16), where the head dims allow;
+  // otherwise each tile is widened to float once.
+  const bool interleaved = std::is_same_v<In, at::BFloat16> && kBf16Interleaved && E % 16 == 0 && Ev % 16 == 0;
+  const bool widened = !std::is_same_v<In, T> && !interleaved;
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -874,6 +977,7 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<T> s(static_cast<size_t>(R) * kDecodeTile), acc(static_cast<size_t>(R) * Ev);
     std::vector<T> k_tile(widened ? static_cast<size_t>(kDecodeTile) * E : 0);
     std::vector<T> v_tile(widened ? static_cast<size_t>(kDecodeTile) * Ev : 0);
+    std::vector<T> q_lanes(interleaved ? static_cast<size_t>(R) * E : 0);
     std::vector<T> m_i(R), l_i(R);
     std::vector<int> a_r(R), b_r(R);
     std::vector<uint8_t> seen_garbage(R);
@@ -894,6 +998,10 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t j_begin = first + part * per_part;
       const int64_t j_end = std::min(last, j_begin + per_part);
       const T* qh = q_p + nh * R * E;
+      if (interleaved) {  // q in the order the interleaved keys come in
+        for (int64_t i = 0; i < R * E; ++i) q_lanes[i] = qh[i - i % 16 + bf16_lane(static_cast<int>(i % 16))];
+        qh = q_lanes.data();
+      }
       std::fill(m_i.begin(), m_i.end(), neg_inf);
       std::fill(l_i.begin(), l_i.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
@@ -902,14 +1010,18 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T* keys = nullptr;
         const T* values = nullptr;
         int64_t ldk = E, ldv = Ev;
-        if constexpr (widened) {
-          widen(K.at(n, hk, j0), K.ld(), cols, E, k_tile.data());
-          keys = k_tile.data();
+        // S = scale Q Kᵀ for every row against the tile's keys (rows x cols) ...
+        if constexpr (std::is_same_v<In, at::BFloat16>) {
+          if (interleaved) {
+            tile_scores_bf16(qh, E, static_cast<int>(R), K.at(n, hk, j0), K.ld(), cols, scale, s.data(), kDecodeTile);
+          } else {
+            widen(K.at(n, hk, j0), K.ld(), cols, E, k_tile.data());
+            tile_scores(qh, E, static_cast<int>(R), k_tile.data(), E, cols, scale, s.data(), kDecodeTile);
+          }
         } else {
           keys = K.at(n, hk, j0), ldk = K.ld();
+          tile_scores(qh, E, static_cast<int>(R), keys, ldk, cols, scale, s.data(), kDecodeTile);
         }
-        // S = scale Q Kᵀ for every row against the tile's keys (rows x cols) ...
-        tile_scores(qh, E, static_cast<int>(R), keys, ldk, cols, scale, s.data(), kDecodeTile);
         // ... then each row keeps only its span: a key outside it, garbage or not, becomes
         // -inf here and never reaches that row's values.
         bool any = false;
@@ -937,11 +1049,11 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           }
         }
         if (!any) continue;
-        if constexpr (widened) {
+        if constexpr (std::is_same_v<In, T>) {
+          values = V.at(n, hk, j0), ldv = V.ld();
+        } else if (widened) {
           widen(V.at(n, hk, j0), V.ld(), cols, Ev, v_tile.data());
           values = v_tile.data();
-        } else {
-          values = V.at(n, hk, j0), ldv = V.ld();
         }
         // acc += P~ V, each row over its own keys; four rows with the same keys go together.
         for (int64_t r = 0; r < R;) {
@@ -950,9 +1062,18 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (r + 4 <= R && a_r[r + 1] == a && a_r[r + 2] == a && a_r[r + 3] == a && b_r[r + 1] == b &&
               b_r[r + 2] == b && b_r[r + 3] == b)
             rows = 4;
-          if (b > a)
+          if (b > a) {
+            if constexpr (std::is_same_v<In, at::BFloat16>) {
+              if (interleaved) {
+                tile_values_bf16(acc.data() + r * Ev, Ev, rows, s.data() + r * kDecodeTile + a, kDecodeTile,
+                                 V.at(n, hk, j0 + a), V.ld(), b - a);
+                r += rows;
+                continue;
+              }
+            }
             tile_values(acc.data() + r * Ev, Ev, rows, s.data() + r * kDecodeTile + a, kDecodeTile, values + a * ldv,
                         ldv, b - a);
+          }
           r += rows;
         }
       }
@@ -962,7 +1083,8 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t r = 0; r < R; ++r) {
         const bool alive = l_i[r] > 0;
         const T inv = seen_garbage[r] ? std::numeric_limits<T>::quiet_NaN() : alive ? T(1) / l_i[r] : T(0);
-        for (int e = 0; e < Ev; ++e) out_rows[r * Ev + e] = acc[r * Ev + e] * inv;
+        for (int e = 0; e < Ev; ++e)  // interleaved accumulators go back in order
+          out_rows[r * Ev + (interleaved ? e - e % 16 + bf16_lane(e % 16) : e)] = acc[r * Ev + e] * inv;
         lse_rows[r] = seen_garbage[r] ? inv : alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
       }
     }

@@ -91,7 +91,7 @@ class SplitKEngine(Engine):
     # Where auto picks split-K over the tiled engine (benchmarks/decode.py, --crossover):
     # with more rows per kv head than this, the tiled engine's GEMM tiles win; below this
     # many keys there is too little to split.
-    AUTO_MAX_ROWS = 64
+    AUTO_MAX_ROWS = 32
     AUTO_MIN_KEYS = 1024
     # Parts per thread, so that dynamic scheduling evens out uneven parts, and the fewest
     # keys worth a part of its own.
