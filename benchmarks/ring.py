@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dotattn
-from dotattn import masks
 from dotattn.distributed import ring as ring_module
 from dotattn.distributed import ring_attention, shard_sequence
 
@@ -160,7 +159,8 @@ def main() -> None:
         print(f"{world:>2} {L:>5} {'causal' if r['causal'] else 'none':>7} {r['layout']:>10} "
               f"{s_fwd * 1e3:10.1f} {r['t_fwd'] * 1e3:9.1f} {r['t_fwd'] / s_fwd:6.2f} "
               f"{s_both * 1e3:10.1f} {r['t_both'] * 1e3:9.1f} {r['t_both'] / s_both:6.2f} "
-              f"{r['step_bytes'] / 1024:9.0f} {r['t_block'] * 1e3:9.1f} {r['t_comm'] * 1e3:8.2f} {r['t_exposed'] * 1e3:8.2f} "
+              f"{r['step_bytes'] / 1024:9.0f} {r['t_block'] * 1e3:9.1f} {r['t_comm'] * 1e3:8.2f} "
+              f"{r['t_exposed'] * 1e3:8.2f} "
               f"{rate / 1e9:8.1f} {bandwidth / 1e9:6.2f} {S:>5} {s_star:5.0f}")
     print("\nratio = ring / single-process time (1/W would be perfect scaling on W free cores).")
     print("block ms: one whole S x S block alone; send ms: one K/V shard round the ring alone;")

@@ -6,7 +6,6 @@ run every case in turn and report their errors through a queue; the tests then r
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import socket
@@ -128,7 +127,8 @@ def _run_low_precision(dtype: torch.dtype, layout: str, rank: int, world: int) -
     grads = {}
     for name, dt in (("oracle", torch.float64), ("single", dtype)):
         q, k, v = (x[n].to(dt, copy=True).requires_grad_() for n in "qkv")
-        out = dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, engine="reference" if dt == torch.float64 else "tiled")
+        engine = "reference" if dt == torch.float64 else "tiled"
+        out = dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, engine=engine)
         _backward(out, x["d_out"].to(dt))
         grads[name] = [shard_sequence(t.detach().double(), **shard) for t in (out, q.grad, k.grad, v.grad)]
     qs, ks, vs = (shard_sequence(x[n], **shard).to(dtype).requires_grad_() for n in "qkv")

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from dotattn import masks as M
 from dotattn.masks import FULL, PARTIAL
-from tests.test_masks import PROPERTY, BLOCK, allowed_of, assert_sound, combinations, exact_block_map, primitives, sizes
+from tests.test_masks import (
+    BLOCK, PROPERTY, allowed_of, assert_sound, combinations, exact_block_map, primitives, sizes,
+)
 
 
 @st.composite

@@ -96,7 +96,8 @@ def gather_sequence(
     Not differentiable."""
     check_layout(layout)
     rank, world = rank_and_world(group)
-    same_on_every_rank(group, "gather_sequence: shard shapes, dtypes or layouts", (tuple(x.shape), str(x.dtype), layout))
+    same_on_every_rank(group, "gather_sequence: shard shapes, dtypes or layouts",
+                       (tuple(x.shape), str(x.dtype), layout))
     shards = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(shards, x.contiguous(), group=group)
     S = x.shape[dim]
