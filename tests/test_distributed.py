@@ -80,9 +80,9 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
 
-def _run_case(case: str, layout: str, rank: int, world: int) -> dict:
+def _run_case(case: str, layout: str, rank: int, world: int, group: dist.ProcessGroup | None = None) -> dict:
     """This rank's max errors (output, dq, dk, dv) against the single-process function, and
-    how many blocks its forward computed."""
+    how many blocks its forward computed. rank and world are this process's in ``group``."""
     x = _inputs(case, world)
     kwargs = x["kwargs"]
     q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
@@ -102,11 +102,11 @@ def _run_case(case: str, layout: str, rank: int, world: int) -> dict:
 
     ring._attend = counting
     try:
-        out = ring_attention(qs, ks, vs, layout=layout, **kwargs)
+        out = ring_attention(qs, ks, vs, group=group, layout=layout, **kwargs)
     finally:
         ring._attend = attend
     _backward(out, shard_sequence(x["d_out"], **shard))
-    whole = gather_sequence(out.detach(), layout=layout)
+    whole = gather_sequence(out.detach(), group=group, layout=layout)
     errors = {
         "out": _max_err(out, shard_sequence(expected.detach(), **shard)),
         "gathered": _max_err(whole, expected.detach()),
@@ -176,6 +176,15 @@ def _worker(rank: int, world: int, port: int, results) -> None:
                 results.put((rank, key, _run_low_precision(dtype, layout, rank, world)))
         key = "errors"
         results.put((rank, key, _error_cases(rank, world)))
+        # A group that is not the default one, whose ranks are not the global ones: global
+        # ranks 1 and 3 of 4, or rank 1 alone (a ring of one) of 2.
+        key = "subgroup"
+        members = [1, 3] if world == 4 else [1]
+        group = dist.new_group(members)
+        result = None
+        if rank in members:
+            result = _run_case("causal", "zigzag", members.index(rank), len(members), group)
+        results.put((rank, key, result))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -201,7 +210,7 @@ def _results(world: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, results)) for r in range(world)]
     for p in procs:
         p.start()
-    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + 1)
+    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + 2)
     out: dict = {}
     try:
         for _ in range(expected):
@@ -244,6 +253,18 @@ def test_ring_in_low_precision_is_as_accurate_as_the_tiled_engine(dtype, layout,
     for rank, result in enumerate(_results(world)[("low_precision", dtype, layout)]):
         for name, (ring_err, single_err) in result.items():
             assert ring_err <= 2 * single_err + eps, f"rank {rank} {name}: ring {ring_err:.2e}, tiled {single_err:.2e}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ring_on_a_subgroup(world):
+    members = [1, 3] if world == 4 else [1]
+    for rank, result in enumerate(_results(world)["subgroup"]):
+        if rank not in members:
+            assert result is None
+            continue
+        assert isinstance(result, dict) and result["finite"]
+        assert max(result["errors"].values()) <= TOL, result["errors"]
+        assert result["blocks"] == len(members)
 
 
 @pytest.mark.parametrize("world", WORLDS)
