@@ -149,6 +149,7 @@ def _error_cases(rank: int, world: int) -> dict:
     x = torch.randn(1, 2, 6, 4, dtype=torch.float64)
     bad = {
         "mismatch": lambda: ring_attention(x[..., : 6 - (rank == 0), :], x, x),
+        "causal_mismatch": lambda: ring_attention(x, x, x, is_causal=rank == 0),
         "zigzag_odd": lambda: ring_attention(x[..., :5, :], x[..., :5, :], x[..., :5, :], layout="zigzag"),
         "layout": lambda: ring_attention(x, x, x, layout="striped"),
         "float16": lambda: ring_attention(x.half(), x.half(), x.half()),
@@ -287,8 +288,9 @@ def test_empty_shard_pairs_are_not_computed(world):
 def test_bad_calls_raise_on_every_rank(world):
     per_rank = _results(world)["errors"]
     for messages in per_rank:
-        assert "shapes of (query, key, value) differ across ranks" in messages["mismatch"]
-        assert "rank 0: ((1, 2, 5, 4)" in messages["mismatch"]
+        assert "ring_attention: the arguments (shapes of query, key, value;" in messages["mismatch"]
+        assert "differ across ranks (rank 0: (((1, 2, 5, 4)" in messages["mismatch"]
+        assert "is_causal" in messages["causal_mismatch"] and "differ across ranks" in messages["causal_mismatch"]
         assert "shards are 5 (query) and 5 (key) long" in messages["zigzag_odd"]
         assert "'striped'" in messages["layout"]
         assert "tiled engine, which cannot run this: dtype float16" in messages["float16"]

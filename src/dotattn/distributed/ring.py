@@ -350,12 +350,17 @@ def ring_attention(
     layout "contiguous" (rank r holds positions r·L/W onward) or "zigzag" (chunks r and
     2W-1-r of 2W: every rank does the same causal work).
     """
-    check_layout(layout)
     rank, world = rank_and_world(group)
     # Before any check that could fail on some ranks only: a rank that raised alone would
     # leave the others waiting in the ring.
     shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (query, key, value))
-    same_on_every_rank(group, "ring_attention: the shapes of (query, key, value)", shapes)
+    mask_shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else None
+    same_on_every_rank(
+        group, "ring_attention: the arguments (shapes of query, key, value; layout; is_causal; mask; "
+        "attn_mask shape; scale; enable_gqa)",
+        (shapes, layout, is_causal, repr(mask), mask_shape, scale, enable_gqa),
+    )
+    check_layout(layout)
     if all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in (query, key)):
         if layout == "zigzag" and (query.shape[-2] % 2 or key.shape[-2] % 2):
             raise ValueError(
