@@ -50,6 +50,17 @@ def test_decoding_matches_the_oracle(dtype, Lq, Hq, Hkv):
 
 
 @pytest.mark.usefixtures("never_on_tiled")
+def test_float64_is_exact_to_rounding():
+    q, k, v = qkv(2, 8, 2, 24, Hkv=2, Lk=1500, dtype=torch.float64)
+    mask = _decoding_mask([900, 1500])
+    res = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k", return_lse=True)
+    ref = oracle(q, k, v, mask=mask, enable_gqa=True)
+    assert res.lse.dtype == torch.float64
+    torch.testing.assert_close(res.output, ref.output, atol=1e-12, rtol=0)
+    torch.testing.assert_close(res.lse, ref.lse, atol=1e-12, rtol=0)
+
+
+@pytest.mark.usefixtures("never_on_tiled")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("E", [17, 128])
 def test_no_mask_and_head_dims_the_vectors_do_not_divide(dtype, E):
