@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
 
-import pytest
-import torch
+# The triton engine's tests run it in Triton's interpreter, on CPU tensors. Triton reads this
+# when triton is imported (its language library is made of jit functions) and when a kernel
+# is created, so it is set before anything imports triton; the triton_interpreter fixture
+# then leaves it set only for the tests of the triton engine.
+os.environ["TRITON_INTERPRET"] = "1"
 
-from dotattn import engines
-from dotattn.engines.tiled import TiledEngine
-from dotattn.engines.triton import MISSING as TRITON_MISSING
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dotattn import engines  # noqa: E402
+from dotattn.engines.tiled import TiledEngine  # noqa: E402
+from dotattn.engines.triton import MISSING as TRITON_MISSING  # noqa: E402
 
 # The tiled engine's torch-ops fallback, and its kernel with bfloat16 GEMMs (which this
 # machine may not choose, but one with AMX or AVX512-BF16 does), registered under their
@@ -40,12 +48,15 @@ def engine_cases() -> list:
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(request, monkeypatch):
-    """Tests of the triton engine run it in Triton's interpreter, which takes CPU tensors. The
-    variable is set for those tests only (other tests see a CUDA-only engine), and before the
-    engine's first run, when its kernels are created (Triton reads it then)."""
+    """TRITON_INTERPRET=1 (the triton engine takes CPU tensors) in the triton engine's tests
+    only: the other tests see it as the CUDA-only engine it is."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("engine") == "triton":
+    if request.module.__name__.endswith("test_triton") or (
+        callspec is not None and callspec.params.get("engine") == "triton"
+    ):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 def engine_names() -> list[str]:

@@ -33,6 +33,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -52,7 +53,19 @@ _NEG_INF = float("-inf")
 
 
 def _interpreting() -> bool:
+    """Whether TRITON_INTERPRET=1 is set now (Triton's own switch to its interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _compiled_too_early() -> bool:
+    """Whether Triton created its jit functions for the GPU before TRITON_INTERPRET=1 was set:
+    its language library when triton was imported, ours on the first run. The interpreter
+    cannot run those."""
+    tl = sys.modules.get("triton.language")
+    if tl is not None and type(tl.zeros).__name__ != "InterpretedFunction":
+        return True
+    loaded = _loaded()
+    return loaded is not None and not loaded.interpreted
 
 
 @dataclass(frozen=True)
@@ -475,10 +488,10 @@ class TritonEngine(Engine):
     def extra_reasons(self, problem: Problem) -> list[str]:
         if MISSING is not None:
             return [MISSING]
-        loaded = _loaded()
-        if problem.query.device.type == "cpu" and _interpreting() and loaded is not None and not loaded.interpreted:
-            return ["its kernels were compiled for the GPU before TRITON_INTERPRET=1 was set, so they cannot run "
-                    "CPU tensors; set TRITON_INTERPRET=1 before the first triton run"]
+        if problem.query.device.type == "cpu" and _interpreting() and _compiled_too_early():
+            return ["triton was imported (or this engine ran) before TRITON_INTERPRET=1 was set, so its kernels "
+                    "are compiled for the GPU and cannot take CPU tensors; set TRITON_INTERPRET=1 before "
+                    "importing triton"]
         return []
 
     def auto_skip(self, problem: Problem) -> str | None:
