@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The dev set-up pins torch (a local CPU wheel here); the package itself accepts torch>=2.5.
 TORCH := torch==2.13.0
+# the triton engine's kernels, pinned next to torch (its tests run them in Triton's interpreter)
+TRITON := triton==3.9.0
 
 .PHONY: demo test clean
 
@@ -11,7 +13,7 @@ TORCH := torch==2.13.0
 # the build tools go in first and the package builds without isolation.
 $(VENV)/.installed: pyproject.toml setup.py src/dotattn/csrc/tiled_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) setuptools wheel ninja
+	$(PY) -m pip install -q $(TORCH) $(TRITON) setuptools wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,plots]'
 	touch $@
 

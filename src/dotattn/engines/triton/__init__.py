@@ -28,6 +28,7 @@ dim) and fixed in the interpreter (``block_m``, ``block_n`` override both).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -62,7 +63,7 @@ def _compiled_too_early() -> bool:
     its language library when triton was imported, ours on the first run. The interpreter
     cannot run those."""
     tl = sys.modules.get("triton.language")
-    if tl is not None and type(tl.zeros).__name__ != "InterpretedFunction":
+    if tl is not None and type(tl.zeros).__name__ == "JITFunction":  # a jit function in recent triton
         return True
     loaded = _loaded()
     return loaded is not None and not loaded.interpreted
@@ -427,7 +428,14 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        return (None, *ctx.call.backward(q, k, v, bias, out, lse, d_out, bias is not None and ctx.needs_input_grad[4]))
+        with _on_device(q.device):
+            grads = ctx.call.backward(q, k, v, bias, out, lse, d_out, bias is not None and ctx.needs_input_grad[4])
+        return (None, *grads)
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device, so make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _visible_garbage(problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,7 +519,8 @@ class TritonEngine(Engine):
         blocks = None if self.block_m is None else (self.block_m, self.block_n or self.block_m)
         parts = _MaskParts.of(p)
         call = _Call(p, blocks, parts, self._split(p))
-        out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, parts.bias)
+        with _on_device(p.query.device):
+            out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, parts.bias)
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
         lse2 = lse2.reshape(*p.batch_shape, p.Hq, p.Lq)
         lse = torch.where(torch.isinf(lse2), _NEG_INF, lse2 / LOG2E)  # natural log; -inf: sees nothing
