@@ -148,7 +148,7 @@ def main() -> None:
         rows += _ring_results(world, sizes, repeats)
     print(f"\n{'W':>2} {'L':>5} {'mask':>7} {'layout':>10} {'single fwd':>10} {'ring fwd':>9} {'ratio':>6} "
           f"{'single f+b':>10} {'ring f+b':>9} {'ratio':>6} {'KiB/step':>9} {'block ms':>9} {'send ms':>8} "
-          f"{'left ms':>8} {'GFLOP/s':>8} {'GB/s':>6} {'S':>5} {'S*':>5}")
+          f"{'left ms':>8} {'GFLOP/s':>8} {'GB/s':>6} {'S':>5} {'S*':>5} {'model fwd':>9}")
     for r in rows:
         L, world = r["L"], r["world"]
         s_fwd, s_both = single[(L, r["causal"])]
@@ -161,12 +161,24 @@ def main() -> None:
               f"{s_both * 1e3:10.1f} {r['t_both'] * 1e3:9.1f} {r['t_both'] / s_both:6.2f} "
               f"{r['step_bytes'] / 1024:9.0f} {r['t_block'] * 1e3:9.1f} {r['t_comm'] * 1e3:8.2f} "
               f"{r['t_exposed'] * 1e3:8.2f} "
-              f"{rate / 1e9:8.1f} {bandwidth / 1e9:6.2f} {S:>5} {s_star:5.0f}")
+              f"{rate / 1e9:8.1f} {bandwidth / 1e9:6.2f} {S:>5} {s_star:5.0f} {_model(r) * 1e3:9.1f}")
     print("\nratio = ring / single-process time (1/W would be perfect scaling on W free cores).")
     print("block ms: one whole S x S block alone; send ms: one K/V shard round the ring alone;")
     print("left ms: the wait for that transfer when it was started before a block's compute (0 = hidden).")
     print("S* = (Hkv/Hq)·itemsize·R/(2·BW) from the measured R (GFLOP/s) and BW (GB/s): the transfer")
-    print("hides behind the block's compute when S > S*.")
+    print("hides behind the block's compute when S > S*. model fwd: the slowest rank's steps, each")
+    print("max(its block's compute, one transfer), from block ms and send ms (overhead and merges left out).")
+
+
+def _model(r: dict) -> float:
+    """The ring forward's time by the model: the busiest rank's steps, max(compute, transfer) each."""
+    world, block, comm = r["world"], r["t_block"], r["t_comm"]
+    if not r["causal"]:
+        return world * max(block, comm)
+    if r["layout"] == "zigzag":  # every step computes half a block's scores
+        return world * max(block / 2, comm)
+    # contiguous: the last rank computes W-1 whole blocks and the half-empty diagonal one
+    return (world - 1) * max(block, comm) + max(block / 2, comm)
 
 
 if __name__ == "__main__":

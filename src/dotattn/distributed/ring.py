@@ -233,15 +233,20 @@ class _Ring:
         out = q.new_zeros(*self.batch_shape, q.shape[-3], Sq, v.shape[-1])
         lse = q.new_full((*self.batch_shape, q.shape[-3], Sq), _NEG_INF)
         kv = (k, v)
+        merged: set[int] = set()  # the query chunks some block has reached
         for step in range(self.world):
             pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
             block = self.block((self.rank - step) % self.world)
             if block is not None:
                 out_b, lse_b = _attend(self.problem(block, q, kv[0].to(compute), kv[1].to(compute)))
-                for offset, rows in _chunk_slices(block.q_chunks, self.n_chunks, Sq):
-                    n = rows.stop - rows.start
-                    _merge(out[..., rows, :], lse[..., rows], out_b[..., offset : offset + n, :],
-                           lse_b[..., offset : offset + n])
+                for chunk, (offset, rows) in zip(block.q_chunks, _chunk_slices(block.q_chunks, self.n_chunks, Sq)):
+                    part = slice(offset, offset + rows.stop - rows.start)
+                    if chunk in merged:
+                        _merge(out[..., rows, :], lse[..., rows], out_b[..., part, :], lse_b[..., part])
+                    else:  # the first block these rows see: nothing to merge with
+                        out[..., rows, :] = out_b[..., part, :]
+                        lse[..., rows] = lse_b[..., part]
+                        merged.add(chunk)
             if pending is not None:
                 kv = tuple(pending.wait())
         return out, lse

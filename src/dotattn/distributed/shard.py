@@ -12,6 +12,8 @@ Shape legend: L the whole sequence's length along ``dim``, W the world size.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -61,10 +63,16 @@ def rank_and_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 def same_on_every_rank(group: dist.ProcessGroup | None, what: str, value: object) -> None:
-    """Raise the same ValueError on every rank unless ``value`` is equal on all of them."""
-    values: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(values, value, group=group)
-    if any(v != values[0] for v in values):
+    """Raise the same ValueError on every rank unless ``value`` (a plain value with a stable
+    repr) is equal on all of them. One 8-byte all-gather of a checksum of its repr; the
+    values themselves travel only to name them in the error."""
+    world = dist.get_world_size(group)
+    checksum = torch.tensor([zlib.crc32(repr(value).encode())], dtype=torch.int64)
+    checksums = [torch.empty_like(checksum) for _ in range(world)]
+    dist.all_gather(checksums, checksum, group=group)
+    if any(not torch.equal(c, checksum) for c in checksums):
+        values: list[object] = [None] * world
+        dist.all_gather_object(values, value, group=group)
         listing = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise ValueError(f"{what} differ across ranks ({listing}); every rank must pass the same")
 
