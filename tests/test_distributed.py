@@ -28,7 +28,7 @@ E, EV = 17, 11
 
 def _inputs(case: str, world: int, seed: int = 0) -> dict:
     """The whole problem of a case, the same on every rank: q, k, v, the cotangent and kwargs."""
-    L = 16 * world + 8 * world  # divides by 2·world, chunks of 12 positions
+    L = 24 * world  # divides by 2·world: zigzag chunks of 12 positions, contiguous shards of 24
     Lq, B, Hq, Hkv = L, 2, 2, 2
     kwargs: dict = {}
     g = torch.Generator().manual_seed(seed)
@@ -271,7 +271,7 @@ def test_ring_on_a_subgroup(world):
 @pytest.mark.parametrize("world", WORLDS)
 def test_empty_shard_pairs_are_not_computed(world):
     results = _results(world)
-    S = (16 * world + 8 * world) // world
+    S = 24  # the shard length of _inputs
     # Causal, contiguous: rank r sees the shards of ranks 0..r only.
     assert [r["blocks"] for r in results[("causal", "contiguous")]] == [r + 1 for r in range(world)]
     # Zigzag: every rank meets every other rank's shard, but each chunk pair that causality
