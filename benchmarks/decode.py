@@ -132,9 +132,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="cache lengths (default 4096 16384 65536 131072)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8)")
     parser.add_argument("--repeats", type=int, help="timed runs per case, the fastest counts (default 5)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--max-gib", type=float, default=1.0, help="skip cases whose K + V exceed this (GiB)")
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.crossover:
         crossover(repeats)
         return
