@@ -143,7 +143,9 @@ def test_masks_reach_the_kernel_as_spans_or_in_place_tensors():
     assert parts.bias.data_ptr() == bias.data_ptr() and parts.lo is None
     sparse = masks.block_sparse(torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) > 0.5, 8)
     parts = triton_engine._MaskParts.of(prepare(q, k, v, mask=sparse & masks.causal()))
-    assert parts.lo is not None and parts.allowed.shape == (1, 1, 40, 50)  # materialised once per call
+    assert parts.lo is not None and parts.layout.data_ptr() == sparse.layout.data_ptr() and parts.allowed is None
+    parts = triton_engine._MaskParts.of(prepare(q, k, v, keep, mask=sparse | masks.causal()))
+    assert parts.lo is None and parts.layout is None and parts.allowed.shape == (1, 1, 40, 50)  # materialised
 
 
 def test_auto_never_picks_it_for_cpu_tensors_and_a_cpu_problem_needs_the_interpreter(monkeypatch):

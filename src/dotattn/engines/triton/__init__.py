@@ -16,9 +16,10 @@ What the kernels get from a problem (:class:`_Call`):
     spans       lo, hi int32 (Nm, Hm, Lq): the row spans of the mask's leaves that have
                 them (causal in both alignments, windows, padding, prefix-LM, sorted
                 documents), evaluated in the kernel on PARTIAL tiles
-    allowed     a boolean rest of the mask (dense, block-sparse, unsorted documents, |
-                without spans): the user's tensor read tile by tile in place, or the
-                rest's ``to_dense`` when it is a combination
+    layout      a block-sparse leaf's layout, one entry per layout block
+    allowed     a boolean rest of the mask (dense, unsorted documents, | without spans,
+                a second block-sparse leaf): the user's tensor read tile by tile in
+                place, or the rest's ``to_dense`` when it is a combination
     bias        a float rest: read tile by tile; its gradient is dS, summed by autograd
                 over the dims the bias broadcasts
 
@@ -127,12 +128,15 @@ class _MaskParts:
     """A problem's mask split for the kernel (all ANDed); None parts are absent.
 
     lo, hi:  int32 (Nm, Hm, Lq) row spans
+    layout:  uint8 (Nm, Hm, nQb, nKb) a block-sparse layout of layout_blocks (bq, bk)
     allowed: uint8 (Nm, Hm, R, C) may-attend, R in {1, Lq}, C in {1, Lk}
     bias:    (Nm, Hm, R, C) float, differentiable (autograd reaches the user's tensors)
     """
 
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
+    layout: torch.Tensor | None = None
+    layout_blocks: tuple[int, int] = (1, 1)
     allowed: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
@@ -149,6 +153,11 @@ class _MaskParts:
         parts = cls()
         if spanned:
             parts.lo, parts.hi = _spans(spanned[0] if len(spanned) == 1 else masks.And(*spanned), p)
+        sparse = next((leaf for leaf in rest if isinstance(leaf, masks.BlockSparse)), None)
+        if sparse is not None:  # read one entry per layout block
+            rest.remove(sparse)
+            parts.layout = heads_canonical(sparse.layout.to(device), p.batch_shape, p.Hq).view(torch.uint8)
+            parts.layout_blocks = sparse.block_size
         if rest:
             if len(rest) == 1 and isinstance(rest[0], masks.Dense):  # read in place
                 dense = rest[0].tensor.to(device)
@@ -266,7 +275,7 @@ class _Call:
             self.dropout = (0, 0, 1.0)
 
     def _mask_args(self, bias: torch.Tensor | None) -> list:
-        """SpanLo, SpanHi and their strides, then Allowed, then Bias, each with strides."""
+        """SpanLo, SpanHi and their strides, then Allowed, Layout (and its block sizes), Bias, each with strides."""
         parts = self.parts
         dummy = torch.empty(1, dtype=torch.int32, device=self.problem.query.device)
         if parts.lo is not None:
@@ -275,6 +284,8 @@ class _Call:
         else:
             args = [dummy, dummy, 0, 0]
         args += [parts.allowed, *_strides(parts.allowed)] if parts.allowed is not None else [dummy, 0, 0, 0, 0]
+        args += ([parts.layout, *_strides(parts.layout), *parts.layout_blocks] if parts.layout is not None
+                 else [dummy, 0, 0, 0, 0, 1, 1])
         args += [bias, *_strides(bias)] if bias is not None else [dummy, 0, 0, 0, 0]
         return args
 
@@ -282,6 +293,7 @@ class _Call:
         p = self.problem
         return dict(
             HAS_SPANS=self.parts.lo is not None, HAS_ALLOWED=self.parts.allowed is not None,
+            HAS_LAYOUT=self.parts.layout is not None,
             HAS_BIAS=bias is not None, HAS_DROPOUT=p.dropout_p > 0,
             PRECISION=self.precision, UPCAST=self.upcast, SPLIT=self.split and p.query.dtype != torch.float32,
         )
@@ -510,8 +522,9 @@ class TritonEngine(Engine):
     def detail(self, problem: Problem) -> str:
         how = "Triton interpreter" if _interpreting() else "compiled Triton kernels"
         parts = _MaskParts.of(problem)
-        masked = [name for name, part in (("row spans", parts.lo), ("a boolean tensor", parts.allowed),
-                                          ("a bias", parts.bias)) if part is not None]
+        masked = [name for name, part in (("row spans", parts.lo), ("a block-sparse layout", parts.layout),
+                                          ("a boolean tensor", parts.allowed), ("a bias", parts.bias))
+                  if part is not None]
         return how + (", partial tiles masked by " + " and ".join(masked) if masked else "")
 
     def run(self, problem: Problem) -> AttentionResult:

@@ -51,10 +51,12 @@ def _attn_bwd_dkdv_inner(
     q_base, do_base, stride_ql, stride_qe, stride_dl, stride_de, lse_base, delta_base,
     idx_base, count,
     offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-    span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+    span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+    layout_bk, bias_base, stride_bm, stride_bk,
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of dk/dv for one query head: ``count`` query tiles, in the transposed
@@ -79,7 +81,8 @@ def _attn_bwd_dkdv_inner(
                 span_lo = tl.load(span_lo_base + offs_m, mask=in_m, other=0)
                 span_hi = tl.load(span_hi_base + offs_m, mask=in_m, other=0)
             ok = _tile_allowed(offs_m, offs_n, Lq, Lk, span_lo, span_hi, allowed_base, stride_am, stride_ak,
-                               HAS_SPANS, HAS_ALLOWED, True)
+                               layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
+                               HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, True)
             sT = tl.where(ok, sT, float("-inf"))
         elif not EVEN_N:
             sT = tl.where(offs_n[:, None] < Lk, sT, float("-inf"))
@@ -106,12 +109,14 @@ def attn_bwd_dkdv(
     Hq, Hkv, G, Lq, Lk, E, Ev, qk_scale, scale,
     SpanLo, SpanHi, stride_sb, stride_sh,
     Allowed, stride_ab, stride_ah, stride_am, stride_ak,
+    Layout, stride_lb, stride_lh, stride_lr, stride_lc, layout_bq, layout_bk,
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     seed, threshold_shifted, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     EVEN_N: tl.constexpr,
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dk (N, Hkv, Lk, E), dv (N, Hkv, Lk, Ev); grid (cdiv(Lk, BLOCK_N), N·Hkv).
@@ -140,24 +145,27 @@ def attn_bwd_dkdv(
         span_lo_base = SpanLo + n * stride_sb + h * stride_sh
         span_hi_base = SpanHi + n * stride_sb + h * stride_sh
         allowed_base = Allowed + n * stride_ab + h * stride_ah
+        layout_base = Layout + n * stride_lb + h * stride_lh
         bias_base = Bias + n * stride_bb + h * stride_bh
         # off-band tiles: no mask needed
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_ql, stride_qe, stride_dl, stride_de,
             Lse + bh * Lq, Delta + bh * Lq, FullIdx + lists, tl.load(FullCount + at),
             offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc,
+            layout_bq, layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_M, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            BLOCK_M, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_ql, stride_qe, stride_dl, stride_de,
             Lse + bh * Lq, Delta + bh * Lq, PartIdx + lists, tl.load(PartCount + at),
             offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc,
+            layout_bq, layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_M, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            BLOCK_M, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
         )
     out = bhk.to(tl.int64) * Lk
     tl.store(DK + (out + offs_n[:, None]) * E + offs_e[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -172,10 +180,12 @@ def _attn_bwd_dq_inner(
     k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
     idx_base, count,
     offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-    span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+    span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
+    bias_base, stride_bm, stride_bk,
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of dq: ``count`` key tiles."""
@@ -195,7 +205,8 @@ def _attn_bwd_dq_inner(
             if HAS_BIAS:
                 s += _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, False)
             ok = _tile_allowed(offs_m, offs_n, Lq, Lk, span_lo, span_hi, allowed_base, stride_am, stride_ak,
-                               HAS_SPANS, HAS_ALLOWED, False)
+                               layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
+                               HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, False)
             s = tl.where(ok, s, float("-inf"))
         elif not EVEN_N:
             s = tl.where(in_n[None, :], s, float("-inf"))
@@ -221,12 +232,14 @@ def attn_bwd_dq(
     Hq, G, Lq, Lk, E, Ev, qk_scale, scale,
     SpanLo, SpanHi, stride_sb, stride_sh,
     Allowed, stride_ab, stride_ah, stride_am, stride_ak,
+    Layout, stride_lb, stride_lh, stride_lr, stride_lc, layout_bq, layout_bk,
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     n_k_tiles, seed, threshold_shifted, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dq (N, Hq, Lq, E) and, with STORE_DS, dS (N, Hq, Lq, Lk) float32 on visited tiles;
@@ -254,6 +267,7 @@ def attn_bwd_dq(
         span_lo = tl.load(SpanLo + n * stride_sb + h * stride_sh + offs_m, mask=in_m, other=0)
         span_hi = tl.load(SpanHi + n * stride_sb + h * stride_sh + offs_m, mask=in_m, other=0)
     allowed_base = Allowed + n * stride_ab + h * stride_ah
+    layout_base = Layout + n * stride_lb + h * stride_lh
     bias_base = Bias + n * stride_bb + h * stride_bh
 
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
@@ -265,9 +279,10 @@ def attn_bwd_dq(
             dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
             FullIdx + lists, tl.load(FullCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+            layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, STORE_DS,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, STORE_DS,
             PRECISION, UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
@@ -275,9 +290,10 @@ def attn_bwd_dq(
             dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
             PartIdx + lists, tl.load(PartCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+            layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, STORE_DS,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, STORE_DS,
             PRECISION, UPCAST, SPLIT,
         )
     else:
@@ -285,9 +301,10 @@ def attn_bwd_dq(
             dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
             FullIdx, n_k_tiles,
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+            layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, STORE_DS,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, STORE_DS,
             PRECISION, UPCAST, SPLIT,
         )
     tl.store(DQ + (bh.to(tl.int64) * Lq + offs_m[:, None]) * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),

@@ -9,8 +9,9 @@ A program owns one query block of one (batch, query head). It visits the key til
 mask's block map lists for its block, in two phases: FULL tiles without any mask work,
 then PARTIAL tiles with the mask evaluated in the kernel: row spans (each row may attend
 keys lo <= j < hi: causal in both alignments, sliding windows, padding, prefix-LM,
-sorted documents and their intersections, from O(L) numbers), a boolean tensor read
-tile by tile, and an additive bias read tile by tile. EMPTY tiles are never listed.
+sorted documents and their intersections, from O(L) numbers), a block-sparse layout
+(one entry per layout block), a boolean tensor read tile by tile, and an additive bias
+read tile by tile. EMPTY tiles are never listed.
 
 Shape legend: N flattened batch, Hq/Hkv heads (query head h reads kv head h // G),
 Lq/Lk lengths, E head dim, Ev value dim, BLOCK_E/BLOCK_EV their next powers of two.
@@ -78,7 +79,8 @@ def _tile_allowed(
     offs_m, offs_n, Lq, Lk,
     span_lo, span_hi,  # int32 (BLOCK_M,) of this block's rows
     allowed_base, stride_am, stride_ak,  # the bool mask of this (batch, head), as uint8
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, TRANSPOSED: tl.constexpr,
+    layout_base, stride_lr, stride_lc, layout_bq, layout_bk,  # a block-sparse layout, as uint8
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """Which entries of a PARTIAL tile may attend: bool (BLOCK_M, BLOCK_N), or
     (BLOCK_N, BLOCK_M) when TRANSPOSED (the dk/dv kernel's layout)."""
@@ -98,6 +100,9 @@ def _tile_allowed(
         ok = ok & (n >= lo) & (n < hi)
     if HAS_ALLOWED:
         ok = ok & (tl.load(allowed_base + m * stride_am + n * stride_ak, mask=inside, other=0) != 0)
+    if HAS_LAYOUT:
+        block = layout_base + (m // layout_bq) * stride_lr + (n // layout_bk) * stride_lc
+        ok = ok & (tl.load(block, mask=inside, other=0) != 0)
     return ok
 
 
@@ -120,10 +125,12 @@ def _attn_fwd_inner(
     k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
     idx_base, count,  # the key tiles to visit: count indices at idx_base (or 0..count-1 when idx_base is None)
     offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-    span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+    span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
+    bias_base, stride_bm, stride_bk,
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of the forward: fold ``count`` key tiles into the running m_i, l_i, acc."""
@@ -142,7 +149,8 @@ def _attn_fwd_inner(
             if HAS_BIAS:
                 s += _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, False)
             ok = _tile_allowed(offs_m, offs_n, Lq, Lk, span_lo, span_hi, allowed_base, stride_am, stride_ak,
-                               HAS_SPANS, HAS_ALLOWED, False)
+                               layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
+                               HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, False)
             s = tl.where(ok, s, float("-inf"))
         elif not EVEN_N:  # full tile: only the keys past Lk of the last tile
             s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
@@ -169,13 +177,15 @@ def attn_fwd(
     # the mask: row spans (Nm, Hm, Lq), a bool tensor and a bias, each (Nm, Hm, R, C) by strides
     SpanLo, SpanHi, stride_sb, stride_sh,
     Allowed, stride_ab, stride_ah, stride_am, stride_ak,
+    Layout, stride_lb, stride_lh, stride_lr, stride_lc, layout_bq, layout_bk,
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
     # the block map as tile lists (Nm, Hm, nQ[, nK]): FULL tiles, then PARTIAL tiles
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     n_k_tiles, seed, threshold_shifted, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) float32, log2 units; grid (cdiv(Lq, BLOCK_M), N·Hq)."""
@@ -197,6 +207,7 @@ def attn_fwd(
         span_lo = tl.load(SpanLo + n * stride_sb + h * stride_sh + offs_m, mask=offs_m < Lq, other=0)
         span_hi = tl.load(SpanHi + n * stride_sb + h * stride_sh + offs_m, mask=offs_m < Lq, other=0)
     allowed_base = Allowed + n * stride_ab + h * stride_ah
+    layout_base = Layout + n * stride_lb + h * stride_lh
     bias_base = Bias + n * stride_bb + h * stride_bh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -210,27 +221,33 @@ def attn_fwd(
             acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
             FullIdx + lists, tl.load(FullCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+            layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION,
+            UPCAST, SPLIT,
         )
         # partial tiles (the diagonal band, the edges): apply the mask
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
             PartIdx + lists, tl.load(PartCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+            layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION,
+            UPCAST, SPLIT,
         )
     else:  # no mask: every tile is full
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
             FullIdx, n_k_tiles,
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-            span_lo, span_hi, allowed_base, stride_am, stride_ak, bias_base, stride_bm, stride_bk,
+            span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
+            layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION,
+            UPCAST, SPLIT,
         )
 
     alive = l_i > 0.0  # a row that sees no key: output 0, lse +inf (the engine reports -inf)
