@@ -264,11 +264,13 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU, and torch.cuda.is_available() is False on this "
-                         f"machine (torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine")
+                         f"machine (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                         "run it on a GPU machine")
     try:
         import triton
     except ImportError:
-        raise SystemExit("benchmarks/gpu.py needs triton for the triton engine: pip install 'dotattn[triton]'") from None
+        raise SystemExit("benchmarks/gpu.py needs triton for the triton engine: "
+                         "pip install 'dotattn[triton]'") from None
     device_name = torch.cuda.get_device_name()
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")

@@ -125,7 +125,8 @@ def _attn_fwd_inner(
     k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
     idx_base, count,  # the key tiles to visit: count indices at idx_base (or 0..count-1 when idx_base is None)
     offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
-    span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
+    span_lo, span_hi, allowed_base, stride_am, stride_ak,
+    layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
     bias_base, stride_bm, stride_bk,
     seed, bh, threshold_shifted, inv_keep,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
