@@ -25,6 +25,18 @@ What the kernels get from a problem (:class:`_Call`):
 
 Block sizes are autotuned per problem class on the GPU (configs filtered by the head
 dim) and fixed in the interpreter (``block_m``, ``block_n`` override both).
+
+Numerics: float32 runs exact ("ieee" dots), TF32 only when the user allows it through
+``torch.backends.cuda.matmul.allow_tf32``. float16/bfloat16 operands enter the MMAs as
+they are, accumulating in float32; P and dS are rounded to the input dtype for their
+GEMMs, once on CUDA (as FlashAttention and torch's GPU kernels), as hi + lo halves on
+CPU, where torch's kernels, the 2x rule's baseline there, keep them in float32.
+The backward is deterministic by construction: no atomics (dk/dv are summed over a
+GQA group inside one program, dq has its own kernel), so there is no faster
+non-deterministic mode to opt out of. NaN/inf inputs: the kernels run on copies with
+them zeroed, then the outputs that may see one become NaN as in the reference engine
+(an O(Lq·Lk) pass that only such inputs pay). ``return_weights`` is computed in torch
+ops, O(Lq·Lk) like the weights themselves.
 """
 
 from __future__ import annotations

@@ -22,9 +22,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST computes in float32: Triton's interpreter multiplies bfloat16
@@ -108,7 +105,7 @@ def _tile_allowed(
 
 @triton.jit
 def _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, TRANSPOSED: tl.constexpr):
-    """The additive mask of one tile in log2 units, float32, 0 outside Lq x Lk."""
+    """The additive mask of one tile in log2 units (times log2 e), float32, 0 outside Lq x Lk."""
     if TRANSPOSED:
         m = offs_m[None, :]
         n = offs_n[:, None]
