@@ -56,12 +56,9 @@ _TAG_KV, _TAG_DKV = 10, 20
 
 
 def _tiled_plan(problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
-    """The tiled engine's plan for a block, chosen as its run() chooses (kernel, else torch ops).
-    Blocks arrive in the compute dtype, so bfloat16 GEMMs never apply."""
-    engine = engines.get("tiled")
-    if engine.torch_ops_reason(problem) is None:
-        return _tiled_kernel.KernelCall(problem, engine.block_q, engine.block_k, False)
-    return _Plan(problem, engine.block_q, engine.block_k)
+    """The tiled engine's plan for a block. Blocks arrive in the compute dtype, so bfloat16
+    GEMMs never apply."""
+    return engines.get("tiled").plan(problem)
 
 
 def _canonical_heads(plan: _Plan | _tiled_kernel.KernelCall, x: torch.Tensor, trailing: int) -> torch.Tensor:

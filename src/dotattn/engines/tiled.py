@@ -411,13 +411,19 @@ class TiledEngine(Engine):
             return "compiled kernel, " + self._bf16_gemms(problem.E)[1]
         return "compiled kernel"
 
-    def run(self, problem: Problem) -> AttentionResult:
+    def plan(self, problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
+        """How this engine runs ``problem``: the compiled kernel's call, else the torch-ops plan.
+        Both have ``forward`` (out, lse) and ``gradients`` from a given out and lse, which
+        ``dotattn.distributed`` uses to run the blocks of a ring."""
         p = problem
         if self.torch_ops_reason(p) is None:
             bf16 = p.query.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
-            plan = _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
-        else:
-            plan = _Plan(p, self.block_q, self.block_k)
+            return _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
+        return _Plan(p, self.block_q, self.block_k)
+
+    def run(self, problem: Problem) -> AttentionResult:
+        p = problem
+        plan = self.plan(p)
         out, lse = _TiledAttention.apply(plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases))
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
         lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq)
