@@ -634,15 +634,21 @@ class Documents(Mask):
         return lo, hi
 
     def _block_map(self, Lq, Lk, block_q, block_k, device):
-        q_min, q_max = _tile_min_max(self._ids(self.q_doc_ids, device), block_q)
-        k_min, k_max = _tile_min_max(self._ids(self.kv_doc_ids, device), block_k)
+        return self._codes_of_ranges(_tile_min_max(self._ids(self.q_doc_ids, device), block_q),
+                                     _tile_min_max(self._ids(self.kv_doc_ids, device), block_k))
+
+    def _codes_of_ranges(self, q_ids: tuple[torch.Tensor, torch.Tensor],
+                         k_ids: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Tile codes (*lead_shape, nQ, nK) from each tile's smallest and largest query id
+        (..., nQ) and key id (..., nK). Only id ranges are known per tile, so a tile whose
+        ranges overlap without a shared id is reported PARTIAL: sound, not exact."""
+        (q_min, q_max), (k_min, k_max) = q_ids, k_ids
+        nQ, nK = q_min.shape[-1], k_min.shape[-1]
         q_min, q_max = q_min[..., :, None], q_max[..., :, None]
         k_min, k_max = k_min[..., None, :], k_max[..., None, :]
-        # Only id ranges are known per tile, so a tile whose ranges overlap without a shared
-        # id is reported PARTIAL: sound, not exact.
         any_ = (q_max >= k_min) & (k_max >= q_min) & (q_max >= 0) & (k_max >= 0)
         full = (q_min == q_max) & (k_min == k_max) & (q_min == k_min) & (q_min >= 0)
-        return _codes(full, any_, (*self.lead_shape, _cdiv(Lq, block_q), _cdiv(Lk, block_k)))
+        return _codes(full, any_, (*self.lead_shape, nQ, nK))
 
 
 def _tile_min_max(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1044,14 +1050,9 @@ def _rect_codes(
         return functools.reduce(
             combine, [_rect_codes(c, Lq, Lk, q_first, q_last, k_first, k_last, device) for c in mask.children]
         )
-    if isinstance(mask, Documents):  # Documents._block_map's test, on the id ranges of these rectangles
-        q_min, q_max = _range_min_max(mask._ids(mask.q_doc_ids, device), q_first[:, 0], q_last[:, 0])
-        k_min, k_max = _range_min_max(mask._ids(mask.kv_doc_ids, device), k_first[0], k_last[0])
-        q_min, q_max = q_min[..., :, None], q_max[..., :, None]
-        k_min, k_max = k_min[..., None, :], k_max[..., None, :]
-        any_ = (q_max >= k_min) & (k_max >= q_min) & (q_max >= 0) & (k_max >= 0)
-        full = (q_min == q_max) & (k_min == k_max) & (q_min == k_min) & (q_min >= 0)
-        return _codes(full, any_, (*mask.lead_shape, nQ, nK))
+    if isinstance(mask, Documents):  # block_map's test, on the id ranges of these rectangles
+        return mask._codes_of_ranges(_range_min_max(mask._ids(mask.q_doc_ids, device), q_first[:, 0], q_last[:, 0]),
+                                     _range_min_max(mask._ids(mask.kv_doc_ids, device), k_first[0], k_last[0]))
     # Dense, block-sparse and anything else: classify each rectangle's dense values.
     out = torch.empty((*mask.lead_shape, nQ, nK), dtype=torch.int8, device=device)
     for a, (q0, q1) in enumerate(zip(q_first[:, 0].tolist(), q_last[:, 0].tolist())):
