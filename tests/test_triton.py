@@ -97,6 +97,14 @@ def test_fully_masked_rows_and_lse_and_weights_with_small_tiles(tiles_16x32):
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_shared_float_mask_gets_its_gradient_by_atomics_or_deterministically(tiles_16x32, monkeypatch, deterministic):
+    monkeypatch.setattr(engines.get("triton"), "deterministic", deterministic)
+    q, k, v = qkv(2, 4, 29, 16, Lk=31)
+    bias = torch.randn(29, 31, generator=torch.Generator().manual_seed(5))  # shared by every (batch, head)
+    assert_matches_oracle(q, k, v, bias, engine="triton", is_causal=True)
+
+
 def test_backward_is_deterministic(tiles_16x32):
     q, k, v = (x.requires_grad_() for x in qkv(1, 4, 45, 16, Hkv=2, Lk=39))
 

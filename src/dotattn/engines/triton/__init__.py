@@ -31,9 +31,11 @@ Numerics: float32 runs exact ("ieee" dots), TF32 only when the user allows it th
 they are, accumulating in float32; P and dS are rounded to the input dtype for their
 GEMMs, once on CUDA (as FlashAttention and torch's GPU kernels), as hi + lo halves on
 CPU, where torch's kernels, the 2x rule's baseline there, keep them in float32.
-The backward is deterministic by construction: no atomics (dk/dv are summed over a
-GQA group inside one program, dq has its own kernel), so there is no faster
-non-deterministic mode to opt out of. NaN/inf inputs: the kernels run on copies with
+dq, dk, dv are deterministic by construction: no atomics (dk/dv are summed over a GQA
+group inside one program, dq has its own kernel). A float mask shared by batch rows or
+heads gets its gradient by atomic adds into a buffer of its own size, unless
+``deterministic`` (or torch.use_deterministic_algorithms): then each (batch, head)
+stores its dS, O(B·H·Lq·Lk) memory, and torch sums them. NaN/inf inputs: the kernels run on copies with
 them zeroed, then the outputs that may see one become NaN as in the reference engine
 (an O(Lq·Lk) pass that only such inputs pay). ``return_weights`` is computed in torch
 ops, O(Lq·Lk) like the weights themselves.
@@ -262,6 +264,7 @@ class _Call:
     blocks: tuple[int, int] | None  # fixed (BLOCK_M, BLOCK_N), or None to autotune
     parts: _MaskParts
     split: bool  # 16-bit inputs: P and dS enter their GEMMs as hi + lo halves
+    deterministic: bool  # a broadcast float mask's gradient: per (batch, head) then summed, not atomics
 
     def __post_init__(self) -> None:
         p = self.problem
@@ -373,8 +376,16 @@ class _Call:
         dq = torch.zeros(self.N, p.Hq, p.Lq, p.E, dtype=self.store_dtype, device=qc.device)
         dk = torch.zeros(self.N, p.Hkv, p.Lk, p.E, dtype=self.store_dtype, device=qc.device)
         dv = torch.zeros(self.N, p.Hkv, p.Lk, p.Ev, dtype=self.store_dtype, device=qc.device)
-        ds = (torch.zeros(self.N, p.Hq, p.Lq, p.Lk, dtype=torch.float32, device=qc.device)
-              if bias_grad else None)
+        # A float mask's gradient is dS summed over the dims it broadcasts along. A (Lq, Lk)
+        # mask shared by batch rows or heads gets their dS added in place by atomics, unless
+        # deterministic; otherwise every (batch, head) stores its own and torch sums them.
+        ds, ds_strides, atomic = None, [0, 0, 0, 0], False
+        if bias_grad:
+            Nm, Hm, R, C = bias.shape
+            atomic = not self.deterministic and (R, C) == (p.Lq, p.Lk) and (Nm, Hm) != (self.N, p.Hq)
+            shape = bias.shape if atomic else (self.N, p.Hq, p.Lq, p.Lk)
+            ds = torch.zeros(shape, dtype=torch.float32, device=qc.device)
+            ds_strides = _strides(ds)
         if not self.empty:
             kern = _kernels()
             delta = torch.empty(self.N, p.Hq, p.Lq, dtype=torch.float32, device=qc.device)
@@ -400,10 +411,10 @@ class _Call:
                 kern.bwd.attn_bwd_dq[(-(-p.Lq // bm), self.N * p.Hq)](
                     qc, kc, vc, do, lse, delta, dq, ds if ds is not None else dq, *common,
                     p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E, p.scale,
-                    *self._mask_args(bias), *lists, -(-p.Lk // bn), *self.dropout,
+                    *self._mask_args(bias), *ds_strides, *lists, -(-p.Lk // bn), *self.dropout,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
                     HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias),
-                    STORE_DS=ds is not None, num_warps=warps, num_stages=stages,
+                    STORE_DS=ds is not None, ATOMIC_DS=atomic, num_warps=warps, num_stages=stages,
                 )
 
             launch_dkdv(self._tuned("dkdv", DKDV_CONFIGS, "n", launch_dkdv, bias))
@@ -497,7 +508,7 @@ class TritonEngine(Engine):
     _SUPPORT = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256)
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None,
-                 split_half_gemms: bool | None = None) -> None:
+                 split_half_gemms: bool | None = None, deterministic: bool | None = None) -> None:
         self.block_m = block_m  # None: autotuned on the GPU, INTERPRETER_BLOCKS in the interpreter
         self.block_n = block_n
         # float16/bfloat16: P and dS are rounded to the input dtype for their GEMMs. On CUDA
@@ -505,6 +516,9 @@ class TritonEngine(Engine):
         # hi + lo halves, since torch's CPU kernels, the baseline there, keep them in float32.
         # None: decided by the device; True/False: always.
         self.split_half_gemms = split_half_gemms
+        # dq, dk, dv are deterministic always; this decides a broadcast float mask's gradient.
+        # None: torch.use_deterministic_algorithms decides.
+        self.deterministic = deterministic
 
     def _split(self, problem: Problem) -> bool:
         if self.split_half_gemms is None:
@@ -543,7 +557,10 @@ class TritonEngine(Engine):
         p = problem
         blocks = None if self.block_m is None else (self.block_m, self.block_n or self.block_m)
         parts = _MaskParts.of(p)
-        call = _Call(p, blocks, parts, self._split(p))
+        deterministic = self.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        call = _Call(p, blocks, parts, self._split(p), deterministic)
         with _on_device(p.query.device):
             out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, parts.bias)
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)

@@ -177,7 +177,7 @@ def attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
-    k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
+    k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base, stride_gm, stride_gk,
     idx_base, count,
     offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
     span_lo, span_hi, allowed_base, stride_am, stride_ak,
@@ -187,7 +187,8 @@ def _attn_bwd_dq_inner(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    STORE_DS: tl.constexpr, ATOMIC_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """One phase of dq: ``count`` key tiles."""
     for t in range(0, count):
@@ -217,8 +218,11 @@ def _attn_bwd_dq_inner(
             dp = tl.where(_keep(seed, bh, offs_m, offs_n, threshold_shifted, False), dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         if STORE_DS:  # the gradient of an additive mask is the score gradient
-            tl.store(ds_base + offs_m[:, None] * Lk + offs_n[None, :], ds,
-                     mask=(offs_m[:, None] < Lq) & in_n[None, :])
+            ds_ptrs = ds_base + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gk
+            if ATOMIC_DS:  # programs of the (batch, head) rows the mask broadcasts over share it
+                tl.atomic_add(ds_ptrs, ds, mask=(offs_m[:, None] < Lq) & in_n[None, :])
+            else:
+                tl.store(ds_ptrs, ds, mask=(offs_m[:, None] < Lq) & in_n[None, :])
         dq = _dot_rounded(ds, tl.trans(kT), dq, PRECISION, UPCAST, SPLIT)
     return dq
 
@@ -235,16 +239,19 @@ def attn_bwd_dq(
     Allowed, stride_ab, stride_ah, stride_am, stride_ak,
     Layout, stride_lb, stride_lh, stride_lr, stride_lc, layout_bq, layout_bk,
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
+    stride_gb, stride_gh, stride_gm, stride_gk,  # DS: (N, Hq, Lq, Lk), or the bias's shape when ATOMIC_DS
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     n_k_tiles, seed, threshold_shifted, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    STORE_DS: tl.constexpr, ATOMIC_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """dq (N, Hq, Lq, E) and, with STORE_DS, dS (N, Hq, Lq, Lk) float32 on visited tiles;
-    grid (cdiv(Lq, BLOCK_M), N·Hq)."""
+    """dq (N, Hq, Lq, E) and, with STORE_DS, dS of the visited tiles, float32: stored per
+    (batch, head) into (N, Hq, Lq, Lk), or with ATOMIC_DS added into a buffer of the float
+    mask's own shape (its broadcast dims by stride 0); grid (cdiv(Lq, BLOCK_M), N·Hq)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     n = (bh // Hq).to(tl.int64)
@@ -261,7 +268,7 @@ def attn_bwd_dq(
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=in_m, other=0.0)
     k_base = K + n * stride_kb + (h // G) * stride_kh
     v_base = V + n * stride_vb + (h // G) * stride_vh
-    ds_base = DS + bh.to(tl.int64) * Lq * Lk
+    ds_base = DS + n * stride_gb + h * stride_gh
     span_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
     span_hi = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_SPANS:
@@ -277,36 +284,39 @@ def attn_bwd_dq(
         lists = n * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
         # off-band tiles: no mask needed
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
+            dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+            ds_base, stride_gm, stride_gk,
             FullIdx + lists, tl.load(FullCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, STORE_DS,
-            PRECISION, UPCAST, SPLIT,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT,
+            STORE_DS, ATOMIC_DS, PRECISION, UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
+            dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+            ds_base, stride_gm, stride_gk,
             PartIdx + lists, tl.load(PartCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, STORE_DS,
-            PRECISION, UPCAST, SPLIT,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT,
+            STORE_DS, ATOMIC_DS, PRECISION, UPCAST, SPLIT,
         )
     else:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve, ds_base,
+            dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+            ds_base, stride_gm, stride_gk,
             FullIdx, n_k_tiles,
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, STORE_DS,
-            PRECISION, UPCAST, SPLIT,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT,
+            STORE_DS, ATOMIC_DS, PRECISION, UPCAST, SPLIT,
         )
     tl.store(DQ + (bh.to(tl.int64) * Lq + offs_m[:, None]) * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_m[:, None] & (offs_e[None, :] < E))
