@@ -408,6 +408,8 @@ class _Call:
             def launch_dq(config):
                 bm, bn, warps, stages = config
                 lists = self._lists(bm, bn, False) if p.mask is not None else [lse] * 4 + [0] * 6
+                if atomic:  # it adds into ds, and the autotuner launches it more than once
+                    ds.zero_()
                 kern.bwd.attn_bwd_dq[(-(-p.Lq // bm), self.N * p.Hq)](
                     qc, kc, vc, do, lse, delta, dq, ds if ds is not None else dq, *common,
                     p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E, p.scale,
@@ -430,8 +432,9 @@ _TUNED: dict[tuple, tuple[int, int, int, int]] = {}
 
 
 def _tuned_config(key: tuple, configs: list, launch) -> tuple[int, int, int, int]:
-    """The fastest of ``configs`` for ``launch``, timed on the first call of each key. The
-    launches write the same outputs each time, so timing them is harmless."""
+    """The fastest of ``configs`` for ``launch``, timed on the first call of each key. Every
+    launch writes the same outputs (one that accumulates clears its buffer first), so timing
+    them is harmless."""
     found = _TUNED.get(key)
     if found is None:
         from triton.testing import do_bench
