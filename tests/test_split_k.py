@@ -12,7 +12,7 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
-from dotattn.engines.split_k import merge_parts
+from dotattn.engines._merge import merge_parts
 from dotattn.nn import KVCache, MultiHeadAttention
 from dotattn.testing import assert_matches_oracle, oracle
 from tests.conftest import qkv

@@ -41,6 +41,7 @@ from dotattn import engines, masks
 from dotattn._inputs import Problem, prepare
 from dotattn.distributed.shard import check_layout, rank_and_world, same_on_every_rank, shard_ranges
 from dotattn.engines import _tiled_kernel
+from dotattn.engines._merge import merge_parts
 from dotattn.engines.base import compute_dtype
 from dotattn.engines.tiled import _Plan
 
@@ -88,22 +89,6 @@ def _attend_backward(
         _canonical_heads(plan, d_out, 2), False,
     )
     return dq, dk, dv
-
-
-def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-    """Fold a block's (out_b, lse_b) into the running (out, lse), in place.
-
-    out: (..., n, Ev)  lse: (..., n). A row that no block has seen yet has lse -inf and
-    out 0; a row that stays unseen keeps them (output 0, lse -inf).
-    """
-    m = torch.maximum(lse, lse_b)
-    m_safe = torch.where(m == _NEG_INF, 0.0, m)
-    a, b = torch.exp(lse - m_safe), torch.exp(lse_b - m_safe)
-    total = a + b
-    seen = total > 0
-    denom = torch.where(seen, total, 1.0)
-    out.mul_((a / denom).unsqueeze(-1)).add_(out_b * (b / denom).unsqueeze(-1))
-    lse.copy_(torch.where(seen, m_safe + torch.log(denom), _NEG_INF))
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +224,9 @@ class _Ring:
                 for chunk, (offset, rows) in zip(block.q_chunks, _chunk_slices(block.q_chunks, self.n_chunks, Sq)):
                     part = slice(offset, offset + rows.stop - rows.start)
                     if chunk in merged:
-                        _merge(out[..., rows, :], lse[..., rows], out_b[..., part, :], lse_b[..., part])
+                        out[..., rows, :], lse[..., rows] = merge_parts(
+                            torch.stack([out[..., rows, :], out_b[..., part, :]]),
+                            torch.stack([lse[..., rows], lse_b[..., part]]))
                     else:  # the first block these rows see: nothing to merge with
                         out[..., rows, :] = out_b[..., part, :]
                         lse[..., rows] = lse_b[..., part]

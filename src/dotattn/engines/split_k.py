@@ -40,45 +40,25 @@ import torch
 
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
+from dotattn.engines._merge import merge_parts
 from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
-from dotattn.engines.tiled import BLOCK_K, BLOCK_Q, TiledEngine, _TiledAttention
+from dotattn.engines.tiled import TiledEngine, _TiledAttention
 
-_NEG_INF = float("-inf")
 
 
 class _SplitKPlan:
     """The split-K forward's result as a plan for the tiled engine's autograd node, whose
     backward runs the tiled kernel's (it needs only q, k, v, the output and the lse)."""
 
-    def __init__(self, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
-        self.problem, self.out, self.lse = problem, out, lse
+    def __init__(self, tiled: TiledEngine, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self.tiled, self.problem, self.out, self.lse = tiled, problem, out, lse
         self.biases = []  # a span mask has no float leaves
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.out, self.lse
 
     def gradients(self, *args, **kwargs) -> tuple[torch.Tensor | None, ...]:
-        p = self.problem
-        bf16 = p.query.dtype == torch.bfloat16 and _tiled_kernel.bf16_gemms(p.E, BLOCK_Q, BLOCK_K)[0]
-        return _tiled_kernel.KernelCall(p, BLOCK_Q, BLOCK_K, bf16).gradients(*args, **kwargs)
-
-
-def merge_parts(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge S partial softmaxes over disjoint key sets by their lse.
-
-    out: (S, ..., Ev), lse: (S, ...), float32 or float64; a part whose row saw no key has
-    lse -inf (and output 0). Returns out (..., Ev) and lse (...): 0 and -inf for a row that
-    no part saw, never NaN.
-    """
-    if out.shape[0] == 1:
-        return out[0], lse[0]
-    m = lse.amax(0)
-    m_safe = torch.where(m == _NEG_INF, 0.0, m)
-    w = torch.exp(lse - m_safe)  # (S, ...): 0 for a part that saw nothing
-    total = w.sum(0)
-    alive = total > 0
-    merged = (w.unsqueeze(-1) * out).sum(0) / torch.where(alive, total, 1.0).unsqueeze(-1)
-    return merged, torch.where(alive, m_safe + torch.log(total), _NEG_INF)
+        return self.tiled.plan(self.problem).gradients(*args, **kwargs)
 
 
 class SplitKEngine(Engine):
@@ -157,7 +137,7 @@ class SplitKEngine(Engine):
         if not bool(torch.isfinite(out).all()):  # garbage a row may see: the tiled engine marks it exactly
             return self._tiled.run(p)
         if p.requires_grad:
-            out, lse = _TiledAttention.apply(_SplitKPlan(p, out, lse), p.query, p.key, p.value)
+            out, lse = _TiledAttention.apply(_SplitKPlan(self._tiled, p, out, lse), p.query, p.key, p.value)
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
         lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype))
         return AttentionResult(out, lse if p.return_lse else None, None)
