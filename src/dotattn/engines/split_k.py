@@ -45,7 +45,6 @@ from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype
 from dotattn.engines.tiled import TiledEngine, _TiledAttention
 
 
-
 class _SplitKPlan:
     """The split-K forward's result as a plan for the tiled engine's autograd node, whose
     backward runs the tiled kernel's (it needs only q, k, v, the output and the lse)."""
