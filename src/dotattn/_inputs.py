@@ -47,6 +47,14 @@ class Problem:
         return draw_seed(self.generator) if self.dropout_p > 0 else 0
 
     @cached_property
+    def row_spans(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mask's ``Mask.row_spans`` for this call, derived once however many engines ask
+        (a decoding step asks three times); None without a mask, for a float mask, or when
+        some row's keys are not one interval."""
+        m = self.mask
+        return None if m is None or m.is_additive else m.row_spans(self.Lq, self.Lk)
+
+    @cached_property
     def inputs_finite(self) -> bool:
         """Whether query, key and value hold no NaN or inf (checked once, on first use).
 

@@ -767,7 +767,8 @@ inline void tile_scores(const float* q, int E, int rows, const float* keys, int6
           a[2 * i + 1] += vload(q0 + i * E + e + kW) * y1;
         }
       }
-      for (int i = 0; i < 4; ++i) s[(r + i) * lds + c] = scale * hsum(a[2 * i] + a[2 * i + 1]);
+      const vfloat d = sums8(a);
+      for (int i = 0; i < 4; ++i) s[(r + i) * lds + c] = scale * (d[2 * i] + d[2 * i + 1]);
     }
   }
   for (; blocked && r + 2 <= rows; r += 2) {

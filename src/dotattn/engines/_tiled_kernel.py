@@ -53,7 +53,7 @@ def garbage_is_masked(problem: Problem) -> bool:
     usual case). Decided from row spans, so a mask without them answers False.
     """
     p = problem
-    spans = None if p.mask is None or p.mask.is_additive else p.mask.row_spans(p.Lq, p.Lk)
+    spans = p.row_spans
     if spans is None:
         return False
     N, G = math.prod(p.batch_shape), p.Hq // p.Hkv
@@ -163,7 +163,7 @@ class TileMask:
         index = torch.full(codes.shape, _ext.FULL_TILE, dtype=torch.int32)
         index[codes == masks.EMPTY] = _ext.EMPTY_TILE
         partial = codes == masks.PARTIAL
-        spans = None if p.mask.is_additive else p.mask.row_spans(p.Lq, p.Lk)
+        spans = p.row_spans
         if spans is not None:
             index[partial] = 0
             lo, hi = (x.to(torch.int32).contiguous() for x in _spans_canonical(spans, p))

@@ -94,7 +94,7 @@ class SplitKEngine(Engine):
             return "dropout is keyed to each (head, query, key), which the split-K kernel does not draw"
         if p.return_weights:
             return "the weights are asked for, which need an (Lq, Lk) pass anyway"
-        if p.mask is not None and (p.mask.is_additive or p.mask.row_spans(p.Lq, p.Lk) is None):
+        if p.mask is not None and p.row_spans is None:
             return "the mask is not one span of keys per query (a float, dense or block mask)"
         return None
 
@@ -164,7 +164,7 @@ class SplitKEngine(Engine):
             lo = torch.zeros(1, 1, 1, dtype=torch.int32)
             hi = torch.full((1, 1, 1), p.Lk, dtype=torch.int32)
         else:
-            lo, hi = _tiled_kernel._spans_canonical(p.mask.row_spans(p.Lq, p.Lk), p)  # (Nm, Hm, Lq)
+            lo, hi = _tiled_kernel._spans_canonical(p.row_spans, p)  # (Nm, Hm, Lq)
         return tuple(
             x.expand(N, p.Hq, p.Lq).reshape(N, p.Hkv, G * p.Lq).to(torch.int32).contiguous() for x in (lo, hi)
         )
