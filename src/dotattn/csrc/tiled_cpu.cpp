@@ -684,8 +684,9 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 // Instead register-blocked loops (4 rows x 1 key for the scores, 4 rows x 2 vectors for
 // the values) read each key and value tile from memory once, for every row.
 
-// Keys per tile: the tile's scores stay in L1, its keys and values in L2, while the rows use them.
-constexpr int kDecodeTile = 64;
+// Keys per tile: the tile's scores stay in L1, its keys and values in L2, while the rows use
+// them (128 measured 5-10% faster than 64 for bfloat16, the same for float32).
+constexpr int kDecodeTile = 128;
 // Keys per step of the scores pass, whose value rows are prefetched as the keys are read.
 constexpr int kDecodeChunk = 2;
 
