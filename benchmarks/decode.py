@@ -4,6 +4,8 @@ a fraction of this machine's memory bandwidth.
     python -m benchmarks.decode              # cache 4k..128k, B 1 and 8, GQA 32/8 and MQA 32/1, fp32 and bf16
     python -m benchmarks.decode --quick      # a few small cases, seconds
     python -m benchmarks.decode --crossover  # split_k vs tiled over rows per kv head and keys (auto's rule)
+    python -m benchmarks.decode --one-core   # the kernel alone on one thread: from cache vs from memory
+    python -m benchmarks.decode --overhead   # a 16-key step: the whole call vs the kernel alone vs torch
 
 One decoding step: q (B, 32, 1, 128) against the cache's K and V (B, Hkv, L, 128), given to
 dotattn as a KVCache gives them (views of the buffers, with the left-padding & bottom-right
@@ -125,10 +127,59 @@ def crossover(repeats: int) -> None:
         print(f"{G * Lq:>5} {G:>3} {Lq:>3} " + " ".join(f"{r:>7.2f}x" for r in ratios), flush=True)
 
 
+def kernel_args(B: int, Hkv: int, R: int, L: int, dtype: torch.dtype) -> tuple:
+    """split_k_forward's arguments for B x Hkv kv heads of R rows each seeing all L keys, one part."""
+    q = torch.randn(B, Hkv, R, E)
+    k, v = (torch.randn(B, Hkv, L, E).to(dtype) for _ in range(2))
+    lo = torch.zeros(B, Hkv, R, dtype=torch.int32)
+    hi = torch.full((B, Hkv, R), L, dtype=torch.int32)
+    return q, k, v, lo, hi, E**-0.5, 1
+
+
+def one_core(repeats: int) -> None:
+    """The split-K kernel alone on one thread, GQA rows (4 per kv head): K+V GB/s when they sit in
+    cache (1 kv head, 4096 keys: 4 MiB in fp32, within L3) and when they stream from memory (8 kv
+    heads, 64k keys: 512 MiB in fp32). The ratio says how much of the compute hides the memory."""
+    from dotattn import _tiled_cpu
+
+    torch.set_num_threads(1)
+    print(f"one thread, E {E}, 4 rows per kv head; GB/s = K+V bytes / time")
+    for dtype in (torch.float32, torch.bfloat16):
+        for where, Hkv, L in (("cache", 1, 4096), ("memory", 8, 65536)):
+            args = kernel_args(1, Hkv, 4, L, dtype)
+            calls = max(1, 2**21 // (Hkv * L))  # a few ms per timed run
+            (t,) = fastest([lambda: [_tiled_cpu.split_k_forward(*args) for _ in range(calls)]], repeats)
+            nbytes = 2 * Hkv * L * E * args[1].element_size()
+            print(f"{dtype_name(dtype):>8} {where:>6}: {nbytes * calls / t / 1e9:5.1f} GB/s", flush=True)
+
+
+def overhead(repeats: int) -> None:
+    """Fixed cost per call: a decoding step against 16 keys (GQA 32/8, B 1, a KVCache's mask), where
+    the kernel's work is negligible, through dotattn, the kernel alone, and torch SDPA."""
+    from dotattn import _tiled_cpu
+
+    q, k, v, mask = decoding_step(1, 32, 8, 16, torch.float32)
+    args = kernel_args(1, 8, 4, 16, torch.float32)
+    calls = 200
+    fns = {
+        "dotattn split_k (KVCache mask)": lambda: dotattn.scaled_dot_product_attention(
+            q, k, v, mask=mask, enable_gqa=True, engine="split_k"),
+        "dotattn split_k (no mask)": lambda: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, engine="split_k"),
+        "split_k_forward alone": lambda: _tiled_cpu.split_k_forward(*args),
+        "torch SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+    }
+    times = fastest([lambda fn=fn: [fn() for _ in range(calls)] for fn in fns.values()], repeats)
+    print(f"microseconds per call, {torch.get_num_threads()} threads, fastest of {repeats} runs of {calls} calls")
+    for name, t in zip(fns, times):
+        print(f"{name:>30}: {t / calls * 1e6:7.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="cache 4k and 16k, B 1, one repeat")
     parser.add_argument("--crossover", action="store_true", help="split_k vs tiled instead of the bandwidth table")
+    parser.add_argument("--one-core", action="store_true", help="the kernel alone on one thread, from cache and memory")
+    parser.add_argument("--overhead", action="store_true", help="fixed cost per call: dotattn vs the kernel vs torch")
     parser.add_argument("--lengths", type=int, nargs="+", help="cache lengths (default 4096 16384 65536 131072)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8)")
     parser.add_argument("--repeats", type=int, help="timed runs per case, the fastest counts (default 5)")
@@ -140,6 +191,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.crossover:
         crossover(repeats)
+        return
+    if args.one_core:
+        one_core(repeats)
+        return
+    if args.overhead:
+        overhead(repeats)
         return
     lengths = args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536, 131072])
     batches = args.batches or ([1] if args.quick else [1, 8])
