@@ -93,8 +93,10 @@ class Problem:
         """(*batch, Hq, Lq, Lk): the shape every mask must broadcast to."""
         return (*self.batch_shape, self.Hq, self.Lq, self.Lk)
 
-    @property
+    @cached_property
     def requires_grad(self) -> bool:
+        """Whether autograd needs this call's gradients (decided on first use, which engine
+        selection makes before any engine runs)."""
         tensors = [self.query, self.key, self.value]
         if self.mask is not None:
             tensors += [leaf.tensor for leaf in self.mask.biases()]

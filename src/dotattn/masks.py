@@ -157,8 +157,9 @@ def _summary(t: torch.Tensor) -> str:
     return f"<{str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}>"
 
 
-def _lengths_tensor(value: object, where: str, name: str) -> torch.Tensor:
-    """Validate a per-batch length argument (1-D int tensor or list of ints, non-negative) into a tensor (B,)."""
+def _lengths_tensor(value: object, where: str, name: str) -> tuple[torch.Tensor, int]:
+    """Validate a per-batch length argument (1-D int tensor or list of ints, non-negative) into
+    a tensor (B,), with its largest entry (0 when empty)."""
     if isinstance(value, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise TypeError(f"{where}: {name} must hold ints, got {value!r}; pass a list of ints or an int tensor")
@@ -173,15 +174,18 @@ def _lengths_tensor(value: object, where: str, name: str) -> torch.Tensor:
         raise ValueError(
             f"{where}: {name} has shape {tuple(value.shape)}; it must be 1-D, one length per batch row (B,)"
         )
-    if value.numel() and int(value.min()) < 0:
-        raise ValueError(f"{where}: {name} holds {int(value.min())}; lengths must be non-negative")
-    return value
+    if not value.numel():
+        return value, 0
+    low, high = (int(x) for x in torch.aminmax(value))
+    if low < 0:
+        raise ValueError(f"{where}: {name} holds {low}; lengths must be non-negative")
+    return value, high
 
 
-def _check_at_most(value: torch.Tensor, limit: int, mask: Mask, name: str, dim: str) -> None:
-    if value.numel() and int(value.max()) > limit:
+def _check_at_most(longest: int, limit: int, mask: Mask, name: str, dim: str) -> None:
+    if longest > limit:
         raise ValueError(
-            f"{mask!r}: {name} holds {int(value.max())} but {dim} is {limit}; "
+            f"{mask!r}: {name} holds {longest} but {dim} is {limit}; "
             f"a length counts a row's real positions, so it must be at most {dim}"
         )
 
@@ -385,8 +389,9 @@ class Causal(_Positional):
         return j <= i + _align_offset(self.align, Lq, Lk)
 
     def _row_spans(self, Lq, Lk, device):
-        i = torch.arange(Lq, device=device)
-        return torch.zeros_like(i), (i + _align_offset(self.align, Lq, Lk) + 1).clamp(0, Lk)
+        start = _align_offset(self.align, Lq, Lk) + 1  # row i sees keys < i + start
+        hi = torch.arange(start, start + Lq, device=device)
+        return hi.new_zeros(()), hi if 0 <= start and start + Lq - 1 <= Lk else hi.clamp_(0, Lk)
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
         # Each row allows a prefix of the keys that grows with i, so the top-right corner
@@ -439,12 +444,16 @@ class SlidingWindow(_Positional):
 class Padding(_Positional):
     """Per batch row b, with side "right": key j allowed iff j < kv_lengths[b], query rows
     i >= q_lengths[b] see nothing. With side "left" the real tokens are the last ones:
-    key j allowed iff j >= Lk - kv_lengths[b], rows i < Lq - q_lengths[b] see nothing."""
+    key j allowed iff j >= Lk - kv_lengths[b], rows i < Lq - q_lengths[b] see nothing.
+
+    The mask keeps the length tensors it is given and checks their largest entries once,
+    here: do not modify them afterwards (``KVCache`` hands each step's mask a copy)."""
 
     def __init__(self, kv_lengths: torch.Tensor | Sequence[int], q_lengths: torch.Tensor | Sequence[int] | None = None,
                  *, side: str = "right"):
-        self.kv_lengths = _lengths_tensor(kv_lengths, "padding", "kv_lengths")
-        self.q_lengths = None if q_lengths is None else _lengths_tensor(q_lengths, "padding", "q_lengths")
+        self.kv_lengths, self._kv_longest = _lengths_tensor(kv_lengths, "padding", "kv_lengths")
+        self.q_lengths, self._q_longest = (None, 0) if q_lengths is None else \
+            _lengths_tensor(q_lengths, "padding", "q_lengths")
         if self.q_lengths is not None and len(self.q_lengths) != len(self.kv_lengths):
             raise ValueError(
                 f"padding: q_lengths has {len(self.q_lengths)} entries but kv_lengths has "
@@ -469,9 +478,8 @@ class Padding(_Positional):
 
     def check(self, Lq: int, Lk: int) -> None:
         super().check(Lq, Lk)
-        _check_at_most(self.kv_lengths, Lk, self, "kv_lengths", "Lk")
-        if self.q_lengths is not None:
-            _check_at_most(self.q_lengths, Lq, self, "q_lengths", "Lq")
+        _check_at_most(self._kv_longest, Lk, self, "kv_lengths", "Lk")
+        _check_at_most(self._q_longest, Lq, self, "q_lengths", "Lq")
 
     def _real(self, i: torch.Tensor, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Whether position i (of a length-L side) holds a real token, per batch row."""
@@ -486,12 +494,13 @@ class Padding(_Positional):
         return allowed
 
     def _row_spans(self, Lq, Lk, device):
-        i = torch.arange(Lq, device=device)
-        kv = self.kv_lengths.to(device)[:, None, None].expand(len(self.kv_lengths), 1, Lq)
-        lo, hi = (torch.zeros_like(kv), kv) if self.side == "right" else (Lk - kv, torch.full_like(kv, Lk))
+        # Few small ops, since a decoding step derives these anew: (B, 1, 1) per batch row,
+        # and hi (B, 1, Lq) set to 0 (lo >= hi: nothing) in the rows of padding queries.
+        kv = self.kv_lengths.to(device).view(-1, 1, 1)
+        lo, hi = (kv.new_zeros(()), kv) if self.side == "right" else (Lk - kv, kv.new_full((), Lk))
         if self.q_lengths is not None:
-            real = self._real(i, Lq, self.q_lengths, device)[..., 0, :]  # (B, 1, Lq)
-            lo, hi = torch.where(real, lo, 0), torch.where(real, hi, 0)
+            i, q = torch.arange(Lq, device=device), self.q_lengths.to(device).view(-1, 1, 1)
+            hi = hi * (i < q if self.side == "right" else i >= Lq - q)
         return lo, hi
 
     def _tiles_allowed(self, q_first, q_last, k_first, k_last, Lq, Lk, device):
@@ -511,7 +520,7 @@ class PrefixLM(_Positional):
                 raise ValueError(f"prefix_lm: prefix_lengths is {prefix_lengths}; it must be non-negative")
             self.prefix_lengths: int | torch.Tensor = prefix_lengths
         else:
-            self.prefix_lengths = _lengths_tensor(prefix_lengths, "prefix_lm", "prefix_lengths")
+            self.prefix_lengths, _ = _lengths_tensor(prefix_lengths, "prefix_lm", "prefix_lengths")
 
     def __repr__(self) -> str:
         p = self.prefix_lengths

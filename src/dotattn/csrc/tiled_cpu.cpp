@@ -689,6 +689,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 constexpr int kDecodeTile = 128;
 // Keys per step of the scores pass, whose value rows are prefetched as the keys are read.
 constexpr int kDecodeChunk = 2;
+// Keys and values below this many bytes run on one thread (see split_k_impl).
+constexpr int64_t kDecodeMinParallelBytes = 1 << 20;
 
 // Asks for rows x n elements of x (leading dim ld) to be brought into the cache.
 //
@@ -1007,8 +1009,12 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // otherwise each tile is widened to float once.
   const bool interleaved = std::is_same_v<In, at::BFloat16> && kBf16Interleaved && E % 16 == 0 && Ev % 16 == 0;
   const bool widened = !std::is_same_v<In, T> && !interleaved;
+  // Waking the other threads costs tens of microseconds, more than a step against a short
+  // cache takes on one: below kDecodeMinParallelBytes of keys and values, one thread runs it.
+  const int64_t bytes = N * Hkv * Lk * (E + Ev) * static_cast<int64_t>(sizeof(In));
+  const int threads = bytes < kDecodeMinParallelBytes ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
 
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(threads)
   {
     // Per-thread workspace: one tile's scores (and widened keys and values), the
     // accumulators and the running row state.
@@ -1162,6 +1168,87 @@ std::vector<at::Tensor> split_k_forward(const at::Tensor& q, const at::Tensor& k
   return {out, lse};
 }
 
+// Merges the S parts' softmaxes by their lse, row by row: out (S, rows, Ev), lse (S, rows) ->
+// (rows, Ev), (rows). A part whose row saw no key has lse -inf and adds nothing; a row that no
+// part saw gives 0 and -inf. Returns whether some row holds NaN or inf (it saw garbage).
+template <typename T>
+bool merge_parts(const at::Tensor& out, const at::Tensor& lse, at::Tensor& merged, at::Tensor& merged_lse) {
+  const int64_t S = out.size(0), rows = lse.size(1), Ev = out.size(2);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const T* o = out.data_ptr<T>();
+  const T* l = lse.data_ptr<T>();
+  T* mo = merged.data_ptr<T>();
+  T* ml = merged_lse.data_ptr<T>();
+  bool garbage = false;
+  std::vector<T> w(S);
+  for (int64_t r = 0; r < rows; ++r) {
+    T m = neg_inf;
+    for (int64_t s = 0; s < S; ++s) {
+      garbage |= std::isnan(l[s * rows + r]);
+      m = std::max(m, l[s * rows + r]);
+    }
+    const T m_safe = m == neg_inf ? T(0) : m;
+    T total = 0;
+    for (int64_t s = 0; s < S; ++s) total += w[s] = std::exp(l[s * rows + r] - m_safe);
+    const T inv = total > 0 ? T(1) / total : T(0);
+    T* dst = mo + r * Ev;
+    std::fill(dst, dst + Ev, T(0));
+    for (int64_t s = 0; s < S; ++s) {  // a part with weight 0 still passes its NaN or inf on
+      const T ws = w[s] * inv;
+      const T* src = o + (s * rows + r) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) dst[e] += ws * src[e];
+    }
+    T check = 0;  // NaN exactly when some entry is NaN or inf (garbage among the values)
+    for (int64_t e = 0; e < Ev; ++e) check += dst[e] * T(0);
+    garbage |= std::isnan(check);
+    ml[r] = total > 0 ? m_safe + std::log(total) : neg_inf;
+  }
+  return garbage;
+}
+
+// The split-K engine's whole forward in one call, so that a decoding step against a short
+// cache pays no Python per stage. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev)
+// with broadcasting leading dims (k and v read in place, e.g. views of a KV cache's buffers);
+// lo, hi: integer row spans broadcastable to (*B, Hq, Lq), or None for every key. Stacks
+// each kv head's G = Hq/Hkv query heads into R = G·Lq rows, runs split_k_forward over
+// `parts` parts and merges them. Returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the
+// compute dtype (N the flattened *B), and whether some row saw NaN or inf: its result is
+// NaN, and the caller reruns the problem on an engine that marks exactly those rows.
+std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const c10::optional<at::Tensor>& lo,
+                                                           const c10::optional<at::Tensor>& hi, double scale,
+                                                           int64_t parts) {
+  TORCH_CHECK(q.dim() >= 3 && k.dim() >= 3 && v.dim() >= 3, "q, k, v must be (*B, H, L, E)");
+  TORCH_CHECK(lo.has_value() == hi.has_value(), "give both row spans lo and hi, or neither");
+  auto lead = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 3); };
+  const std::vector<int64_t> batch = at::infer_size(at::infer_size(lead(q), lead(k)), lead(v));
+  const int64_t N = c10::multiply_integers(batch);
+  auto flat = [&](const at::Tensor& t) {  // (*B, H, L, C) -> (N, H, L, C), a view where it can be
+    std::vector<int64_t> sizes(batch);
+    for (int64_t d = t.dim() - 3; d < t.dim(); ++d) sizes.push_back(t.size(d));
+    const at::Tensor x = t.expand(sizes).reshape({N, t.size(-3), t.size(-2), t.size(-1)});
+    return x.stride(-1) == 1 ? x : x.contiguous();
+  };
+  const at::Tensor kf = flat(k), vf = flat(v);
+  const int64_t Hq = q.size(-3), Lq = q.size(-2), E = q.size(-1), Hkv = kf.size(1), Lk = kf.size(2);
+  TORCH_CHECK(Hq % Hkv == 0, "Hq must be a multiple of Hkv");
+  const int64_t R = Hq / Hkv * Lq;
+  const at::Tensor qs = flat(q).to(compute_type(k)).contiguous().view({N, Hkv, R, E});
+  std::vector<int64_t> rows(batch);
+  rows.insert(rows.end(), {Hq, Lq});
+  auto spans = [&](const c10::optional<at::Tensor>& x, int64_t whole) {
+    const at::Tensor t = x.has_value() ? *x : at::full({}, whole, q.options().dtype(at::kInt));
+    return t.to(at::kInt).expand(rows).reshape({N, Hkv, R}).contiguous();
+  };
+  const std::vector<at::Tensor> part = split_k_forward(qs, kf, vf, spans(lo, 0), spans(hi, Lk), scale, parts);
+  const int64_t Ev = vf.size(3);
+  at::Tensor out = at::empty({N, Hq, Lq, Ev}, qs.options()), lse = at::empty({N, Hq, Lq}, qs.options());
+  const at::Tensor part_out = part[0].view({parts, N * Hkv * R, Ev}), part_lse = part[1].view({parts, N * Hkv * R});
+  const bool garbage = qs.scalar_type() == at::kDouble ? merge_parts<double>(part_out, part_lse, out, lse)
+                                                       : merge_parts<float>(part_out, part_lse, out, lse);
+  return {out, lse, garbage};
+}
+
 bool has_blas() { return SGEMM != nullptr && DGEMM != nullptr; }
 
 // Seconds per call of the kernel's two tile GEMMs (S = Q Kᵀ, then P V; bq x bk tiles, head
@@ -1205,6 +1292,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "seed, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("split_k_forward", &split_k_forward,
         "out, lse = split_k_forward(q, k, v, lo, hi, scale, parts): each part's softmax over its share of the keys");
+  m.def("split_k_attention", &split_k_attention,
+        "out, lse, garbage = split_k_attention(q, k, v, lo, hi, scale, parts): the split-K forward, merged");
   m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.def("tile_gemm_seconds", &tile_gemm_seconds,
         "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");

@@ -3,8 +3,9 @@
 Decoding asks for one query (or a few) per head against thousands of cached keys. The
 tiled engine gives each query head a task of its own, so every one of them reads its kv
 head's keys and values again (Hq/Hkv times per step), and a GEMM over one or a few query
-rows is mostly call overhead. This engine runs the compiled kernel's ``split_k_forward``
-(``csrc/tiled_cpu.cpp``) instead:
+rows is mostly call overhead. This engine runs the compiled kernel's ``split_k_attention``
+(``csrc/tiled_cpu.cpp``) instead, one call per step from stacking to merge, so a step
+against a short cache pays little Python:
 
     rows     the G = Hq/Hkv query heads of a kv head stacked into G·Lq rows, so each key
              and value is read from memory once per step, for every row
@@ -40,7 +41,6 @@ import torch
 
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
-from dotattn.engines._merge import merge_parts
 from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
 from dotattn.engines.tiled import TiledEngine, _TiledAttention
 
@@ -85,8 +85,8 @@ class SplitKEngine(Engine):
         p = problem
         if _tiled_kernel.MISSING is not None:
             return _tiled_kernel.MISSING
-        if not hasattr(_tiled_kernel._ext, "split_k_forward"):
-            return ("the compiled kernel dotattn._tiled_cpu predates split_k_forward; rebuild it: "
+        if not hasattr(_tiled_kernel._ext, "split_k_attention"):
+            return ("the compiled kernel dotattn._tiled_cpu predates split_k_attention; rebuild it: "
                     "pip install --no-build-isolation -e .")
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
@@ -131,40 +131,14 @@ class SplitKEngine(Engine):
         p = problem
         if self.tiled_reason(p) is not None:
             return self._tiled.run(p)
-        with torch.no_grad():
-            out, lse = self._forward(p)
-        if not bool(torch.isfinite(out).all()):  # garbage a row may see: the tiled engine marks it exactly
+        spans = p.row_spans or (None, None)  # no mask: every row sees every key
+        with torch.no_grad():  # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype
+            out, lse, garbage = _tiled_kernel._ext.split_k_attention(
+                p.query, p.key, p.value, *spans, p.scale, self.parts(p))
+        if garbage:  # garbage a row may see: the tiled engine marks exactly those rows
             return self._tiled.run(p)
         if p.requires_grad:
             out, lse = _TiledAttention.apply(_SplitKPlan(self._tiled, p, out, lse), p.query, p.key, p.value)
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
-        lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype))
-        return AttentionResult(out, lse if p.return_lse else None, None)
-
-    def _forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq), contiguous, in the compute dtype."""
-        p = problem
-        N, G = math.prod(p.batch_shape), p.Hq // p.Hkv
-        compute = compute_dtype(p.query.dtype)
-        q = p.query.expand(*p.batch_shape, p.Hq, p.Lq, p.E).reshape(N, p.Hkv, G * p.Lq, p.E)
-        q = q.to(compute).contiguous()  # (N, Hkv, R, E): small, so copied once
-        k, v = (x.expand(*p.batch_shape, p.Hkv, p.Lk, x.shape[-1]).reshape(N, p.Hkv, p.Lk, x.shape[-1])
-                for x in (p.key, p.value))  # views for a KV cache's buffers; read in place
-        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-        lo, hi = self._spans(p, N, G)
-        out, lse = _tiled_kernel._ext.split_k_forward(q, k, v, lo, hi, p.scale, self.parts(p))
-        out, lse = merge_parts(out, lse)  # (N, Hkv, R, Ev), (N, Hkv, R)
-        return out.reshape(N, p.Hq, p.Lq, p.Ev), lse.reshape(N, p.Hq, p.Lq)
-
-    @staticmethod
-    def _spans(problem: Problem, N: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each stacked row's keys lo <= j < hi: int32 (N, Hkv, G·Lq), row g·Lq + i for head g, query i."""
-        p = problem
-        if p.mask is None:
-            lo = torch.zeros(1, 1, 1, dtype=torch.int32)
-            hi = torch.full((1, 1, 1), p.Lk, dtype=torch.int32)
-        else:
-            lo, hi = _tiled_kernel._spans_canonical(p.row_spans, p)  # (Nm, Hm, Lq)
-        return tuple(
-            x.expand(N, p.Hq, p.Lq).reshape(N, p.Hkv, G * p.Lq).to(torch.int32).contiguous() for x in (lo, hi)
-        )
+        out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        lse = lse.detach().view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype)) if p.return_lse else None
+        return AttentionResult(out, lse, None)
