@@ -129,12 +129,11 @@ def crossover(repeats: int) -> None:
 
 
 def kernel_args(B: int, Hkv: int, R: int, L: int, dtype: torch.dtype) -> tuple:
-    """split_k_forward's arguments for B x Hkv kv heads of R rows each seeing all L keys, one part."""
-    q = torch.randn(B, Hkv, R, E)
+    """split_k_attention's arguments for B x Hkv kv heads of R query heads each (one query)
+    seeing all L keys, one part."""
+    q = torch.randn(B, Hkv * R, 1, E).to(dtype)
     k, v = (torch.randn(B, Hkv, L, E).to(dtype) for _ in range(2))
-    lo = torch.zeros(B, Hkv, R, dtype=torch.int32)
-    hi = torch.full((B, Hkv, R), L, dtype=torch.int32)
-    return q, k, v, lo, hi, E**-0.5, 1
+    return q, k, v, None, None, E**-0.5, 1
 
 
 def one_core(repeats: int) -> None:
@@ -149,7 +148,7 @@ def one_core(repeats: int) -> None:
         for where, Hkv, L in (("cache", 1, 4096), ("memory", 8, 65536)):
             args = kernel_args(1, Hkv, 4, L, dtype)
             calls = max(1, 2**21 // (Hkv * L))  # a few ms per timed run
-            (t,) = fastest([lambda: [_tiled_cpu.split_k_forward(*args) for _ in range(calls)]], repeats)
+            (t,) = fastest([lambda: [_tiled_cpu.split_k_attention(*args) for _ in range(calls)]], repeats)
             nbytes = 2 * Hkv * L * E * args[1].element_size()
             print(f"{dtype_name(dtype):>8} {where:>6}: {nbytes * calls / t / 1e9:5.1f} GB/s", flush=True)
 

@@ -69,6 +69,20 @@ def test_no_mask_and_head_dims_the_vectors_do_not_divide(dtype, E):
 
 
 @pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inputs_are_read_in_place_in_any_layout(dtype):
+    """Broadcast batch dims, a transposed query, a key/value cache sliced from larger
+    buffers, spans per batch row: the kernel reads them through their strides."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 64, 2, 8, generator=g).to(dtype).transpose(-1, -3)  # (3, 2, 8, 2, 64), E strided
+    buffers = [torch.randn(1, 2, 2, 1500, 80, generator=g).to(dtype) for _ in range(2)]
+    k, v = (b[..., :1300, :64] for b in buffers)  # (1, 2, 2, 1300, 64) views; dim 0 broadcasts
+    mask = masks.padding(torch.tensor([1300, 400]), side="left") & masks.causal(align="bottom_right")
+    assert not q.is_contiguous() and k.stride(-2) == 80
+    assert_matches_oracle(q, k, v, engine="split_k", mask=mask, enable_gqa=True, backward=False)
+
+
+@pytest.mark.usefixtures("never_on_tiled")
 @pytest.mark.parametrize("parts", [2, 7, 64])
 def test_parts_that_do_not_divide_the_keys(split_k, monkeypatch, parts):
     monkeypatch.setattr(split_k, "parts", lambda problem: parts)
@@ -107,8 +121,10 @@ def test_garbage_in_the_left_padding_is_never_read(bad):
     assert torch.equal(clean, dirty)
 
 
+@pytest.mark.parametrize("parts", [1, 4])
 @pytest.mark.parametrize("where", ["key", "value"])
-def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(where):
+def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(split_k, monkeypatch, where, parts):
+    monkeypatch.setattr(split_k, "parts", lambda problem: parts)  # one part: no merge to see it
     q, k, v = qkv(1, 4, 3, 16, Hkv=2, Lk=1100)
     x = k if where == "key" else v
     x[0, 1, 1098] = float("-inf")  # seen by the last two queries of kv head 1 only

@@ -991,19 +991,97 @@ inline double finite_sum(const double* x, int n) {
   return sum;
 }
 
+// Element offsets into a tensor whose dims, right-aligned, broadcast against (*batch, A, B)
+// (and a last dim C that the caller steps through itself): dims that are missing or of
+// size 1 step by 0, and the flattened batch index n is unravelled over *batch. It lets
+// split_k_attention read a KV cache's views, an expanded query or (B, 1, 1) row spans in
+// place, with no ATen call to bring them to one layout.
+struct Broadcast {
+  std::vector<int64_t> batch, strides;  // the batch sizes and the tensor's steps along them
+  int64_t sa = 0, sb = 0;
+
+  Broadcast(const at::Tensor& t, const std::vector<int64_t>& batch_, bool has_last_dim) : batch(batch_) {
+    const int64_t D = static_cast<int64_t>(batch.size()) + 2, dims = t.dim() - (has_last_dim ? 1 : 0);
+    auto step = [&](int64_t target) -> int64_t {  // target dim in (*batch, A, B)
+      const int64_t d = target - (D - dims);
+      return d < 0 || t.size(d) == 1 ? 0 : t.stride(d);
+    };
+    for (int64_t i = 0; i < D - 2; ++i) strides.push_back(step(i));
+    sa = step(D - 2), sb = step(D - 1);
+  }
+  int64_t at(int64_t n, int64_t a, int64_t b) const {
+    int64_t offset = a * sa + b * sb;
+    for (int64_t d = static_cast<int64_t>(batch.size()) - 1; d >= 0; --d) {
+      offset += n % batch[d] * strides[d];
+      n /= batch[d];
+    }
+    return offset;
+  }
+};
+
+// Merges the S parts' softmaxes by their lse, row by row: out (S, rows, Ev), lse (S, rows) ->
+// (rows, Ev), (rows). A part whose row saw no key has lse -inf and adds nothing; a row that no
+// part saw gives 0 and -inf. Returns whether some row holds NaN or inf (it saw garbage).
+template <typename T>
+bool merge_parts(const T* o, const T* l, int64_t S, int64_t rows, int64_t Ev, T* mo, T* ml) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  bool garbage = false;
+  std::vector<T> w(S);
+  for (int64_t r = 0; r < rows; ++r) {
+    T m = neg_inf;
+    for (int64_t s = 0; s < S; ++s) {
+      garbage |= std::isnan(l[s * rows + r]);
+      m = std::max(m, l[s * rows + r]);
+    }
+    const T m_safe = m == neg_inf ? T(0) : m;
+    T total = 0;
+    for (int64_t s = 0; s < S; ++s) total += w[s] = std::exp(l[s * rows + r] - m_safe);
+    const T inv = total > 0 ? T(1) / total : T(0);
+    T* dst = mo + r * Ev;
+    std::fill(dst, dst + Ev, T(0));
+    for (int64_t s = 0; s < S; ++s) {  // a part with weight 0 still passes its NaN or inf on
+      const T ws = w[s] * inv;
+      const T* src = o + (s * rows + r) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) dst[e] += ws * src[e];
+    }
+    ml[r] = total > 0 ? m_safe + std::log(total) : neg_inf;
+  }
+  return garbage;
+}
+
+// Whether some entry of x[0:n] is NaN or inf.
+template <typename T>
+bool any_garbage(const T* x, int64_t n) {
+  T check = 0;
+  for (int64_t i = 0; i < n; ++i) check += x[i] * T(0);
+  return std::isnan(check);
+}
+
 template <typename In, typename T>
-void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
-                  const at::Tensor& hi, at::Tensor& out, at::Tensor& lse, double scale_, int64_t S) {
-  const int64_t N = q.size(0), Hkv = q.size(1), R = q.size(2), Lk = k.size(2);
-  const int E = static_cast<int>(q.size(3)), Ev = static_cast<int>(v.size(3));
+bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
+                  const c10::optional<at::Tensor>& hi, const std::vector<int64_t>& batch, at::Tensor& out,
+                  at::Tensor& lse, double scale_, int64_t S) {
+  const int64_t N = out.size(0), Hq = q.size(-3), Lq = q.size(-2), Hkv = k.size(-3), Lk = k.size(-2);
+  const int64_t G = Hq / Hkv, R = G * Lq;
+  const int E = static_cast<int>(q.size(-1)), Ev = static_cast<int>(v.size(-1));
   const T scale = static_cast<T>(scale_);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const T* q_p = q.data_ptr<T>();
-  const Rows<In> K(k), V(v);
-  const int32_t* lo_p = lo.data_ptr<int32_t>();
-  const int32_t* hi_p = hi.data_ptr<int32_t>();
-  T* out_p = out.data_ptr<T>();
-  T* lse_p = lse.data_ptr<T>();
+  const Broadcast Qb(q, batch, true), Kb(k, batch, true), Vb(v, batch, true);
+  const int64_t q_step = q.stride(-1);
+  const In* q_p = q.data_ptr<In>();
+  const In* k_p = k.data_ptr<In>();
+  const In* v_p = v.data_ptr<In>();
+  const int ldk = static_cast<int>(Kb.sb), ldv_in = static_cast<int>(Vb.sb);
+  c10::optional<Broadcast> Lo, Hi;
+  const int64_t* lo_p = nullptr;
+  const int64_t* hi_p = nullptr;
+  if (lo.has_value()) Lo.emplace(*lo, batch, false), Hi.emplace(*hi, batch, false), lo_p = lo->data_ptr<int64_t>(),
+                      hi_p = hi->data_ptr<int64_t>();
+  // One part writes the output in place; more parts write theirs aside for merge_parts.
+  at::Tensor part_out = S == 1 ? out : at::empty({S, N * Hkv * R, Ev}, out.options());
+  at::Tensor part_lse = S == 1 ? lse : at::empty({S, N * Hkv * R}, lse.options());
+  T* out_p = part_out.data_ptr<T>();
+  T* lse_p = part_lse.data_ptr<T>();
   const int64_t tasks = N * Hkv * S;
   // bfloat16 is read in place, interleaved (see vload_bf16x16), where the head dims allow;
   // otherwise each tile is widened to float once.
@@ -1013,39 +1091,46 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // cache takes on one: below kDecodeMinParallelBytes of keys and values, one thread runs it.
   const int64_t bytes = N * Hkv * Lk * (E + Ev) * static_cast<int64_t>(sizeof(In));
   const int threads = bytes < kDecodeMinParallelBytes ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  bool garbage = false;
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) reduction(|| : garbage)
   {
-    // Per-thread workspace: one tile's scores (and widened keys and values), the
-    // accumulators and the running row state.
+    // Per-thread workspace: the task's query rows, one tile's scores (and widened keys and
+    // values), the accumulators and the running row state.
+    std::vector<T> qh(static_cast<size_t>(R) * E);
     std::vector<T> s(static_cast<size_t>(R) * kDecodeTile), acc(static_cast<size_t>(R) * Ev);
     std::vector<T> k_tile(widened ? static_cast<size_t>(kDecodeTile) * E : 0);
     std::vector<T> v_tile(widened ? static_cast<size_t>(kDecodeTile) * Ev : 0);
-    std::vector<T> q_lanes(interleaved ? static_cast<size_t>(R) * E : 0);
     std::vector<T> m_i(R), l_i(R);
+    std::vector<int64_t> row_lo(R), row_hi(R);
     std::vector<int> a_r(R), b_r(R);
     std::vector<uint8_t> seen_garbage(R);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t part = t % S, nh = t / S, n = nh / Hkv, hk = nh % Hkv;
+      const In* keys = k_p + Kb.at(n, hk, 0);
+      const In* vals = v_p + Vb.at(n, hk, 0);
       std::fill(seen_garbage.begin(), seen_garbage.end(), 0);
-      const int32_t* row_lo = lo_p + nh * R;
-      const int32_t* row_hi = hi_p + nh * R;
+      // Row r = g·Lq + i is query i of query head hk·G + g: its span and its query, in the
+      // compute dtype (for interleaved bfloat16 in the order the interleaved keys come in).
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t h = hk * G + r / Lq, i = r % Lq;
+        row_lo[r] = lo_p ? lo_p[Lo->at(n, h, i)] : 0;
+        row_hi[r] = hi_p ? hi_p[Hi->at(n, h, i)] : Lk;
+        const In* src = q_p + Qb.at(n, h, i);
+        for (int e = 0; e < E; ++e)
+          qh[r * E + e] = static_cast<T>(src[(interleaved ? e - e % 16 + bf16_lane(e % 16) : e) * q_step]);
+      }
       // The keys some row sees, then this task's part of them.
       int64_t first = Lk, last = 0;
       for (int64_t r = 0; r < R; ++r) {
         if (row_lo[r] >= row_hi[r]) continue;
-        first = std::min<int64_t>(first, row_lo[r]);
-        last = std::max<int64_t>(last, row_hi[r]);
+        first = std::min(first, row_lo[r]);
+        last = std::max(last, row_hi[r]);
       }
       const int64_t per_part = last > first ? (last - first + S - 1) / S : 0;
       const int64_t j_begin = first + part * per_part;
       const int64_t j_end = std::min(last, j_begin + per_part);
-      const T* qh = q_p + nh * R * E;
-      if (interleaved) {  // q in the order the interleaved keys come in
-        for (int64_t i = 0; i < R * E; ++i) q_lanes[i] = qh[i - i % 16 + bf16_lane(static_cast<int>(i % 16))];
-        qh = q_lanes.data();
-      }
       std::fill(m_i.begin(), m_i.end(), neg_inf);
       std::fill(l_i.begin(), l_i.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
@@ -1057,17 +1142,18 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // time, prefetching those keys' value rows as their keys are read ...
         for (int c0 = 0; c0 < cols; c0 += kDecodeChunk) {
           const int cn = std::min(kDecodeChunk, cols - c0);
-          prefetch_rows(V.at(n, hk, j0 + c0), V.ld(), cn, Ev);
+          const In* kc = keys + (j0 + c0) * ldk;
+          prefetch_rows(vals + (j0 + c0) * ldv_in, ldv_in, cn, Ev);
           T* sc = s.data() + c0;
           if constexpr (std::is_same_v<In, at::BFloat16>) {
             if (interleaved) {
-              tile_scores_bf16(qh, E, static_cast<int>(R), K.at(n, hk, j0 + c0), K.ld(), cn, scale, sc, kDecodeTile);
+              tile_scores_bf16(qh.data(), E, static_cast<int>(R), kc, ldk, cn, scale, sc, kDecodeTile);
             } else {
-              widen(K.at(n, hk, j0 + c0), K.ld(), cn, E, k_tile.data());
-              tile_scores(qh, E, static_cast<int>(R), k_tile.data(), E, cn, scale, sc, kDecodeTile);
+              widen(kc, ldk, cn, E, k_tile.data());
+              tile_scores(qh.data(), E, static_cast<int>(R), k_tile.data(), E, cn, scale, sc, kDecodeTile);
             }
           } else {
-            tile_scores(qh, E, static_cast<int>(R), K.at(n, hk, j0 + c0), K.ld(), cn, scale, sc, kDecodeTile);
+            tile_scores(qh.data(), E, static_cast<int>(R), kc, ldk, cn, scale, sc, kDecodeTile);
           }
         }
         // ... then each row keeps only its span: a key outside it, garbage or not, becomes
@@ -1098,9 +1184,9 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
         if (!any) continue;
         if constexpr (std::is_same_v<In, T>) {
-          values = V.at(n, hk, j0), ldv = V.ld();
+          values = vals + j0 * ldv_in, ldv = ldv_in;
         } else if (widened) {
-          widen(V.at(n, hk, j0), V.ld(), cols, Ev, v_tile.data());
+          widen(vals + j0 * ldv_in, ldv_in, cols, Ev, v_tile.data());
           values = v_tile.data();
         }
         // acc += P~ V, each row over its own keys; four rows with the same keys go together.
@@ -1114,7 +1200,7 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             if constexpr (std::is_same_v<In, at::BFloat16>) {
               if (interleaved) {
                 tile_values_bf16(acc.data() + r * Ev, Ev, rows, s.data() + r * kDecodeTile + a, kDecodeTile,
-                                 V.at(n, hk, j0 + a), V.ld(), b - a);
+                                 vals + (j0 + a) * ldv_in, ldv_in, b - a);
                 r += rows;
                 continue;
               }
@@ -1135,117 +1221,60 @@ void split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           out_rows[r * Ev + (interleaved ? e - e % 16 + bf16_lane(e % 16) : e)] = acc[r * Ev + e] * inv;
         lse_rows[r] = seen_garbage[r] ? inv : alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
       }
+      // Garbage among the values a row reads reaches only its output (its lse stays finite).
+      if (S == 1) garbage = garbage || any_garbage(out_rows, R * Ev) || any_garbage(lse_rows, R);
     }
   }
-}
-
-std::vector<at::Tensor> split_k_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        const at::Tensor& lo, const at::Tensor& hi, double scale, int64_t parts) {
-  const auto st = k.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
-              "split_k_forward takes float32, float64 or bfloat16 keys and values");
-  TORCH_CHECK(v.scalar_type() == st && q.scalar_type() == compute_type(k), "q must be in k's compute dtype, v in k's");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.is_contiguous(), "q (N, Hkv, R, E) contiguous, k, v 4-D");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && v.sizes().slice(0, 3) == k.sizes().slice(0, 3) &&
-                  k.size(3) == q.size(3), "q, k, v sizes do not fit (N, Hkv, R, E), (N, Hkv, Lk, E), (N, Hkv, Lk, Ev)");
-  TORCH_CHECK(lo.is_contiguous() && hi.is_contiguous() && lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt &&
-                  lo.sizes() == q.sizes().slice(0, 3) && hi.sizes() == lo.sizes(),
-              "row spans must be contiguous int32 (N, Hkv, R)");
-  TORCH_CHECK(parts >= 1, "parts must be >= 1");
-  const int64_t N = q.size(0), Hkv = q.size(1), R = q.size(2), Ev = v.size(3);
-  at::Tensor out = at::empty({parts, N, Hkv, R, Ev}, q.options());
-  at::Tensor lse = at::empty({parts, N, Hkv, R}, q.options());
-  switch (st) {
-    case at::kFloat:
-      split_k_impl<float, float>(q, k, v, lo, hi, out, lse, scale, parts);
-      break;
-    case at::kDouble:
-      split_k_impl<double, double>(q, k, v, lo, hi, out, lse, scale, parts);
-      break;
-    default:
-      split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, out, lse, scale, parts);
-  }
-  return {out, lse};
-}
-
-// Merges the S parts' softmaxes by their lse, row by row: out (S, rows, Ev), lse (S, rows) ->
-// (rows, Ev), (rows). A part whose row saw no key has lse -inf and adds nothing; a row that no
-// part saw gives 0 and -inf. Returns whether some row holds NaN or inf (it saw garbage).
-template <typename T>
-bool merge_parts(const at::Tensor& out, const at::Tensor& lse, at::Tensor& merged, at::Tensor& merged_lse) {
-  const int64_t S = out.size(0), rows = lse.size(1), Ev = out.size(2);
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  const T* o = out.data_ptr<T>();
-  const T* l = lse.data_ptr<T>();
-  T* mo = merged.data_ptr<T>();
-  T* ml = merged_lse.data_ptr<T>();
-  bool garbage = false;
-  std::vector<T> w(S);
-  for (int64_t r = 0; r < rows; ++r) {
-    T m = neg_inf;
-    for (int64_t s = 0; s < S; ++s) {
-      garbage |= std::isnan(l[s * rows + r]);
-      m = std::max(m, l[s * rows + r]);
-    }
-    const T m_safe = m == neg_inf ? T(0) : m;
-    T total = 0;
-    for (int64_t s = 0; s < S; ++s) total += w[s] = std::exp(l[s * rows + r] - m_safe);
-    const T inv = total > 0 ? T(1) / total : T(0);
-    T* dst = mo + r * Ev;
-    std::fill(dst, dst + Ev, T(0));
-    for (int64_t s = 0; s < S; ++s) {  // a part with weight 0 still passes its NaN or inf on
-      const T ws = w[s] * inv;
-      const T* src = o + (s * rows + r) * Ev;
-      for (int64_t e = 0; e < Ev; ++e) dst[e] += ws * src[e];
-    }
-    T check = 0;  // NaN exactly when some entry is NaN or inf (garbage among the values)
-    for (int64_t e = 0; e < Ev; ++e) check += dst[e] * T(0);
-    garbage |= std::isnan(check);
-    ml[r] = total > 0 ? m_safe + std::log(total) : neg_inf;
-  }
+  if (S > 1)
+    garbage = merge_parts(part_out.data_ptr<T>(), part_lse.data_ptr<T>(), S, N * Hkv * R, Ev, out.data_ptr<T>(),
+                          lse.data_ptr<T>()) ||
+              any_garbage(out.data_ptr<T>(), out.numel());
   return garbage;
 }
 
-// The split-K engine's whole forward in one call, so that a decoding step against a short
-// cache pays no Python per stage. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev)
-// with broadcasting leading dims (k and v read in place, e.g. views of a KV cache's buffers);
-// lo, hi: integer row spans broadcastable to (*B, Hq, Lq), or None for every key. Stacks
-// each kv head's G = Hq/Hkv query heads into R = G·Lq rows, runs split_k_forward over
-// `parts` parts and merges them. Returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the
-// compute dtype (N the flattened *B), and whether some row saw NaN or inf: its result is
-// NaN, and the caller reruns the problem on an engine that marks exactly those rows.
+// The split-K engine's forward ("flash-decoding"), all of it in one call, so that a step
+// against a short cache pays no Python and no ATen reshaping per stage.
+//   q (*B, Hq, Lq, E) in any strides; k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev) with a
+//   contiguous last dim, read in place (a KV cache's views); leading dims broadcast.
+//   lo, hi: int64 row spans broadcastable to (*B, Hq, Lq) (Mask.row_spans), or None for
+//   every key. parts: how many parts each (batch, kv head)'s keys are cut into.
+// Returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype, N the flattened *B,
+// and whether some row saw NaN or inf: its result is NaN, and the caller reruns the problem
+// on an engine that marks exactly those rows.
 std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const c10::optional<at::Tensor>& lo,
                                                            const c10::optional<at::Tensor>& hi, double scale,
                                                            int64_t parts) {
+  const auto st = k.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "split_k_attention takes float32, float64 or bfloat16 inputs");
+  TORCH_CHECK(q.scalar_type() == st && v.scalar_type() == st, "q, k, v dtypes differ");
   TORCH_CHECK(q.dim() >= 3 && k.dim() >= 3 && v.dim() >= 3, "q, k, v must be (*B, H, L, E)");
+  TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1, "k and v need a contiguous last dim");
+  TORCH_CHECK(q.size(-1) == k.size(-1) && k.size(-2) == v.size(-2) && k.size(-3) == v.size(-3) &&
+                  q.size(-3) % k.size(-3) == 0, "q, k, v sizes do not fit (*B, Hq, Lq, E), (*B, Hkv, Lk, E), "
+                  "(*B, Hkv, Lk, Ev) with Hq a multiple of Hkv");
   TORCH_CHECK(lo.has_value() == hi.has_value(), "give both row spans lo and hi, or neither");
+  TORCH_CHECK(!lo.has_value() || (lo->scalar_type() == at::kLong && hi->scalar_type() == at::kLong),
+              "row spans must be int64");
+  TORCH_CHECK(parts >= 1, "parts must be >= 1");
   auto lead = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 3); };
   const std::vector<int64_t> batch = at::infer_size(at::infer_size(lead(q), lead(k)), lead(v));
   const int64_t N = c10::multiply_integers(batch);
-  auto flat = [&](const at::Tensor& t) {  // (*B, H, L, C) -> (N, H, L, C), a view where it can be
-    std::vector<int64_t> sizes(batch);
-    for (int64_t d = t.dim() - 3; d < t.dim(); ++d) sizes.push_back(t.size(d));
-    const at::Tensor x = t.expand(sizes).reshape({N, t.size(-3), t.size(-2), t.size(-1)});
-    return x.stride(-1) == 1 ? x : x.contiguous();
-  };
-  const at::Tensor kf = flat(k), vf = flat(v);
-  const int64_t Hq = q.size(-3), Lq = q.size(-2), E = q.size(-1), Hkv = kf.size(1), Lk = kf.size(2);
-  TORCH_CHECK(Hq % Hkv == 0, "Hq must be a multiple of Hkv");
-  const int64_t R = Hq / Hkv * Lq;
-  const at::Tensor qs = flat(q).to(compute_type(k)).contiguous().view({N, Hkv, R, E});
-  std::vector<int64_t> rows(batch);
-  rows.insert(rows.end(), {Hq, Lq});
-  auto spans = [&](const c10::optional<at::Tensor>& x, int64_t whole) {
-    const at::Tensor t = x.has_value() ? *x : at::full({}, whole, q.options().dtype(at::kInt));
-    return t.to(at::kInt).expand(rows).reshape({N, Hkv, R}).contiguous();
-  };
-  const std::vector<at::Tensor> part = split_k_forward(qs, kf, vf, spans(lo, 0), spans(hi, Lk), scale, parts);
-  const int64_t Ev = vf.size(3);
-  at::Tensor out = at::empty({N, Hq, Lq, Ev}, qs.options()), lse = at::empty({N, Hq, Lq}, qs.options());
-  const at::Tensor part_out = part[0].view({parts, N * Hkv * R, Ev}), part_lse = part[1].view({parts, N * Hkv * R});
-  const bool garbage = qs.scalar_type() == at::kDouble ? merge_parts<double>(part_out, part_lse, out, lse)
-                                                       : merge_parts<float>(part_out, part_lse, out, lse);
+  const auto options = q.options().dtype(compute_type(q));
+  at::Tensor out = at::empty({N, q.size(-3), q.size(-2), v.size(-1)}, options);
+  at::Tensor lse = at::empty({N, q.size(-3), q.size(-2)}, options);
+  bool garbage;
+  switch (st) {
+    case at::kFloat:
+      garbage = split_k_impl<float, float>(q, k, v, lo, hi, batch, out, lse, scale, parts);
+      break;
+    case at::kDouble:
+      garbage = split_k_impl<double, double>(q, k, v, lo, hi, batch, out, lse, scale, parts);
+      break;
+    default:
+      garbage = split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, batch, out, lse, scale, parts);
+  }
   return {out, lse, garbage};
 }
 
@@ -1290,8 +1319,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward,
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
-  m.def("split_k_forward", &split_k_forward,
-        "out, lse = split_k_forward(q, k, v, lo, hi, scale, parts): each part's softmax over its share of the keys");
   m.def("split_k_attention", &split_k_attention,
         "out, lse, garbage = split_k_attention(q, k, v, lo, hi, scale, parts): the split-K forward, merged");
   m.def("has_blas", &has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
