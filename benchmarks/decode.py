@@ -8,8 +8,9 @@ a fraction of this machine's memory bandwidth.
     python -m benchmarks.decode --overhead   # a 16-key step: the whole call vs the kernel alone vs torch
 
 One decoding step: q (B, 32, 1, 128) against the cache's K and V (B, Hkv, L, 128), given to
-dotattn as a KVCache gives them (views of the buffers, with the left-padding & bottom-right
-causal mask; every row full here) and to torch as plain tensors without a mask (a step's
+dotattn as a KVCache gives them (views of its buffers, and its mask: every row is full here,
+so that is causal(bottom_right) alone; --overhead also times a left-padded batch's mask)
+and to torch as the same tensors without a mask (a step's
 single query sees every key, so torch does no less than needed). Decoding reads the whole
 cache once per step, so its speed is bytes read (K + V) / time; the reference bandwidth is
 a plain ``dst.copy_(src)`` of a buffer 8x the L3 cache, counted as read + write, timed
@@ -30,6 +31,7 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn.engines.base import dtype_name
+from dotattn.nn import KVCache
 
 E = 128
 HEADS = {"gqa": (32, 8), "mqa": (32, 1)}
@@ -58,15 +60,19 @@ def fastest(fns: list[Callable[[], object]], repeats: int, budget_s: float = 2.0
     return best
 
 
-def decoding_step(B: int, Hq: int, Hkv: int, L: int, dtype: torch.dtype):
-    """q (B, Hq, 1, E) and a full cache's keys, values (B, Hkv, L, E) with a KVCache's mask for them."""
+def decoding_step(B: int, Hq: int, Hkv: int, L: int, dtype: torch.dtype, padded: bool = False):
+    """q (B, Hq, 1, E) and what a KVCache of L positions gives the step that fills it: keys and
+    values (B, Hkv, L, E), views of its buffers, and its mask (causal(bottom_right), and with
+    ``padded`` the padding term too: row 0's prompt is one token short)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Hq, 1, E, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, L, E, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, L, E, generator=g).to(dtype)
-    mask = masks.padding(torch.full((B,), L), torch.ones(B, dtype=torch.long), side="left") \
-        & masks.causal(align="bottom_right")
-    return q, k, v, mask
+    cache = KVCache(B, Hkv, capacity=L, head_dim=E, dtype=dtype)
+    for x in (cache.k, cache.v):
+        x.copy_(torch.randn(x.shape, generator=g))
+    lengths = torch.full((B,), L - 1)
+    lengths[0] -= int(padded)
+    cache.append(cache.k[:, :, : L - 1], cache.v[:, :, : L - 1], lengths)  # the prompt, in place
+    return q, *cache.append(cache.k[:, :, L - 1:], cache.v[:, :, L - 1:])
 
 
 def bandwidth_table(lengths: list[int], batches: list[int], heads: list[str], dtypes: list[torch.dtype],
@@ -161,11 +167,14 @@ def overhead(repeats: int) -> None:
     from dotattn import _tiled_cpu
 
     q, k, v, mask = decoding_step(1, 32, 8, 16, torch.float32)
+    padded_mask = decoding_step(1, 32, 8, 16, torch.float32, padded=True)[3]
     lo, hi = mask.row_spans(1, 16)
     fns = {
         "dotattn split_k (KVCache mask)": lambda: dotattn.scaled_dot_product_attention(
             q, k, v, mask=mask, enable_gqa=True, engine="split_k"),
-        "dotattn split_k (no mask)": lambda: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, engine="split_k"),
+        "(left-padded KVCache)": lambda: dotattn.scaled_dot_product_attention(
+            q, k, v, mask=padded_mask, enable_gqa=True, engine="split_k"),
+        "(no mask)": lambda: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, engine="split_k"),
         "split_k_attention alone": lambda: _tiled_cpu.split_k_attention(q, k, v, lo, hi, E**-0.5, 1),
         "torch SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }

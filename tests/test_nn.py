@@ -137,6 +137,20 @@ def test_kv_cache_decoding_equals_one_causal_forward(Hkv, rope):
         assert torch.equal(decoded[b, : P - n], m.out_proj.bias.expand(P - n, D))  # padded queries see nothing
 
 
+def test_kv_cache_mask_leaves_out_padding_until_a_row_is_padded():
+    cache = KVCache(2, 1, capacity=8, head_dim=3)
+    k = torch.randn(2, 1, 3, 3)
+    for lengths in (None, [1, 1]):  # every row real: the padding term would allow everything
+        *_, mask = cache.append(k[:, :, :1], k[:, :, :1], lengths)
+        assert repr(mask) == "causal(bottom_right)"
+    with_padding = masks.padding(cache.lengths, side="left") & masks.causal(align="bottom_right")
+    assert torch.equal(with_padding.to_dense(1, 2), mask.to_dense(1, 2).expand(2, 1, 1, 2))
+    cache.reset()
+    *_, mask = cache.append(k, k, lengths=[3, 1])
+    *_, mask = cache.append(k[:, :, :1], k[:, :, :1])
+    assert cache.padded and repr(mask).startswith("padding(")
+
+
 def test_kv_cache_errors_name_the_problem():
     cache = KVCache(2, 1, capacity=4, head_dim=3)
     k = torch.zeros(2, 1, 3, 3)

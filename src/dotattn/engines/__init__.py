@@ -109,8 +109,10 @@ def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
     return Explanation(chosen, requested, rejected, detail)
 
 
-def _resolve(problem: Problem, engine: str) -> tuple[str | None, str, dict[str, list[str]]]:
-    """The chosen engine's name (None if none can run), the resolved request, and why each other was not used."""
+def _resolve(problem: Problem, engine: str, every_reason: bool = True) -> tuple[str | None, str, dict[str, list[str]]]:
+    """The chosen engine's name (None if none can run), the resolved request, and why each other was
+    not used; without ``every_reason``, the engines after the chosen one are not asked (a call
+    needs only the choice, and a decoding step pays for every question)."""
     requested = _check_name(engine)
     if requested == "auto":
         requested = _SCOPED.get()
@@ -118,6 +120,8 @@ def _resolve(problem: Problem, engine: str) -> tuple[str | None, str, dict[str, 
     chosen = None
     rejected: dict[str, list[str]] = {}
     for candidate in candidates:
+        if chosen is not None and not every_reason:
+            break
         reasons = candidate.reasons(problem)
         skip = candidate.auto_skip(problem) if requested == "auto" and chosen is None else None
         if reasons:
@@ -133,7 +137,7 @@ def _resolve(problem: Problem, engine: str) -> tuple[str | None, str, dict[str, 
 
 def select(problem: Problem, engine: str = "auto") -> Engine:
     """The engine that will run ``problem``; EngineNotSupportedError with every reason if none."""
-    chosen, _, rejected = _resolve(problem, engine)  # no detail: the engine works that out as it runs
+    chosen, _, rejected = _resolve(problem, engine, every_reason=False)  # no detail: the engine works it out
     if chosen is None:
         message = "; ".join(
             f"{name} cannot run this: " + "; ".join(reasons)

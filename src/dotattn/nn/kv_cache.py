@@ -20,7 +20,9 @@ class KVCache:
     every step writes T positions at the same offset ``filled`` in every row, and row b's
     real tokens are the last ``lengths[b]`` of the filled part. So a step's queries see
     keys through ``masks.padding(lengths, side="left") & masks.causal(align="bottom_right")``:
-    the decoding alignment, where the last query is the newest position.
+    the decoding alignment, where the last query is the newest position. While no row has
+    been padded the padding term allows everything and is left out: the mask is then
+    ``masks.causal(align="bottom_right")`` alone, which costs a step less to evaluate.
 
         cache = KVCache(B, Hkv, capacity=1024, head_dim=64)
         keys, values, mask = cache.append(k_prompt, v_prompt, lengths=prompt_lengths)  # prefill
@@ -40,6 +42,7 @@ class KVCache:
         self.v = torch.zeros(batch_size, num_kv_heads, capacity, Ev, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
         self.filled = 0  # positions written, the same in every row
+        self.padded = False  # whether some row holds padding (then lengths differ from filled)
 
     @property
     def capacity(self) -> int:
@@ -49,6 +52,7 @@ class KVCache:
         """Forget every token (the buffers stay allocated)."""
         self.lengths.zero_()
         self.filled = 0
+        self.padded = False
 
     def positions(self, T: int, lengths: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """(B, T) positions of the next T slots, counted from each row's first real token
@@ -92,9 +96,12 @@ class KVCache:
             raise ValueError(f"KVCache.append: {T} more positions overflow the capacity {self.capacity} "
                              f"({self.filled} filled); build the cache with a larger capacity or reset() it")
         new = self._new_lengths(T, lengths)
+        self.padded = self.padded or (lengths is not None and bool((new < T).any()))
         self.k[:, :, self.filled:self.filled + T] = key
         self.v[:, :, self.filled:self.filled + T] = value
         self.filled += T
         self.lengths += new
-        mask = masks.padding(self.lengths.clone(), new, side="left") & masks.causal(align="bottom_right")
+        mask = masks.causal(align="bottom_right")
+        if self.padded:
+            mask = masks.padding(self.lengths.clone(), new, side="left") & mask
         return self.k[:, :, :self.filled], self.v[:, :, :self.filled], mask
