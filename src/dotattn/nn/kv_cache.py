@@ -95,13 +95,13 @@ class KVCache:
         if self.filled + T > self.capacity:
             raise ValueError(f"KVCache.append: {T} more positions overflow the capacity {self.capacity} "
                              f"({self.filled} filled); build the cache with a larger capacity or reset() it")
-        new = self._new_lengths(T, lengths)
+        new = T if lengths is None else self._new_lengths(T, lengths)  # real tokens per row in this step
         self.padded = self.padded or (lengths is not None and bool((new < T).any()))
         self.k[:, :, self.filled:self.filled + T] = key
         self.v[:, :, self.filled:self.filled + T] = value
         self.filled += T
         self.lengths += new
         mask = masks.causal(align="bottom_right")
-        if self.padded:
-            mask = masks.padding(self.lengths.clone(), new, side="left") & mask
+        if self.padded:  # query lengths only where this step pads some queries
+            mask = masks.padding(self.lengths.clone(), None if lengths is None else new, side="left") & mask
         return self.k[:, :, :self.filled], self.v[:, :, :self.filled], mask
