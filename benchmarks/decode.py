@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true", help="fixed cost per call: dotattn vs the kernel vs torch")
     parser.add_argument("--lengths", type=int, nargs="+", help="cache lengths (default 4096 16384 65536 131072)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8)")
+    parser.add_argument("--heads", nargs="+", choices=list(HEADS), help="head layouts (default gqa mqa)")
     parser.add_argument("--repeats", type=int, help="timed runs per case, the fastest counts (default 5)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--max-gib", type=float, default=1.0, help="skip cases whose K + V exceed this (GiB)")
@@ -222,7 +223,7 @@ def main() -> None:
         return
     lengths = args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536, 131072])
     batches = args.batches or ([1] if args.quick else [1, 8])
-    bandwidth_table(lengths, batches, list(HEADS), [torch.float32, torch.bfloat16], repeats, args.max_gib)
+    bandwidth_table(lengths, batches, args.heads or list(HEADS), [torch.float32, torch.bfloat16], repeats, args.max_gib)
 
 
 if __name__ == "__main__":
