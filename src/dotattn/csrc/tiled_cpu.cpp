@@ -1021,7 +1021,9 @@ struct Broadcast {
 
 // Merges the S parts' softmaxes by their lse, row by row: out (S, rows, Ev), lse (S, rows) ->
 // (rows, Ev), (rows). A part whose row saw no key has lse -inf and adds nothing; a row that no
-// part saw gives 0 and -inf. Returns whether some row holds NaN or inf (it saw garbage).
+// part saw gives 0 and -inf. The rule of engines/_merge.py (which ring attention merges its
+// ranks' blocks with, in torch ops), here so that a decoding step stays one call. Returns
+// whether some row's lse is NaN (it saw garbage).
 template <typename T>
 bool merge_parts(const T* o, const T* l, int64_t S, int64_t rows, int64_t Ev, T* mo, T* ml) {
   const T neg_inf = -std::numeric_limits<T>::infinity();

@@ -41,7 +41,7 @@ import torch
 
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
-from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
+from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
 from dotattn.engines.tiled import TiledEngine, _TiledAttention
 
 
