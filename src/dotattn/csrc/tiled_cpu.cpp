@@ -1022,19 +1022,15 @@ struct Broadcast {
 // Merges the S parts' softmaxes by their lse, row by row: out (S, rows, Ev), lse (S, rows) ->
 // (rows, Ev), (rows). A part whose row saw no key has lse -inf and adds nothing; a row that no
 // part saw gives 0 and -inf. The rule of engines/_merge.py (which ring attention merges its
-// ranks' blocks with, in torch ops), here so that a decoding step stays one call. Returns
-// whether some row's lse is NaN (it saw garbage).
+// ranks' blocks with, in torch ops), here so that a decoding step stays one call. A part's
+// NaN or inf (garbage it saw) reaches the row's merged output.
 template <typename T>
-bool merge_parts(const T* o, const T* l, int64_t S, int64_t rows, int64_t Ev, T* mo, T* ml) {
+void merge_parts(const T* o, const T* l, int64_t S, int64_t rows, int64_t Ev, T* mo, T* ml) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  bool garbage = false;
   std::vector<T> w(S);
   for (int64_t r = 0; r < rows; ++r) {
     T m = neg_inf;
-    for (int64_t s = 0; s < S; ++s) {
-      garbage |= std::isnan(l[s * rows + r]);
-      m = std::max(m, l[s * rows + r]);
-    }
+    for (int64_t s = 0; s < S; ++s) m = std::max(m, l[s * rows + r]);
     const T m_safe = m == neg_inf ? T(0) : m;
     T total = 0;
     for (int64_t s = 0; s < S; ++s) total += w[s] = std::exp(l[s * rows + r] - m_safe);
@@ -1048,7 +1044,6 @@ bool merge_parts(const T* o, const T* l, int64_t S, int64_t rows, int64_t Ev, T*
     }
     ml[r] = total > 0 ? m_safe + std::log(total) : neg_inf;
   }
-  return garbage;
 }
 
 // Whether some entry of x[0:n] is NaN or inf.
@@ -1077,8 +1072,10 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   c10::optional<Broadcast> Lo, Hi;
   const int64_t* lo_p = nullptr;
   const int64_t* hi_p = nullptr;
-  if (lo.has_value()) Lo.emplace(*lo, batch, false), Hi.emplace(*hi, batch, false), lo_p = lo->data_ptr<int64_t>(),
-                      hi_p = hi->data_ptr<int64_t>();
+  if (lo.has_value()) {
+    Lo.emplace(*lo, batch, false), Hi.emplace(*hi, batch, false);
+    lo_p = lo->data_ptr<int64_t>(), hi_p = hi->data_ptr<int64_t>();
+  }
   // One part writes the output in place; more parts write theirs aside for merge_parts.
   at::Tensor part_out = S == 1 ? out : at::empty({S, N * Hkv * R, Ev}, out.options());
   at::Tensor part_lse = S == 1 ? lse : at::empty({S, N * Hkv * R}, lse.options());
@@ -1093,9 +1090,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // cache takes on one: below kDecodeMinParallelBytes of keys and values, one thread runs it.
   const int64_t bytes = N * Hkv * Lk * (E + Ev) * static_cast<int64_t>(sizeof(In));
   const int threads = bytes < kDecodeMinParallelBytes ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
-  bool garbage = false;
 
-#pragma omp parallel num_threads(threads) reduction(|| : garbage)
+#pragma omp parallel num_threads(threads)
   {
     // Per-thread workspace: the task's query rows, one tile's scores (and widened keys and
     // values), the accumulators and the running row state.
@@ -1223,15 +1219,14 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           out_rows[r * Ev + (interleaved ? e - e % 16 + bf16_lane(e % 16) : e)] = acc[r * Ev + e] * inv;
         lse_rows[r] = seen_garbage[r] ? inv : alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
       }
-      // Garbage among the values a row reads reaches only its output (its lse stays finite).
-      if (S == 1) garbage = garbage || any_garbage(out_rows, R * Ev) || any_garbage(lse_rows, R);
     }
   }
   if (S > 1)
-    garbage = merge_parts(part_out.data_ptr<T>(), part_lse.data_ptr<T>(), S, N * Hkv * R, Ev, out.data_ptr<T>(),
-                          lse.data_ptr<T>()) ||
-              any_garbage(out.data_ptr<T>(), out.numel());
-  return garbage;
+    merge_parts(part_out.data_ptr<T>(), part_lse.data_ptr<T>(), S, N * Hkv * R, Ev, out.data_ptr<T>(),
+                lse.data_ptr<T>());
+  // Garbage a row saw among its scores made its output NaN above; garbage among the values
+  // it read reached only its output. So the output alone tells.
+  return any_garbage(out.data_ptr<T>(), out.numel());
 }
 
 // The split-K engine's forward ("flash-decoding"), all of it in one call, so that a step

@@ -132,9 +132,8 @@ class SplitKEngine(Engine):
         if self.tiled_reason(p) is not None:
             return self._tiled.run(p)
         spans = p.row_spans or (None, None)  # no mask: every row sees every key
-        with torch.no_grad():  # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype
-            out, lse, garbage = _tiled_kernel._ext.split_k_attention(
-                p.query, p.key, p.value, *spans, p.scale, self.parts(p))
+        # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd
+        out, lse, garbage = _tiled_kernel._ext.split_k_attention(p.query, p.key, p.value, *spans, p.scale, self.parts(p))
         if garbage:  # garbage a row may see: the tiled engine marks exactly those rows
             return self._tiled.run(p)
         if p.requires_grad:
