@@ -93,6 +93,7 @@ def _mask_cases(B: int, Lq: int, Lk: int) -> dict[str, masks.Mask]:
         "sliding_window": masks.sliding_window(5, 2),
         "sliding_window_causal": masks.causal() & masks.sliding_window(7),
         "padding": masks.padding(torch.tensor([Lk, Lk - 9][:B]), q_lengths=torch.tensor([Lq - 4, Lq][:B])),
+        "key_padding": masks.padding(torch.tensor([Lk - 9, Lk - 2][:B])),  # spans (B, 1, 1): every row alike
         "left_padding_decoding": masks.padding(torch.tensor([Lk - 9, Lk][:B]), side="left")
         & masks.causal(align="bottom_right"),
         "documents": masks.documents(docs_q, docs_k),

@@ -108,8 +108,10 @@ def heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.T
 
 
 def _spans_canonical(spans: tuple[torch.Tensor, torch.Tensor], p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row spans (*lead, Lq) as (Nm, Hm, Lq), through a trailing dim of 1."""
-    return tuple(heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0] for x in torch.broadcast_tensors(*spans))
+    """Row spans broadcastable to (*lead, Lq) (a padding mask's are (B, 1, 1)) as (Nm, Hm, Lq),
+    through a trailing dim of 1."""
+    return tuple(heads_canonical(x.expand(*x.shape[:-1], p.Lq)[..., None], p.batch_shape, p.Hq)[..., 0]
+                 for x in torch.broadcast_tensors(*spans))
 
 
 # The most recently used tile masks of number-only masks; the kernel only reads them.

@@ -57,7 +57,7 @@ import torch
 
 from dotattn import masks
 from dotattn._inputs import Problem
-from dotattn.engines._tiled_kernel import heads_canonical
+from dotattn.engines._tiled_kernel import _spans_canonical, heads_canonical
 from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
 
 LOG2E = 1.4426950408889634
@@ -205,9 +205,8 @@ def _cached(cache: dict, key: tuple | None, make):
 def _spans(mask: masks.Mask, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """Row spans as int32 (Nm, Hm, Lq) on the problem's device."""
     def make():
-        lo, hi = torch.broadcast_tensors(*mask.row_spans(p.Lq, p.Lk))
-        return tuple(heads_canonical(x[..., None], p.batch_shape, p.Hq)[..., 0].to(
-            device=p.query.device, dtype=torch.int32).contiguous() for x in (lo, hi))
+        return tuple(x.to(device=p.query.device, dtype=torch.int32).contiguous()
+                     for x in _spans_canonical(mask.row_spans(p.Lq, p.Lk), p))
 
     key = mask.value_key
     return _cached(_SPANS, None if key is None else (key, p.Lq, p.Lk, str(p.query.device)), make)
