@@ -56,8 +56,11 @@ def _inputs(case: str, world: int, seed: int = 0) -> dict:
         kwargs["mask"] = M.causal(align="bottom_right")
     elif case == "dense_bool":
         kwargs["attn_mask"] = torch.rand(L, L, generator=g) < 0.6
-    elif case == "dense_float":
-        kwargs["attn_mask"] = torch.randn(Hq, L, L, generator=g, dtype=torch.float64)
+    elif case == "dense_float":  # a trained bias: its gradient is compared too
+        kwargs["attn_mask"] = torch.randn(Hq, L, L, generator=g, dtype=torch.float64).requires_grad_()
+    elif case == "key_bias_causal":  # a per-key bias that broadcasts over heads and queries
+        bias = torch.randn(B, 1, 1, L, generator=g, dtype=torch.float64).requires_grad_()
+        kwargs["mask"] = M.dense(bias) & M.causal()
     elif case != "full":
         raise ValueError(case)
     q = torch.randn(B, Hq, Lq, E, generator=g, dtype=torch.float64)
@@ -68,7 +71,7 @@ def _inputs(case: str, world: int, seed: int = 0) -> dict:
 
 
 CASES = ["full", "causal", "window", "documents", "padding", "left_padding", "gqa", "mqa_prefix",
-         "cross_bottom_right", "dense_bool", "dense_float"]
+         "cross_bottom_right", "dense_bool", "dense_float", "key_bias_causal"]
 
 
 def _backward(out: torch.Tensor, d_out: torch.Tensor) -> None:
@@ -80,14 +83,22 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
 
+def _biases(kwargs: dict) -> list[torch.Tensor]:
+    """The float tensors of a case's masks (attn_mask, dense leaves of mask)."""
+    leaves = [] if kwargs.get("mask") is None else [leaf.tensor for leaf in kwargs["mask"].biases()]
+    attn_mask = kwargs.get("attn_mask")
+    return leaves + ([attn_mask] if attn_mask is not None and attn_mask.is_floating_point() else [])
+
+
 def _run_case(case: str, layout: str, rank: int, world: int, group: dist.ProcessGroup | None = None) -> dict:
-    """This rank's max errors (output, dq, dk, dv) against the single-process function, and
-    how many blocks its forward computed. rank and world are this process's in ``group``."""
+    """This rank's max errors (output, dq, dk, dv, and each float bias's gradient summed over
+    the ranks) against the single-process function, and how many blocks its forward
+    computed. rank and world are this process's in ``group``."""
     x = _inputs(case, world)
-    kwargs = x["kwargs"]
     q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
-    expected = dotattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    expected = dotattn.scaled_dot_product_attention(q, k, v, **x["kwargs"])
     _backward(expected, x["d_out"])
+    kwargs = _inputs(case, world)["kwargs"]  # the same values, in fresh leaves for the ring's gradients
 
     shard = dict(rank=rank, world=world, layout=layout)
     # Contiguous shards are views along L of the whole tensors: non-contiguous inputs.
@@ -114,6 +125,9 @@ def _run_case(case: str, layout: str, rank: int, world: int, group: dist.Process
         "dk": _max_err(ks.grad, shard_sequence(k.grad, **shard)),
         "dv": _max_err(vs.grad, shard_sequence(v.grad, **shard)),
     }
+    for i, (mine, single) in enumerate(zip(_biases(kwargs), _biases(x["kwargs"]), strict=True)):
+        dist.all_reduce(mine.grad, group=group)  # each rank holds its query rows' share
+        errors[f"dbias{i}"] = _max_err(mine.grad, single.grad)
     finite = all(bool(torch.isfinite(t).all()) for t in (out, qs.grad, ks.grad, vs.grad))
     return dict(errors=errors, finite=finite, blocks=len(calls), block_scores=sum(calls))
 
@@ -243,6 +257,7 @@ def test_ring_matches_single_process(case, layout, world):
         assert result["finite"], f"rank {rank}: NaN or inf in the output or a gradient"
         worst = {name: err for name, err in result["errors"].items() if not err <= TOL}
         assert not worst, f"rank {rank}: errors above {TOL}: {worst}"
+        assert ("dbias0" in result["errors"]) == (case in ("dense_float", "key_bias_causal"))
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -102,6 +102,37 @@ def test_view_of_causal_keeps_global_positions():
     assert v.value_key == ("view", ("causal", "top_left"), 16, 16, ((0, 4), (12, 16)), ((4, 8), (8, 12)))
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 12), (1, 16, 1), (2, 1, 12)], ids=["full", "per_query", "per_key"])
+@pytest.mark.parametrize("engine", ["reference", "tiled"])
+def test_a_view_trains_the_larger_bias(shape, engine):
+    """A float leaf reaches a view's problem as its cut, so the larger bias gets the gradient
+    of the view's positions (overlapping runs count twice), and add_cut is cut's adjoint."""
+    import dotattn
+
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    rows, cols = [range(0, 3), range(10, 16), range(1, 4)], [range(5, 12), range(0, 2)]
+    r, c = positions(rows), positions(cols)
+    q = torch.randn(2, len(r), 5, generator=g, dtype=torch.float64)
+    k = torch.randn(2, len(c), 5, generator=g, dtype=torch.float64)
+    v = torch.randn(2, len(c), 3, generator=g, dtype=torch.float64)
+    view = M.view(M.dense(bias) & M.causal(), 16, 12, rows, cols)
+    out = dotattn.scaled_dot_product_attention(q, k, v, mask=view, engine=engine)
+    (grad,) = torch.autograd.grad(out.square().sum(), bias)
+    cut = bias[..., r, :] if shape[-2] > 1 else bias
+    cut = cut[..., c] if shape[-1] > 1 else cut
+    causal = M.view(M.causal(), 16, 12, rows, cols)
+    expected = dotattn.scaled_dot_product_attention(q, k, v, attn_mask=cut, mask=causal, engine="reference")
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), bias)
+    assert torch.allclose(out, expected, atol=1e-12, rtol=0)
+    assert torch.allclose(grad, expected_grad, atol=1e-12, rtol=0)
+    assert torch.equal(view.cut(bias), cut)
+    part = torch.randn(cut.shape, generator=g, dtype=torch.float64)
+    whole = torch.zeros(shape, dtype=torch.float64)
+    view.add_cut(whole, part)
+    assert torch.allclose((whole * bias).sum(), (part * cut).sum(), atol=1e-12, rtol=0)
+
+
 def test_view_errors_name_the_values():
     with pytest.raises(ValueError, match=r"range\(4, 20\).*inside range\(0, 16\)"):
         M.view(M.causal(), 16, 16, range(4, 20), range(0, 16))

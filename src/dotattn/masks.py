@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -1084,8 +1085,9 @@ class View(Mask):
 
     ``tile``, ``block_map`` and ``row_spans`` delegate to ``mask`` at the larger problem's
     positions; a block map is as sound as ``mask``'s (a tile that straddles two runs gets
-    the combined code of its parts). A view of a float mask adds its bias but carries no
-    gradient to it (``biases()`` is empty): views are for computing, not for training a bias.
+    the combined code of its parts). ``biases()`` are the larger mask's float leaves cut to
+    the view's rows and columns (``cut``), so a gradient reaches the larger bias through
+    autograd, and ``add_cut`` puts a gradient computed for a cut back at its positions.
     """
 
     def __init__(self, mask: Mask, Lq: int, Lk: int, rows: range | Sequence[range],
@@ -1125,6 +1127,32 @@ class View(Mask):
                 f"{self!r} covers {self.nq} x {self.nk} positions but the problem is Lq={Lq}, Lk={Lk}; "
                 "a view's rows and cols must add up to the query and key lengths"
             )
+
+    def biases(self) -> list[Dense]:
+        return [Dense(self.cut(leaf.tensor)) for leaf in self.mask.biases()]
+
+    def cut(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(..., Lq or 1, Lk or 1) -> (..., nq or 1, nk or 1): the view's rows and columns of a
+        tensor of the larger problem (a size-1 dim broadcasts, so it stays). A narrow when
+        the view has one run per side, else a cat of narrows; autograd flows through either."""
+        for dim, runs in ((-2, self.rows), (-1, self.cols)):
+            if tensor.shape[dim] != 1:
+                parts = [tensor.narrow(dim, a, b - a) for a, b in runs] or [tensor.narrow(dim, 0, 0)]
+                tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        return tensor
+
+    def add_cut(self, whole: torch.Tensor, part: torch.Tensor) -> None:
+        """The inverse of ``cut`` for gradients: adds ``part`` (the shape of ``cut(whole)``) into
+        ``whole`` at the view's positions, in place."""
+        def runs(dim: int, own: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
+            if whole.shape[dim] == 1:  # broadcast: the one entry takes every position's share
+                return [(0, 0, 1)]
+            offsets = itertools.accumulate((b - a for a, b in own), initial=0)
+            return [(a, offset, b - a) for (a, b), offset in zip(own, offsets)]
+
+        for r, r_off, nr in runs(-2, self.rows):
+            for c, c_off, nc in runs(-1, self.cols):
+                whole.narrow(-2, r, nr).narrow(-1, c, nc).add_(part.narrow(-2, r_off, nr).narrow(-1, c_off, nc))
 
     def _tile(self, Lq, Lk, q0, q1, k0, k1, device):
         rows, cols = _pieces(self.rows, q0, q1), _pieces(self.cols, k0, k1)

@@ -78,17 +78,18 @@ def _attend(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _attend_backward(
-    problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A block's share of dq, dk, dv (shapes of its q, k, v), given the MERGED output, lse and
-    dO of its query rows: P = exp(S - lse) and delta = rowsum(dO·O) are then the global ones."""
+    problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, bias_grads: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """A block's share of dq, dk, dv (shapes of its q, k, v), then one gradient per float bias
+    of its mask view (the shape of the view's cut; None each unless ``bias_grads``), given
+    the MERGED output, lse and dO of its query rows: P = exp(S - lse) and delta = rowsum(dO·O)
+    are then the global ones."""
     p = problem
     plan = _tiled_plan(p)
-    dq, dk, dv, *_ = plan.gradients(
+    return plan.gradients(
         p.query, p.key, p.value, _canonical_heads(plan, out, 2), _canonical_heads(plan, lse, 1),
-        _canonical_heads(plan, d_out, 2), False,
+        _canonical_heads(plan, d_out, 2), bias_grads,
     )
-    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------
@@ -237,13 +238,16 @@ class _Ring:
 
     def backward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        d_out: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dq, dk, dv in the compute dtype and the shapes of q, k, v."""
+        d_out: torch.Tensor, biases: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv in the compute dtype and the shapes of q, k, v; then, for each tensor of
+        ``biases`` (the whole mask's float leaves whose gradient is wanted, else empty), its
+        gradient from MY query rows: the sum over ranks is the single-process gradient."""
         compute = compute_dtype(q.dtype)
         q, d_out = q.to(compute), d_out.to(compute)
         Sq, Sk = q.shape[-2], k.shape[-2]
         dq = torch.zeros_like(q)
+        d_biases = [torch.zeros(b.shape, dtype=compute) for b in biases]
         kv = (k, v)
         d_kv: _Transfer | None = None  # the partials of the K/V now held, on their way here
         for step in range(self.world):
@@ -255,10 +259,13 @@ class _Ring:
                 n = self.n_chunks
                 rows_lse = _take(lse.unsqueeze(-1), block.q_chunks, n).squeeze(-1)  # chunks run along dim -2
                 parts = _attend_backward(
-                    problem, _take(out, block.q_chunks, n), rows_lse, _take(d_out, block.q_chunks, n)
+                    problem, _take(out, block.q_chunks, n), rows_lse, _take(d_out, block.q_chunks, n),
+                    bool(biases),
                 )
                 for offset, rows in _chunk_slices(block.q_chunks, n, Sq):
                     dq[..., rows, :] += parts[0][..., offset : offset + rows.stop - rows.start, :]
+                for whole, part in zip(d_biases, parts[3:]):
+                    block.mask.add_cut(whole, part)
             # The K/V's partials so far come from the ranks it visited before; add mine and pass them on.
             if d_kv is None:
                 dk, dv = k.new_zeros(k.shape, dtype=compute), v.new_zeros(v.shape, dtype=compute)
@@ -273,24 +280,28 @@ class _Ring:
             if pending is not None:
                 kv = tuple(pending.wait())
         dk, dv = d_kv.wait()
-        return dq, dk, dv
+        return dq, dk, dv, *d_biases
 
 
 class _RingAttention(torch.autograd.Function):
-    """The whole ring as one autograd node: saves q, k, v, the merged output and lse."""
+    """The whole ring as one autograd node: saves q, k, v, the merged output and lse. The
+    mask's float leaves are inputs too, so that autograd hands their gradients back."""
 
     @staticmethod
-    def forward(ctx, ring: _Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, ring: _Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                *biases: torch.Tensor) -> torch.Tensor:
         out, lse = ring.forward(q, k, v)
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *biases)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.ring.backward(q, k, v, out, lse, d_out)
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        q, k, v, out, lse, *biases = ctx.saved_tensors
+        wanted = tuple(biases) if any(ctx.needs_input_grad[4:]) else ()
+        dq, dk, dv, *d_biases = ctx.ring.backward(q, k, v, out, lse, d_out, wanted)
+        d_biases = [g.to(b.dtype) for g, b in zip(d_biases, biases)] or [None] * len(biases)
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_biases
 
 
 def _whole_problem_meta(query: object, key: object, value: object, world: int) -> tuple:
@@ -333,8 +344,11 @@ def ring_attention(
     ``attn_mask`` describe the WHOLE problem (document ids of all Lk positions, an
     attn_mask (.., Lq or 1, Lk or 1) identical on every rank) and are evaluated at global
     positions. A row with no allowed key gives output 0 and zero gradients. Gradients flow
-    to query, key and value; a float attn_mask that requires grad is refused, since none
-    would reach it. No dropout.
+    to query, key, value and a float attn_mask (or float ``masks.dense`` leaf). Such a bias
+    is the whole problem's, the same on every rank, so each rank's gradient of it holds the
+    part that comes from the rank's own query rows (zero at the others): summed over the
+    ranks (an all_reduce, which data-parallel training does for a parameter anyway) it is
+    the single-process gradient. No dropout.
 
     layout "contiguous" (rank r holds positions r·L/W onward) or "zigzag" (chunks r and
     2W-1-r of 2W: every rank does the same causal work).
@@ -357,11 +371,6 @@ def ring_attention(
                 f"(query) and {key.shape[-2]} (key) long; shard a sequence whose length divides by "
                 f"2 x world = {2 * world} (shard_sequence(..., layout='zigzag') checks it)"
             )
-    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad:
-        raise ValueError(
-            "ring_attention returns no gradient for a float attn_mask, and this one requires grad; "
-            "pass attn_mask.detach(), or use dotattn.scaled_dot_product_attention to train a bias"
-        )
     meta = _whole_problem_meta(query, key, value, world)
     try:
         whole = prepare(*meta, attn_mask, 0.0, is_causal, scale, enable_gqa, mask=mask)
@@ -378,5 +387,6 @@ def ring_attention(
                  whole.batch_shape)
     squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
     q, k, v = (x.unsqueeze(0) if squeeze else x for x in (query, key, value))
-    out = _RingAttention.apply(ring, q, k, v)
+    biases = [] if whole.mask is None else [leaf.tensor for leaf in whole.mask.biases()]
+    out = _RingAttention.apply(ring, q, k, v, *biases)
     return out.squeeze(0) if squeeze else out
