@@ -200,6 +200,38 @@ def test_row_spans_describe_the_mask_exactly(data, size):
     assert torch.equal(from_spans.expand(shape), dense.expand(shape))
 
 
+@PROPERTY
+@given(st.data(), sizes())
+def test_simplified_leaves_out_only_what_hides_nothing(data, size):
+    """simplified() equals the mask on the problem, None exactly when a causal or window
+    mask (or their combination) allows every pair, and keeps what it cannot decide."""
+    Lq, Lk, B, H = size
+    mask = data.draw(combinations(Lq, Lk, B, H, depth=2))
+    simple = mask.simplified(Lq, Lk)
+    dense = mask.to_dense(Lq, Lk).broadcast_to(*mask.lead_shape, Lq, Lk)
+    if simple is None:
+        assert bool((dense != (NEG_INF if mask.is_additive else False)).all())
+        return
+    assert simple.is_additive == mask.is_additive
+    shape = torch.broadcast_shapes(mask.lead_shape, simple.lead_shape)
+    assert torch.equal(simple.to_dense(Lq, Lk).expand(*shape, Lq, Lk), dense.expand(*shape, Lq, Lk))
+    if isinstance(mask, (M.Causal, M.SlidingWindow)):  # exact for the number-only primitives
+        assert not bool(dense.all())
+
+
+def test_simplified_decoding_masks():
+    bottom_right = M.causal(align="bottom_right")
+    assert bottom_right.simplified(1, 4096) is None  # a decoding step's one query sees every key
+    assert bottom_right.simplified(2, 4096) is bottom_right
+    assert M.causal().simplified(7, 1) is None and M.causal().simplified(1, 2) is not None
+    padding = M.padding([3, 4], side="left")
+    assert (padding & bottom_right).simplified(1, 4) is padding
+    assert (M.sliding_window(8, align="bottom_right") & bottom_right).simplified(1, 9) is None
+    assert M.sliding_window(8, align="bottom_right").simplified(1, 10) is not None
+    for empty in [(0, 5), (5, 0)]:  # nothing to hide
+        assert bottom_right.simplified(*empty) is None and M.sliding_window(0).simplified(*empty) is None
+
+
 def test_row_spans_are_none_where_rows_are_not_intervals():
     assert M.dense(torch.tensor([[True, False, True]])).row_spans(1, 3) is None
     assert M.documents(torch.tensor([0, 1, 0])).row_spans(3, 3) is None  # document 0 is split

@@ -260,6 +260,14 @@ class Mask(abc.ABC):
         _check_block(block_k, "block_k")
         return self._block_map(Lq, Lk, block_q, block_k, self._resolve(None))
 
+    def simplified(self, Lq: int, Lk: int) -> Mask | None:
+        """This mask on an Lq x Lk problem with the parts that allow every (query, key) pair
+        left out: None when the whole mask does (a decoding step's causal(bottom_right) over
+        one query; a window wider than the problem), else a mask equal to this one there.
+        Decided from numbers alone, never from a tensor; ``prepare`` applies it, so that an
+        engine neither evaluates nor applies a mask that hides nothing."""
+        return self
+
     def row_spans(self, Lq: int, Lk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Each query row's allowed keys as one interval lo <= j < hi, when they are one.
 
@@ -389,6 +397,10 @@ class Causal(_Positional):
     def _allowed(self, i, j, Lq, Lk, device):
         return j <= i + _align_offset(self.align, Lq, Lk)
 
+    def simplified(self, Lq: int, Lk: int) -> Mask | None:
+        # Query 0 sees the fewest keys: all of them when the last key is within its reach.
+        return None if Lq == 0 or Lk == 0 or Lk - 1 <= _align_offset(self.align, Lq, Lk) else self
+
     def _row_spans(self, Lq, Lk, device):
         start = _align_offset(self.align, Lq, Lk) + 1  # row i sees keys < i + start
         hi = torch.arange(start, start + Lq, device=device)
@@ -427,6 +439,12 @@ class SlidingWindow(_Positional):
     def _allowed(self, i, j, Lq, Lk, device):
         centre = i + _align_offset(self.align, Lq, Lk)
         return (j >= centre - self.before) & (j <= centre + self.after)
+
+    def simplified(self, Lq: int, Lk: int) -> Mask | None:
+        # The last query's window must reach key 0, and the first query's the last key.
+        off = _align_offset(self.align, Lq, Lk)
+        reaches = Lq - 1 + off - self.before <= 0 and off + self.after >= Lk - 1
+        return None if Lq == 0 or Lk == 0 or reaches else self
 
     def _row_spans(self, Lq, Lk, device):
         centre = torch.arange(Lq, device=device) + _align_offset(self.align, Lq, Lk)
@@ -887,11 +905,20 @@ class And(_Combination):
         lo = functools.reduce(torch.maximum, [sp[0] for sp in spans])
         return lo, functools.reduce(torch.minimum, [sp[1] for sp in spans])
 
+    def simplified(self, Lq: int, Lk: int) -> Mask | None:
+        kept = [c for c in (child.simplified(Lq, Lk) for child in self.children) if c is not None]
+        if len(kept) == len(self.children) and all(a is b for a, b in zip(kept, self.children)):
+            return self
+        return None if not kept else kept[0] if len(kept) == 1 else And(*kept)
+
 
 class Or(_Combination):
     """Allowed where any child allows; boolean masks only."""
 
     _symbol = "|"
+
+    def simplified(self, Lq: int, Lk: int) -> Mask | None:
+        return None if any(child.simplified(Lq, Lk) is None for child in self.children) else self
 
     def _tile(self, Lq, Lk, q0, q1, k0, k1, device):
         return functools.reduce(torch.logical_or, [c._tile(Lq, Lk, q0, q1, k0, k1, device) for c in self.children])
