@@ -44,6 +44,13 @@ from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
 from dotattn.engines.tiled import TiledEngine, _TiledAttention
 
+# Why this build cannot run the split-K kernel (None when it can), decided once.
+_MISSING = _tiled_kernel.MISSING or (
+    None if hasattr(_tiled_kernel._ext, "split_k_attention") else
+    "the compiled kernel dotattn._tiled_cpu predates split_k_attention; rebuild it: "
+    "pip install --no-build-isolation -e ."
+)
+
 
 class _SplitKPlan:
     """The split-K forward's result as a plan for the tiled engine's autograd node, whose
@@ -83,11 +90,8 @@ class SplitKEngine(Engine):
     def tiled_reason(self, problem: Problem) -> str | None:
         """Why ``problem`` runs on the tiled engine rather than the split-K kernel; None when it does not."""
         p = problem
-        if _tiled_kernel.MISSING is not None:
-            return _tiled_kernel.MISSING
-        if not hasattr(_tiled_kernel._ext, "split_k_attention"):
-            return ("the compiled kernel dotattn._tiled_cpu predates split_k_attention; rebuild it: "
-                    "pip install --no-build-isolation -e .")
+        if _MISSING is not None:
+            return _MISSING
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
         if p.dropout_p > 0:
@@ -138,6 +142,11 @@ class SplitKEngine(Engine):
             return self._tiled.run(p)
         if p.requires_grad:
             out, lse = _TiledAttention.apply(_SplitKPlan(self._tiled, p, out, lse), p.query, p.key, p.value)
-        out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        # Each torch op costs a decoding step tens of microseconds when its code is out of
+        # cache, so the no-op ones are left out: out is (N, ...) already for one batch dim.
+        if len(p.batch_shape) != 1:
+            out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+        if out.dtype != p.query.dtype:
+            out = out.to(p.query.dtype)
         lse = lse.detach().view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype)) if p.return_lse else None
         return AttentionResult(out, lse, None)
