@@ -112,8 +112,9 @@ def test_rows_and_parts_that_see_nothing(split_k, monkeypatch):
 
 @pytest.mark.usefixtures("never_on_tiled")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_garbage_in_the_left_padding_is_never_read(bad):
-    q, k, v = qkv(2, 8, 1, 32, Hkv=2, Lk=1200)
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (32, 1)], ids=["4rows", "32rows"])  # rows per kv head
+def test_garbage_in_the_left_padding_is_never_read(bad, Hq, Hkv):
+    q, k, v = qkv(2, Hq, 1, 32, Hkv=Hkv, Lk=1200)
     mask = _decoding_mask([700, 1200])
     clean = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k")
     k[0, :, :500], v[0, :, :500] = bad, bad
@@ -123,9 +124,10 @@ def test_garbage_in_the_left_padding_is_never_read(bad):
 
 @pytest.mark.parametrize("parts", [1, 4])
 @pytest.mark.parametrize("where", ["key", "value"])
-def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(split_k, monkeypatch, where, parts):
+@pytest.mark.parametrize("Hq", [4, 32], ids=["6rows", "48rows"])  # rows per kv head
+def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(split_k, monkeypatch, where, parts, Hq):
     monkeypatch.setattr(split_k, "parts", lambda problem: parts)  # one part: no merge to see it
-    q, k, v = qkv(1, 4, 3, 16, Hkv=2, Lk=1100)
+    q, k, v = qkv(1, Hq, 3, 16, Hkv=2, Lk=1100)
     x = k if where == "key" else v
     x[0, 1, 1098] = float("-inf")  # seen by the last two queries of kv head 1 only
     res = dotattn.scaled_dot_product_attention(q, k, v, is_causal=False, mask=_decoding_mask([1100]),
