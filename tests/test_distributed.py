@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import dotattn
 from dotattn import masks as M
 from dotattn.distributed import gather_sequence, ring, ring_attention, shard_ranges, shard_sequence
+from dotattn.engines.triton import MISSING as TRITON_MISSING
 
 TOL = 1e-9  # float64, max abs error of output and every gradient
 LAYOUTS = ("contiguous", "zigzag")
@@ -105,17 +106,17 @@ def _run_case(case: str, layout: str, rank: int, world: int, group: dist.Process
     qs, ks, vs = (shard_sequence(x[n], **shard).requires_grad_() for n in "qkv")
     assert layout == "zigzag" or world == 1 or not qs.is_contiguous()
     calls = []
-    attend = ring._attend
+    blocks = ring._BLOCKS["tiled"]
 
     def counting(problem):
         calls.append(problem.Lq * problem.Lk)
-        return attend(problem)
+        return type(blocks).forward(blocks, problem)
 
-    ring._attend = counting
+    blocks.forward = counting  # this instance's forward only
     try:
         out = ring_attention(qs, ks, vs, group=group, layout=layout, **kwargs)
     finally:
-        ring._attend = attend
+        del blocks.forward
     _backward(out, shard_sequence(x["d_out"], **shard))
     whole = gather_sequence(out.detach(), group=group, layout=layout)
     errors = {
@@ -157,6 +158,34 @@ def _run_low_precision(dtype: torch.dtype, layout: str, rank: int, world: int) -
     }
 
 
+TRITON_CASES = [("causal", "zigzag"), ("documents", "contiguous"), ("gqa", "zigzag"), ("padding", "contiguous"),
+                ("dense_bool", "zigzag")]
+
+
+def _run_triton(case: str, layout: str, rank: int, world: int) -> dict:
+    """The ring on the triton engine (Triton's interpreter, float32): {name: (ring error,
+    single-process triton error)} against the float64 function, for the output and each
+    gradient of this rank's shard."""
+    x = _inputs(case, world)
+    kwargs = x["kwargs"]
+    shard = dict(rank=rank, world=world, layout=layout)
+    grads = {}
+    for name, dt in (("oracle", torch.float64), ("single", torch.float32)):
+        q, k, v = (x[n].to(dt, copy=True).requires_grad_() for n in "qkv")
+        out = dotattn.scaled_dot_product_attention(q, k, v, engine="reference" if name == "oracle" else "triton",
+                                                   **kwargs)
+        _backward(out, x["d_out"].to(dt))
+        grads[name] = [shard_sequence(t.detach().double(), **shard) for t in (out, q.grad, k.grad, v.grad)]
+    qs, ks, vs = (shard_sequence(x[n], **shard).float().requires_grad_() for n in "qkv")
+    out = ring_attention(qs, ks, vs, layout=layout, engine="triton", **kwargs)
+    _backward(out, shard_sequence(x["d_out"], **shard).float())
+    grads["ring"] = [t.detach().double() for t in (out, qs.grad, ks.grad, vs.grad)]
+    return {
+        name: (_max_err(grads["ring"][i], grads["oracle"][i]), _max_err(grads["single"][i], grads["oracle"][i]))
+        for i, name in enumerate(("out", "dq", "dk", "dv"))
+    }
+
+
 def _error_cases(rank: int, world: int) -> dict:
     """The message each bad call raises on this rank (every rank must raise, or the ring hangs)."""
     out = {}
@@ -168,6 +197,10 @@ def _error_cases(rank: int, world: int) -> dict:
         "layout": lambda: ring_attention(x, x, x, layout="striped"),
         "float16": lambda: ring_attention(x.half(), x.half(), x.half()),
         "local_mask": lambda: ring_attention(x, x, x, mask=M.documents(torch.zeros(6, dtype=torch.long))),
+        "engine": lambda: ring_attention(x, x, x, engine="flash"),
+        "triton_bias_grad": lambda: ring_attention(
+            x.float(), x.float(), x.float(), attn_mask=torch.zeros(6 * world, 6 * world, requires_grad=True),
+            engine="triton"),
     }
     for name, call in bad.items():
         try:
@@ -179,6 +212,7 @@ def _error_cases(rank: int, world: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its kernels take CPU tensors
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     key = None
@@ -189,6 +223,10 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             for layout in LAYOUTS:
                 key = ("low_precision", dtype, layout)
                 results.put((rank, key, _run_low_precision(dtype, layout, rank, world)))
+        if TRITON_MISSING is None:
+            for case, layout in TRITON_CASES:
+                key = ("triton", case, layout)
+                results.put((rank, key, _run_triton(case, layout, rank, world)))
         key = "errors"
         results.put((rank, key, _error_cases(rank, world)))
         # A group that is not the default one, whose ranks are not the global ones: global
@@ -225,7 +263,8 @@ def _results(world: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, results)) for r in range(world)]
     for p in procs:
         p.start()
-    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + 2)
+    triton_cases = len(TRITON_CASES) if TRITON_MISSING is None else 0
+    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + triton_cases + 2)
     out: dict = {}
     try:
         for _ in range(expected):
@@ -271,6 +310,18 @@ def test_ring_in_low_precision_is_as_accurate_as_the_tiled_engine(dtype, layout,
             assert ring_err <= 2 * single_err + eps, f"rank {rank} {name}: ring {ring_err:.2e}, tiled {single_err:.2e}"
 
 
+@pytest.mark.skipif(TRITON_MISSING is not None, reason=str(TRITON_MISSING))
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case,layout", TRITON_CASES, ids=[f"{c}-{lay}" for c, lay in TRITON_CASES])
+def test_ring_on_the_triton_engine_is_as_accurate_as_the_engine(case, layout, world):
+    """The GPU path (blocks on the triton engine, as for CUDA tensors over NCCL), run in
+    Triton's interpreter: the 2x rule against the float64 function, with the single-process
+    triton engine as the yardstick."""
+    for rank, result in enumerate(_results(world)[("triton", case, layout)]):
+        for name, (ring_err, single_err) in result.items():
+            assert ring_err <= 2 * single_err + 1e-6, f"rank {rank} {name}: ring {ring_err:.2e}, triton {single_err:.2e}"
+
+
 @pytest.mark.parametrize("world", WORLDS)
 def test_ring_on_a_subgroup(world):
     members = [1, 3] if world == 4 else [1]
@@ -311,6 +362,8 @@ def test_bad_calls_raise_on_every_rank(world):
         assert "tiled engine, which cannot run this: dtype float16" in messages["float16"]
         assert "q_doc_ids has length 6 but Lq is" in messages["local_mask"]
         assert "describe every position, not this rank's shard" in messages["local_mask"]
+        assert "'flash'" in messages["engine"]
+        assert "does not compute a float mask's gradient yet" in messages["triton_bias_grad"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

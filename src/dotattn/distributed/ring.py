@@ -7,12 +7,13 @@ key, so the K/V shards travel round the ring: at step t, rank r holds the K/V of
 transfer for step t+1 is started before step t's computation, so the two overlap.
 
     step t:  start send K/V(t) -> r+1, recv K/V(t+1) <- r-1
-             attend my queries to K/V(t)         (the tiled engine, on a mask view)
+             attend my queries to K/V(t)         (an engine's plan, on a mask view)
              merge the partial output through its lse
              wait for K/V(t+1)
 
-Every block runs the tiled CPU engine on ``masks.view`` of the whole problem's mask,
-so causal, window, document, padding and prefix masks are evaluated at global
+Every block runs an engine's plan, the tiled engine's on CPU tensors, the triton
+engine's on CUDA tensors (gloo or NCCL carry them alike), on ``masks.view`` of the whole
+problem's mask, so causal, window, document, padding and prefix masks are evaluated at global
 positions, and a shard pair whose block map is EMPTY is never computed (with the
 zigzag layout, its chunk pairs are: an EMPTY pair of chunks is left out of the block).
 Partial outputs merge through their log-sum-exp in float32 (float64 for float64):
@@ -20,7 +21,7 @@ Partial outputs merge through their log-sum-exp in float32 (float64 for float64)
     lse = log(exp(lse_a) + exp(lse_b)),  out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)
 
 Backward (one autograd node, as in FlashAttention-2) recomputes each block's P from the
-merged lse and delta = rowsum(dO·O), which the tiled engine's backward already does when
+merged lse and delta = rowsum(dO·O), which both engines' backwards already do when
 handed the merged output and lse. dQ stays home; K/V go round the ring again, each
 followed by the dK/dV partial that the ranks it visited have added to, which finally
 arrives back at its owner.
@@ -43,6 +44,7 @@ from dotattn.distributed.shard import check_layout, rank_and_world, same_on_ever
 from dotattn.engines import _tiled_kernel
 from dotattn.engines._merge import merge_parts
 from dotattn.engines.base import compute_dtype
+from dotattn.engines import triton as triton_engine
 from dotattn.engines.tiled import _Plan
 
 _NEG_INF = float("-inf")
@@ -52,44 +54,89 @@ _TAG_KV, _TAG_DKV = 10, 20
 
 
 # ---------------------------------------------------------------------------
-# One block: the tiled engine on a view of the whole mask
+# One block: an engine's plan on a view of the whole mask
 # ---------------------------------------------------------------------------
 
 
-def _tiled_plan(problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
-    """The tiled engine's plan for a block. Blocks arrive in the compute dtype, so bfloat16
-    GEMMs never apply."""
-    return engines.get("tiled").plan(problem)
-
-
-def _canonical_heads(plan: _Plan | _tiled_kernel.KernelCall, x: torch.Tensor, trailing: int) -> torch.Tensor:
-    """(*batch, Hq, ...) -> the plan's layout: (N, Hq, ...) for the kernel, (N, Hkv, G, ...) for torch ops."""
-    p = plan.problem
-    N = math.prod(p.batch_shape)
-    heads = (p.Hq,) if isinstance(plan, _tiled_kernel.KernelCall) else (p.Hkv, p.Hq // p.Hkv)
+def _canonical_heads(x: torch.Tensor, problem: Problem, heads: tuple[int, ...], trailing: int) -> torch.Tensor:
+    """(*batch, Hq, ...) -> (N, *heads, ...), contiguous; heads multiply to Hq."""
+    N = math.prod(problem.batch_shape)
     return x.reshape(N, *heads, *x.shape[x.dim() - trailing:]).contiguous()
 
 
-def _attend(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block's output (*batch, Hq, nq, Ev) and lse (*batch, Hq, nq), in the compute dtype."""
-    p = problem
-    out, lse = _tiled_plan(p).forward(p.query, p.key, p.value)
-    return out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev), lse.reshape(*p.batch_shape, p.Hq, p.Lq)
+class _TiledBlocks:
+    """Blocks on the tiled engine (CPU), which takes q, k, v in the compute dtype."""
+
+    name = "tiled"
+
+    @staticmethod
+    def input_dtype(dtype: torch.dtype) -> torch.dtype:
+        return compute_dtype(dtype)
+
+    @staticmethod
+    def _plan(problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
+        return engines.get("tiled").plan(problem)
+
+    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's output (*batch, Hq, nq, Ev) and lse (*batch, Hq, nq), in the compute dtype."""
+        p = problem
+        out, lse = self._plan(p).forward(p.query, p.key, p.value)
+        return out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev), lse.reshape(*p.batch_shape, p.Hq, p.Lq)
+
+    def backward(
+        self, problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, bias_grads: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        """A block's share of dq, dk, dv (shapes of its q, k, v), then one gradient per float bias
+        of its mask view (the shape of the view's cut; None each unless ``bias_grads``), given
+        the MERGED output, lse and dO of its query rows: P = exp(S - lse) and delta = rowsum(dO·O)
+        are then the global ones."""
+        p = problem
+        plan = self._plan(p)
+        # the kernel's layout is (N, Hq, ...), the torch-ops plan's (N, Hkv, G, ...)
+        heads = (p.Hq,) if isinstance(plan, _tiled_kernel.KernelCall) else (p.Hkv, p.Hq // p.Hkv)
+        return plan.gradients(
+            p.query, p.key, p.value, _canonical_heads(out, p, heads, 2), _canonical_heads(lse, p, heads, 1),
+            _canonical_heads(d_out, p, heads, 2), bias_grads,
+        )
 
 
-def _attend_backward(
-    problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, bias_grads: bool
-) -> tuple[torch.Tensor | None, ...]:
-    """A block's share of dq, dk, dv (shapes of its q, k, v), then one gradient per float bias
-    of its mask view (the shape of the view's cut; None each unless ``bias_grads``), given
-    the MERGED output, lse and dO of its query rows: P = exp(S - lse) and delta = rowsum(dO·O)
-    are then the global ones."""
-    p = problem
-    plan = _tiled_plan(p)
-    return plan.gradients(
-        p.query, p.key, p.value, _canonical_heads(plan, out, 2), _canonical_heads(plan, lse, 1),
-        _canonical_heads(plan, d_out, 2), bias_grads,
-    )
+class _TritonBlocks:
+    """Blocks on the triton engine (CUDA, or CPU in Triton's interpreter), which takes q, k, v
+    as they are (16-bit operands enter its MMAs) and works in log2 units for the lse."""
+
+    name = "triton"
+
+    @staticmethod
+    def input_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        p = problem
+        call = engines.get("triton").plan(p)
+        with triton_engine._on_device(p.query.device):
+            out, lse2 = call.forward(p.query, p.key, p.value, call.parts.bias)
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+        lse = triton_engine.natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
+        if not p.inputs_finite:  # the kernels ran on zeroed copies: mark what may see garbage
+            out, lse = triton_engine._visible_garbage(p, out, lse)
+        return out, lse
+
+    def backward(
+        self, problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, bias_grads: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        p = problem
+        call = engines.get("triton").plan(p)
+        heads = (p.Hq,)
+        with triton_engine._on_device(p.query.device):
+            dq, dk, dv, _ = call.backward(
+                p.query, p.key, p.value, call.parts.bias, _canonical_heads(out, p, heads, 2),
+                _canonical_heads(triton_engine.kernel_lse(lse), p, heads, 1), _canonical_heads(d_out, p, heads, 2),
+                False,
+            )
+        return dq, dk, dv
+
+
+_BLOCKS = {"tiled": _TiledBlocks(), "triton": _TritonBlocks()}
 
 
 # ---------------------------------------------------------------------------
@@ -160,6 +207,7 @@ class _Ring:
     scale: float
     enable_gqa: bool
     batch_shape: tuple[int, ...]  # q, k and v's leading dims, broadcast
+    engine: _TiledBlocks | _TritonBlocks  # what computes each block
     blocks: dict[int, _Block | None] = field(default_factory=dict, repr=False)  # by source rank, for backward
 
     @property
@@ -210,18 +258,19 @@ class _Ring:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (*batch, Hq, Sq, Ev) and lse (*batch, Hq, Sq), in the compute dtype."""
-        compute = compute_dtype(q.dtype)
-        q = q.to(compute)
+        compute, given = compute_dtype(q.dtype), self.engine.input_dtype(q.dtype)
         Sq = q.shape[-2]
-        out = q.new_zeros(*self.batch_shape, q.shape[-3], Sq, v.shape[-1])
-        lse = q.new_full((*self.batch_shape, q.shape[-3], Sq), _NEG_INF)
+        out = q.new_zeros(*self.batch_shape, q.shape[-3], Sq, v.shape[-1], dtype=compute)
+        lse = q.new_full((*self.batch_shape, q.shape[-3], Sq), _NEG_INF, dtype=compute)
+        q = q.to(given)
         kv = (k, v)
         merged: set[int] = set()  # the query chunks some block has reached
         for step in range(self.world):
             pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
             block = self.block((self.rank - step) % self.world)
             if block is not None:
-                out_b, lse_b = _attend(self.problem(block, q, kv[0].to(compute), kv[1].to(compute)))
+                out_b, lse_b = self.engine.forward(self.problem(block, q, kv[0].to(given), kv[1].to(given)))
+                out_b, lse_b = out_b.to(compute), lse_b.to(compute)
                 for chunk, (offset, rows) in zip(block.q_chunks, _chunk_slices(block.q_chunks, self.n_chunks, Sq)):
                     part = slice(offset, offset + rows.stop - rows.start)
                     if chunk in merged:
@@ -243,11 +292,11 @@ class _Ring:
         """dq, dk, dv in the compute dtype and the shapes of q, k, v; then, for each tensor of
         ``biases`` (the whole mask's float leaves whose gradient is wanted, else empty), its
         gradient from MY query rows: the sum over ranks is the single-process gradient."""
-        compute = compute_dtype(q.dtype)
-        q, d_out = q.to(compute), d_out.to(compute)
+        compute, given = compute_dtype(q.dtype), self.engine.input_dtype(q.dtype)
         Sq, Sk = q.shape[-2], k.shape[-2]
-        dq = torch.zeros_like(q)
-        d_biases = [torch.zeros(b.shape, dtype=compute) for b in biases]
+        dq = q.new_zeros(q.shape, dtype=compute)
+        q, d_out = q.to(given), d_out.to(given)
+        d_biases = [torch.zeros(b.shape, dtype=compute, device=b.device) for b in biases]
         kv = (k, v)
         d_kv: _Transfer | None = None  # the partials of the K/V now held, on their way here
         for step in range(self.world):
@@ -255,10 +304,10 @@ class _Ring:
             block = self.block((self.rank - step) % self.world)
             parts = None
             if block is not None:
-                problem = self.problem(block, q, kv[0].to(compute), kv[1].to(compute))
+                problem = self.problem(block, q, kv[0].to(given), kv[1].to(given))
                 n = self.n_chunks
                 rows_lse = _take(lse.unsqueeze(-1), block.q_chunks, n).squeeze(-1)  # chunks run along dim -2
-                parts = _attend_backward(
+                parts = self.engine.backward(
                     problem, _take(out, block.q_chunks, n), rows_lse, _take(d_out, block.q_chunks, n),
                     bool(biases),
                 )
@@ -330,6 +379,7 @@ def ring_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     layout: str = "contiguous",
+    engine: str = "auto",
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ranks of ``group`` (None: the default group).
 
@@ -352,6 +402,10 @@ def ring_attention(
 
     layout "contiguous" (rank r holds positions r·L/W onward) or "zigzag" (chunks r and
     2W-1-r of 2W: every rank does the same causal work).
+
+    engine computes each block: "tiled" (CPU tensors; gloo), "triton" (CUDA tensors, over
+    NCCL say; CPU tensors in Triton's interpreter, for tests), or "auto": triton for CUDA
+    tensors, else tiled. With triton a float mask's gradient is not computed yet (refused).
     """
     rank, world = rank_and_world(group)
     # Before any check that could fail on some ranks only: a rank that raised alone would
@@ -360,10 +414,15 @@ def ring_attention(
     mask_shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else None
     same_on_every_rank(
         group, "ring_attention: the arguments (shapes of query, key, value; layout; is_causal; mask; "
-        "attn_mask shape; scale; enable_gqa)",
-        (shapes, layout, is_causal, repr(mask), mask_shape, scale, enable_gqa),
+        "attn_mask shape; scale; enable_gqa; engine)",
+        (shapes, layout, is_causal, repr(mask), mask_shape, scale, enable_gqa, engine),
     )
     check_layout(layout)
+    if engine not in ("auto", *_BLOCKS):
+        raise ValueError(f'engine must be "auto", "tiled" or "triton", got {engine!r}')
+    if engine == "auto":
+        cuda = isinstance(query, torch.Tensor) and query.device.type == "cuda"
+        engine = "triton" if cuda else "tiled"
     if all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in (query, key)):
         if layout == "zigzag" and (query.shape[-2] % 2 or key.shape[-2] % 2):
             raise ValueError(
@@ -379,14 +438,19 @@ def ring_attention(
             f"{error} (ring_attention checks its arguments against the whole sequence of {world} shards: "
             "attn_mask and mask describe every position, not this rank's shard)"
         ) from error
-    reasons = engines.get("tiled").reasons(whole)
+    reasons = engines.get(engine).reasons(whole)
     if reasons:
-        raise ValueError("ring_attention computes its blocks with the tiled engine, which cannot run this: "
+        raise ValueError(f"ring_attention computes its blocks with the {engine} engine, which cannot run this: "
                          + "; ".join(reasons))
+    biases = [] if whole.mask is None else [leaf.tensor for leaf in whole.mask.biases()]
+    if engine == "triton" and torch.is_grad_enabled() and any(b.requires_grad for b in biases):
+        raise ValueError(
+            "ring_attention on the triton engine does not compute a float mask's gradient yet, and this one "
+            "requires grad; pass it detached, or run the ring on CPU tensors (the tiled engine computes it)"
+        )
     ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa,
-                 whole.batch_shape)
+                 whole.batch_shape, _BLOCKS[engine])
     squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
     q, k, v = (x.unsqueeze(0) if squeeze else x for x in (query, key, value))
-    biases = [] if whole.mask is None else [leaf.tensor for leaf in whole.mask.biases()]
     out = _RingAttention.apply(ring, q, k, v, *biases)
     return out.squeeze(0) if squeeze else out

@@ -470,6 +470,16 @@ class _TritonAttention(torch.autograd.Function):
         return (None, *grads)
 
 
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' lse (log2 units, +inf for a row that sees nothing) as the natural log, -inf there."""
+    return torch.where(torch.isinf(lse2), _NEG_INF, lse2 / LOG2E)
+
+
+def kernel_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``natural_lse``: what backward's kernels take as a row's lse."""
+    return torch.where(lse == _NEG_INF, float("inf"), lse.float() * LOG2E)
+
+
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device, so make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -555,24 +565,28 @@ class TritonEngine(Engine):
                   if part is not None]
         return how + (", partial tiles masked by " + " and ".join(masked) if masked else "")
 
-    def run(self, problem: Problem) -> AttentionResult:
+    def plan(self, problem: Problem) -> _Call:
+        """How this engine runs ``problem``: the kernels' call, whose ``forward`` and
+        ``backward`` ``dotattn.distributed`` also uses to run the blocks of a ring."""
         p = problem
         blocks = None if self.block_m is None else (self.block_m, self.block_n or self.block_m)
-        parts = _MaskParts.of(p)
         deterministic = self.deterministic
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        call = _Call(p, blocks, parts, self._split(p), deterministic)
+        return _Call(p, blocks, _MaskParts.of(p), self._split(p), deterministic)
+
+    def run(self, problem: Problem) -> AttentionResult:
+        p = problem
+        call = self.plan(p)
         with _on_device(p.query.device):
-            out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, parts.bias)
+            out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, call.parts.bias)
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
-        lse2 = lse2.reshape(*p.batch_shape, p.Hq, p.Lq)
-        lse = torch.where(torch.isinf(lse2), _NEG_INF, lse2 / LOG2E)  # natural log; -inf: sees nothing
+        lse = natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
         if not p.inputs_finite:
             out, lse = _visible_garbage(p, out, lse)
         weights = None
         if p.return_weights:
-            weights = self._weights(p, parts, lse).to(p.query.dtype)
+            weights = self._weights(p, call.parts, lse).to(p.query.dtype)
         return AttentionResult(out, lse.to(lse_dtype(p.query.dtype)) if p.return_lse else None, weights)
 
     @staticmethod
