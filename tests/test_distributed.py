@@ -27,8 +27,9 @@ LAYOUTS = ("contiguous", "zigzag")
 E, EV = 17, 11
 
 
-def _inputs(case: str, world: int, seed: int = 0) -> dict:
-    """The whole problem of a case, the same on every rank: q, k, v, the cotangent and kwargs."""
+def _inputs(case: str, world: int, seed: int = 0, bias_dtype: torch.dtype = torch.float64) -> dict:
+    """The whole problem of a case, the same on every rank: q, k, v, the cotangent and kwargs
+    (whose float biases are fresh leaves in ``bias_dtype`` that require grad)."""
     L = 24 * world  # divides by 2·world: zigzag chunks of 12 positions, contiguous shards of 24
     Lq, B, Hq, Hkv = L, 2, 2, 2
     kwargs: dict = {}
@@ -58,9 +59,9 @@ def _inputs(case: str, world: int, seed: int = 0) -> dict:
     elif case == "dense_bool":
         kwargs["attn_mask"] = torch.rand(L, L, generator=g) < 0.6
     elif case == "dense_float":  # a trained bias: its gradient is compared too
-        kwargs["attn_mask"] = torch.randn(Hq, L, L, generator=g, dtype=torch.float64).requires_grad_()
+        kwargs["attn_mask"] = torch.randn(Hq, L, L, generator=g, dtype=torch.float64).to(bias_dtype).requires_grad_()
     elif case == "key_bias_causal":  # a per-key bias that broadcasts over heads and queries
-        bias = torch.randn(B, 1, 1, L, generator=g, dtype=torch.float64).requires_grad_()
+        bias = torch.randn(B, 1, 1, L, generator=g, dtype=torch.float64).to(bias_dtype).requires_grad_()
         kwargs["mask"] = M.dense(bias) & M.causal()
     elif case != "full":
         raise ValueError(case)
@@ -159,30 +160,36 @@ def _run_low_precision(dtype: torch.dtype, layout: str, rank: int, world: int) -
 
 
 TRITON_CASES = [("causal", "zigzag"), ("documents", "contiguous"), ("gqa", "zigzag"), ("padding", "contiguous"),
-                ("dense_bool", "zigzag")]
+                ("dense_bool", "zigzag"), ("dense_float", "zigzag"), ("key_bias_causal", "contiguous")]
 
 
 def _run_triton(case: str, layout: str, rank: int, world: int) -> dict:
     """The ring on the triton engine (Triton's interpreter, float32): {name: (ring error,
     single-process triton error)} against the float64 function, for the output and each
-    gradient of this rank's shard."""
+    gradient of this rank's shard (a float bias's: summed over the ranks, whole)."""
     x = _inputs(case, world)
-    kwargs = x["kwargs"]
     shard = dict(rank=rank, world=world, layout=layout)
     grads = {}
     for name, dt in (("oracle", torch.float64), ("single", torch.float32)):
         q, k, v = (x[n].to(dt, copy=True).requires_grad_() for n in "qkv")
+        kwargs = _inputs(case, world, bias_dtype=dt)["kwargs"]
         out = dotattn.scaled_dot_product_attention(q, k, v, engine="reference" if name == "oracle" else "triton",
                                                    **kwargs)
         _backward(out, x["d_out"].to(dt))
         grads[name] = [shard_sequence(t.detach().double(), **shard) for t in (out, q.grad, k.grad, v.grad)]
+        grads[name] += [b.grad.double() for b in _biases(kwargs)]
     qs, ks, vs = (shard_sequence(x[n], **shard).float().requires_grad_() for n in "qkv")
+    kwargs = _inputs(case, world, bias_dtype=torch.float32)["kwargs"]
     out = ring_attention(qs, ks, vs, layout=layout, engine="triton", **kwargs)
     _backward(out, shard_sequence(x["d_out"], **shard).float())
     grads["ring"] = [t.detach().double() for t in (out, qs.grad, ks.grad, vs.grad)]
+    for b in _biases(kwargs):
+        dist.all_reduce(b.grad)  # each rank holds its query rows' share
+        grads["ring"].append(b.grad.double())
+    names = ["out", "dq", "dk", "dv"] + [f"dbias{i}" for i in range(len(grads["ring"]) - 4)]
     return {
         name: (_max_err(grads["ring"][i], grads["oracle"][i]), _max_err(grads["single"][i], grads["oracle"][i]))
-        for i, name in enumerate(("out", "dq", "dk", "dv"))
+        for i, name in enumerate(names)
     }
 
 
@@ -198,9 +205,6 @@ def _error_cases(rank: int, world: int) -> dict:
         "float16": lambda: ring_attention(x.half(), x.half(), x.half()),
         "local_mask": lambda: ring_attention(x, x, x, mask=M.documents(torch.zeros(6, dtype=torch.long))),
         "engine": lambda: ring_attention(x, x, x, engine="flash"),
-        "triton_bias_grad": lambda: ring_attention(
-            x.float(), x.float(), x.float(), attn_mask=torch.zeros(6 * world, 6 * world, requires_grad=True),
-            engine="triton"),
     }
     for name, call in bad.items():
         try:
@@ -318,6 +322,7 @@ def test_ring_on_the_triton_engine_is_as_accurate_as_the_engine(case, layout, wo
     Triton's interpreter: the 2x rule against the float64 function, with the single-process
     triton engine as the yardstick."""
     for rank, result in enumerate(_results(world)[("triton", case, layout)]):
+        assert ("dbias0" in result) == (case in ("dense_float", "key_bias_causal"))
         for name, (ring_err, single_err) in result.items():
             assert ring_err <= 2 * single_err + 1e-6, f"rank {rank} {name}: ring {ring_err:.2e}, triton {single_err:.2e}"
 
@@ -363,7 +368,6 @@ def test_bad_calls_raise_on_every_rank(world):
         assert "q_doc_ids has length 6 but Lq is" in messages["local_mask"]
         assert "describe every position, not this rank's shard" in messages["local_mask"]
         assert "'flash'" in messages["engine"]
-        assert "does not compute a float mask's gradient yet" in messages["triton_bias_grad"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

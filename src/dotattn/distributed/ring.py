@@ -128,12 +128,26 @@ class _TritonBlocks:
         call = engines.get("triton").plan(p)
         heads = (p.Hq,)
         with triton_engine._on_device(p.query.device):
-            dq, dk, dv, _ = call.backward(
+            dq, dk, dv, d_bias = call.backward(
                 p.query, p.key, p.value, call.parts.bias, _canonical_heads(out, p, heads, 2),
                 _canonical_heads(triton_engine.kernel_lse(lse), p, heads, 1), _canonical_heads(d_out, p, heads, 2),
-                False,
+                bias_grads and call.parts.bias is not None,
             )
-        return dq, dk, dv
+        if not bias_grads:
+            return dq, dk, dv
+        # The kernels took the view's float part as one dense bias (Nm, Hm, nq, nk): its
+        # gradient is dS, which each float leaf's cut takes summed over its broadcast dims.
+        return dq, dk, dv, *(_summed_to(d_bias, p.batch_shape, leaf.tensor.shape) for leaf in p.mask.biases())
+
+
+def _summed_to(grad: torch.Tensor, batch: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
+    """A canonical (Nm, Hm, R, C) gradient (Nm in {1, N}) summed to a tensor of ``shape``
+    (..., R or 1, C or 1) that broadcasts to (*batch, Hq, R, C)."""
+    Nm, Hm, R, C = grad.shape
+    grad = grad.reshape(*(batch if Nm != 1 else (1,) * len(batch)), Hm, R, C)
+    if len(shape) > grad.dim():
+        grad = grad.reshape((1,) * (len(shape) - grad.dim()) + tuple(grad.shape))
+    return grad.sum_to_size((1,) * (grad.dim() - len(shape)) + tuple(shape)).reshape(shape)
 
 
 _BLOCKS = {"tiled": _TiledBlocks(), "triton": _TritonBlocks()}
@@ -405,7 +419,7 @@ def ring_attention(
 
     engine computes each block: "tiled" (CPU tensors; gloo), "triton" (CUDA tensors, over
     NCCL say; CPU tensors in Triton's interpreter, for tests), or "auto": triton for CUDA
-    tensors, else tiled. With triton a float mask's gradient is not computed yet (refused).
+    tensors, else tiled.
     """
     rank, world = rank_and_world(group)
     # Before any check that could fail on some ranks only: a rank that raised alone would
@@ -443,11 +457,6 @@ def ring_attention(
         raise ValueError(f"ring_attention computes its blocks with the {engine} engine, which cannot run this: "
                          + "; ".join(reasons))
     biases = [] if whole.mask is None else [leaf.tensor for leaf in whole.mask.biases()]
-    if engine == "triton" and torch.is_grad_enabled() and any(b.requires_grad for b in biases):
-        raise ValueError(
-            "ring_attention on the triton engine does not compute a float mask's gradient yet, and this one "
-            "requires grad; pass it detached, or run the ring on CPU tensors (the tiled engine computes it)"
-        )
     ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa,
                  whole.batch_shape, _BLOCKS[engine])
     squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
