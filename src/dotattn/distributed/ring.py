@@ -42,9 +42,9 @@ from dotattn import engines, masks
 from dotattn._inputs import Problem, prepare
 from dotattn.distributed.shard import check_layout, rank_and_world, same_on_every_rank, shard_ranges
 from dotattn.engines import _tiled_kernel
+from dotattn.engines import triton as triton_engine
 from dotattn.engines._merge import merge_parts
 from dotattn.engines.base import compute_dtype
-from dotattn.engines import triton as triton_engine
 from dotattn.engines.tiled import _Plan
 
 _NEG_INF = float("-inf")
@@ -65,9 +65,8 @@ def _canonical_heads(x: torch.Tensor, problem: Problem, heads: tuple[int, ...], 
 
 
 class _TiledBlocks:
-    """Blocks on the tiled engine (CPU), which takes q, k, v in the compute dtype."""
-
-    name = "tiled"
+    """Blocks on the tiled engine (CPU), which takes q, k, v in the compute dtype (so its
+    bfloat16 GEMMs never apply: a block's inputs arrive in float32)."""
 
     @staticmethod
     def input_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,8 +102,6 @@ class _TiledBlocks:
 class _TritonBlocks:
     """Blocks on the triton engine (CUDA, or CPU in Triton's interpreter), which takes q, k, v
     as they are (16-bit operands enter its MMAs) and works in log2 units for the lse."""
-
-    name = "triton"
 
     @staticmethod
     def input_dtype(dtype: torch.dtype) -> torch.dtype:
