@@ -829,10 +829,14 @@ inline void tile_values(float* acc, int Ev, int rows, const float* p, int lds, c
     for (; e + 2 * kW <= Ev; e += 2 * kW) {
       vfloat a[8];
       for (int r = 0; r < 4; ++r) a[2 * r] = vload(acc + r * Ev + e), a[2 * r + 1] = vload(acc + r * Ev + e + kW);
-      for (int c = 0; c < cols; ++c) {
-        const vfloat y0 = vload(values + c * ldv + e), y1 = vload(values + c * ldv + e + kW);
+      // Row pointers and a 64-bit key index, so the loop is loads and FMAs, with no index
+      // arithmetic for the compiler to redo per key (perf showed a third of its instructions were).
+      const float* pr[4] = {p, p + lds, p + 2 * lds, p + 3 * lds};
+      const float* vc = values + e;
+      for (int64_t c = 0; c < cols; ++c, vc += ldv) {
+        const vfloat y0 = vload(vc), y1 = vload(vc + kW);
         for (int r = 0; r < 4; ++r) {
-          const float pc = p[r * lds + c];
+          const float pc = pr[r][c];
           a[2 * r] += pc * y0;
           a[2 * r + 1] += pc * y1;
         }
@@ -928,11 +932,13 @@ inline void tile_values_bf16(float* acc, int Ev, int rows, const float* p, int l
     if (rows == 4) {
       vfloat a[8];
       for (int i = 0; i < 4; ++i) a[2 * i] = vload(acc + i * Ev + e), a[2 * i + 1] = vload(acc + i * Ev + e + 8);
-      for (int c = 0; c < cols; ++c) {
+      const float* pr[4] = {p, p + lds, p + 2 * lds, p + 3 * lds};  // as in tile_values
+      const at::BFloat16* vc = values + e;
+      for (int64_t c = 0; c < cols; ++c, vc += ldv) {
         vfloat lo, hi;
-        vload_bf16x16(values + c * ldv + e, lo, hi);
+        vload_bf16x16(vc, lo, hi);
         for (int i = 0; i < 4; ++i) {
-          const float pc = p[i * lds + c];
+          const float pc = pr[i][c];
           a[2 * i] += pc * lo;
           a[2 * i + 1] += pc * hi;
         }
