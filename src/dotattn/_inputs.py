@@ -97,10 +97,12 @@ class Problem:
     def requires_grad(self) -> bool:
         """Whether autograd needs this call's gradients (decided on first use, which engine
         selection makes before any engine runs)."""
+        if not torch.is_grad_enabled():  # before biases(), which a view computes by cutting
+            return False
         tensors = [self.query, self.key, self.value]
         if self.mask is not None:
             tensors += [leaf.tensor for leaf in self.mask.biases()]
-        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        return any(t.requires_grad for t in tensors)
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:

@@ -134,17 +134,9 @@ class _TritonBlocks:
             return dq, dk, dv
         # The kernels took the view's float part as one dense bias (Nm, Hm, nq, nk): its
         # gradient is dS, which each float leaf's cut takes summed over its broadcast dims.
-        return dq, dk, dv, *(_summed_to(d_bias, p.batch_shape, leaf.tensor.shape) for leaf in p.mask.biases())
-
-
-def _summed_to(grad: torch.Tensor, batch: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
-    """A canonical (Nm, Hm, R, C) gradient (Nm in {1, N}) summed to a tensor of ``shape``
-    (..., R or 1, C or 1) that broadcasts to (*batch, Hq, R, C)."""
-    Nm, Hm, R, C = grad.shape
-    grad = grad.reshape(*(batch if Nm != 1 else (1,) * len(batch)), Hm, R, C)
-    if len(shape) > grad.dim():
-        grad = grad.reshape((1,) * (len(shape) - grad.dim()) + tuple(grad.shape))
-    return grad.sum_to_size((1,) * (grad.dim() - len(shape)) + tuple(shape)).reshape(shape)
+        batch = p.batch_shape
+        return dq, dk, dv, *(_tiled_kernel.heads_uncanonical(d_bias, batch, leaf.tensor.shape)
+                             for leaf in p.mask.biases())
 
 
 _BLOCKS = {"tiled": _TiledBlocks(), "triton": _TritonBlocks()}

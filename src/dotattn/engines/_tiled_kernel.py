@@ -107,6 +107,16 @@ def heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.T
     return t.reshape(1, Hm, R, C)
 
 
+def heads_uncanonical(grad: torch.Tensor, batch: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
+    """The inverse of ``heads_canonical`` for a gradient: (Nm, Hm, R, C), Nm in {1, N}, summed
+    to ``shape`` (..., R or 1, C or 1), which broadcasts to (*batch, Hq, R, C)."""
+    Nm, Hm, R, C = grad.shape
+    grad = grad.reshape(*(batch if Nm != 1 else (1,) * len(batch)), Hm, R, C)
+    if len(shape) > grad.dim():
+        grad = grad.reshape((1,) * (len(shape) - grad.dim()) + tuple(grad.shape))
+    return grad.sum_to_size((1,) * (grad.dim() - len(shape)) + tuple(shape)).reshape(shape)
+
+
 def _spans_canonical(spans: tuple[torch.Tensor, torch.Tensor], p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """Row spans broadcastable to (*lead, Lq) (a padding mask's are (B, 1, 1)) as (Nm, Hm, Lq),
     through a trailing dim of 1."""

@@ -346,10 +346,7 @@ class _TiledAttention(torch.autograd.Function):
 def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
     """Inverse of _canonical for a gradient: (Nb, h, g, R, C) -> like.shape, summing broadcast dims."""
     Nb, h, g, R, C = grad.shape
-    lead_batch = batch if Nb != 1 else (1,) * len(batch)
-    full = grad.reshape(*lead_batch, h * g, R, C)
-    lead = (1,) * (len(batch) + 1 - (like.dim() - 2)) + tuple(like.shape[:-2])
-    return full.sum_to_size(*lead, R, C).reshape(like.shape).to(like.dtype)
+    return _tiled_kernel.heads_uncanonical(grad.reshape(Nb, h * g, R, C), batch, like.shape).to(like.dtype)
 
 
 class TiledEngine(Engine):
