@@ -2,6 +2,7 @@
 
     python -m benchmarks.ring            # from the repository root; about two minutes
     python -m benchmarks.ring --quick    # one small size
+    python -m benchmarks.ring --memory   # peak memory per rank, W 1 (single process), 2, 4
 
 Each process gets one thread (torch.set_num_threads(1)), as does the single-process run,
 so the ratio "ring time / single time" would be 1/W with perfect scaling and free
@@ -20,6 +21,11 @@ compute rate R (FLOP/s) and a link bandwidth BW (bytes/s) the transfer hides whe
 
 Besides the whole ring, the script times one step's parts alone (one whole block's
 compute, giving R; one K/V transfer, giving BW) and prints S* next to the S it ran.
+
+--memory measures what the method is for: each rank's peak bytes (the torch profiler's
+allocations, ``dotattn.cli.bench.peak_bytes``) during one causal zigzag forward+backward,
+its inputs, d_out and the gradients' first allocation excluded by a warm-up call, against
+the single-process tiled engine on the whole sequence. Per rank it should fall as 1/W.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dotattn
+from dotattn.cli.bench import peak_bytes
 from dotattn.distributed import ring as ring_module
 from dotattn.distributed import ring_attention, shard_sequence
 
@@ -103,6 +110,59 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, re
     dist.destroy_process_group()
 
 
+def _step(q, k, v, d_out, world: int) -> None:
+    """One causal forward+backward, on the ring (zigzag) or, with world 1, the tiled engine."""
+    for x in (q, k, v):
+        x.grad = None
+    if world == 1:
+        out = dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, engine="tiled")
+    else:
+        out = ring_attention(q, k, v, is_causal=True, layout="zigzag")
+    out.backward(d_out)
+
+
+def _memory_worker(rank: int, world: int, port: int, L: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    q, k, v, d_out = (shard_sequence(x, rank=rank, world=world, layout="zigzag").detach().clone()
+                      for x in (*_inputs(L, False), _inputs(L, False)[0]))
+    for x in (q, k, v):
+        x.requires_grad_()
+    _step(q, k, v, d_out, world)  # warm-up: gloo's buffers, the gradients' first allocation
+    dist.barrier()
+    results.put((rank, peak_bytes(lambda: _step(q, k, v, d_out, world))))
+    dist.destroy_process_group()
+
+
+def memory(L: int) -> None:
+    """Peak bytes per rank for W 1, 2, 4 (see the module docstring)."""
+    torch.set_num_threads(1)
+    q, k, v = _inputs(L, True)
+    d_out = _inputs(L, False)[0]
+    _step(q, k, v, d_out, 1)
+    single = peak_bytes(lambda: _step(q, k, v, d_out, 1))
+    tensor = q.numel() * q.element_size()
+    print(f"torch {torch.__version__}, float32, B={B}, H={H}, L={L}, E=Ev={E}, causal, forward+backward; "
+          f"one (B, H, L, E) tensor = {tensor / 2**20:.0f} MiB")
+    print(f"{'W':>2} {'layout':>10} {'peak MiB/rank':>13} {'x single':>8} {'x 1/W':>6} {'in tensors':>10}")
+    print(f"{1:>2} {'single':>10} {single / 2**20:13.1f} {1:8.2f} {1:6.2f} {single / tensor:10.2f}")
+    for world in (2, 4):
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_memory_worker, args=(r, world, port, L, results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        peaks = dict(results.get(timeout=600) for _ in range(world))
+        for p in procs:
+            p.join()
+        worst = max(peaks.values())
+        print(f"{world:>2} {'zigzag':>10} {worst / 2**20:13.1f} {worst / single:8.2f} "
+              f"{worst / single * world:6.2f} {worst / tensor:10.2f}")
+    print("\npeak MiB/rank: the largest rank's peak of torch allocations during the call; x 1/W: that over")
+    print("single/W (1.00 = memory falls exactly as 1/W); in tensors: in units of one whole (B, H, L, E) tensor.")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,7 +198,11 @@ def _single(L: int, causal: bool, repeats: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small size, few repeats")
+    parser.add_argument("--memory", type=int, nargs="?", const=8192, metavar="L",
+                        help="peak memory per rank instead of time (L default 8192)")
     args = parser.parse_args()
+    if args.memory:
+        return memory(args.memory)
     sizes, repeats = ([1024], 3) if args.quick else ([2048, 4096], 3)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, float32, B={B}, H={H}, E=Ev={E}; one thread per process; "

@@ -12,7 +12,7 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
-from dotattn.engines._merge import merge_parts
+from dotattn.engines._merge import merge_into
 from dotattn.nn import KVCache, MultiHeadAttention
 from dotattn.testing import assert_matches_oracle, oracle
 from tests.conftest import qkv
@@ -137,16 +137,22 @@ def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(split_k, m
     torch.testing.assert_close(res[~ref.isnan()], ref[~ref.isnan()].float(), atol=1e-5, rtol=0)
 
 
-def test_merge_parts_equals_one_softmax_over_all_keys():
+def test_merge_into_equals_one_softmax_over_all_keys():
     q, k, v = qkv(1, 2, 3, 8, Lk=50, dtype=torch.float64)
-    cuts = [0, 7, 7, 31, 50]  # one empty part
+    cuts = [0, 7, 7, 31, 50]  # one empty part, merged into the first and later into
     parts = [oracle(q, k[..., a:b, :], v[..., a:b, :]) for a, b in zip(cuts, cuts[1:])]
-    out, lse = merge_parts(torch.stack([p.output for p in parts]), torch.stack([p.lse for p in parts]))
+    out, lse = parts[0].output.clone(), parts[0].lse.clone()
+    for p in parts[1:]:
+        merge_into(out, lse, p.output, p.lse)
     whole = oracle(q, k, v)
     torch.testing.assert_close(out, whole.output, atol=1e-12, rtol=0)
     torch.testing.assert_close(lse, whole.lse, atol=1e-12, rtol=0)
-    dead_out, dead_lse = merge_parts(torch.zeros(3, 2, 4), torch.full((3, 2), float("-inf")))
+    dead_out, dead_lse = torch.zeros(2, 4), torch.full((2,), float("-inf"))
+    merge_into(dead_out, dead_lse, torch.zeros(2, 4), torch.full((2,), float("-inf")))
     assert (dead_out == 0).all() and (dead_lse == float("-inf")).all()
+    seen = torch.zeros(2, 4)  # garbage a part saw reaches the row, even where its weight is 0
+    merge_into(seen, torch.zeros(2), torch.full((2, 4), float("nan")), torch.full((2,), float("-inf")))
+    assert seen.isnan().all()
 
 
 def test_auto_picks_split_k_only_for_decoding_shapes():

@@ -43,7 +43,7 @@ from dotattn._inputs import Problem, prepare
 from dotattn.distributed.shard import check_layout, rank_and_world, same_on_every_rank, shard_ranges
 from dotattn.engines import _tiled_kernel
 from dotattn.engines import triton as triton_engine
-from dotattn.engines._merge import merge_parts
+from dotattn.engines._merge import merge_into
 from dotattn.engines.base import compute_dtype
 from dotattn.engines.tiled import _Plan
 
@@ -277,9 +277,7 @@ class _Ring:
                 for chunk, (offset, rows) in zip(block.q_chunks, _chunk_slices(block.q_chunks, self.n_chunks, Sq)):
                     part = slice(offset, offset + rows.stop - rows.start)
                     if chunk in merged:
-                        out[..., rows, :], lse[..., rows] = merge_parts(
-                            torch.stack([out[..., rows, :], out_b[..., part, :]]),
-                            torch.stack([lse[..., rows], lse_b[..., part]]))
+                        merge_into(out[..., rows, :], lse[..., rows], out_b[..., part, :], lse_b[..., part])
                     else:  # the first block these rows see: nothing to merge with
                         out[..., rows, :] = out_b[..., part, :]
                         lse[..., rows] = lse_b[..., part]
@@ -302,33 +300,43 @@ class _Ring:
         d_biases = [torch.zeros(b.shape, dtype=compute, device=b.device) for b in biases]
         kv = (k, v)
         d_kv: _Transfer | None = None  # the partials of the K/V now held, on their way here
+        # Every buffer is dropped as soon as it is done with, since each of them is a shard:
+        # a rank holds its K/V and the next (2 + 2), their dK/dV partials (2 + 2), a block's
+        # gradients and dq (benchmarks/ring.py --memory).
         for step in range(self.world):
             pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
             block = self.block((self.rank - step) % self.world)
-            parts = None
+            block_dkv = None
             if block is not None:
                 problem = self.problem(block, q, kv[0].to(given), kv[1].to(given))
                 n = self.n_chunks
                 rows_lse = _take(lse.unsqueeze(-1), block.q_chunks, n).squeeze(-1)  # chunks run along dim -2
-                parts = self.engine.backward(
+                block_dq, block_dk, block_dv, *block_dbiases = self.engine.backward(
                     problem, _take(out, block.q_chunks, n), rows_lse, _take(d_out, block.q_chunks, n),
                     bool(biases),
                 )
+                block_dkv = (block_dk, block_dv)
                 for offset, rows in _chunk_slices(block.q_chunks, n, Sq):
-                    dq[..., rows, :] += parts[0][..., offset : offset + rows.stop - rows.start, :]
-                for whole, part in zip(d_biases, parts[3:]):
+                    dq[..., rows, :] += block_dq[..., offset : offset + rows.stop - rows.start, :]
+                for whole, part in zip(d_biases, block_dbiases):
                     block.mask.add_cut(whole, part)
+                del block_dq, block_dk, block_dv, block_dbiases, problem
+            if pending is None:  # the last step: the K/V are done with
+                kv = None
             # The K/V's partials so far come from the ranks it visited before; add mine and pass them on.
             if d_kv is None:
                 dk, dv = k.new_zeros(k.shape, dtype=compute), v.new_zeros(v.shape, dtype=compute)
             else:
-                dk, dv = d_kv.wait()
-            if parts is not None:
+                dk, dv = d_kv.wait()  # arrived, and what it sent has left
+                d_kv = None
+            if block_dkv is not None:
                 for offset, cols in _chunk_slices(block.k_chunks, self.n_chunks, Sk):
                     width = cols.stop - cols.start
-                    dk[..., cols, :] += parts[1][..., offset : offset + width, :]
-                    dv[..., cols, :] += parts[2][..., offset : offset + width, :]
+                    dk[..., cols, :] += block_dkv[0][..., offset : offset + width, :]
+                    dv[..., cols, :] += block_dkv[1][..., offset : offset + width, :]
+                block_dkv = None
             d_kv = _Transfer(self, (dk, dv), _TAG_DKV)  # after the last step, to their owner
+            del dk, dv
             if pending is not None:
                 kv = tuple(pending.wait())
         dk, dv = d_kv.wait()
