@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dotattn import engines  # noqa: E402
+from dotattn.engines.split_k import SplitKEngine  # noqa: E402
 from dotattn.engines.tiled import TiledEngine  # noqa: E402
 from dotattn.engines.triton import MISSING as TRITON_MISSING  # noqa: E402
 
@@ -28,6 +29,14 @@ for _name, _engine in [("tiled_torch_ops", TiledEngine(use_kernel=False)),
     engines.register(_engine)
 # bfloat16 GEMMs change nothing for the other dtypes
 engines.get("tiled_bf16_gemms").support = dataclasses.replace(TiledEngine.support, dtypes=(torch.bfloat16,))
+# The split-K engine's CUDA path (its Triton kernels), which takes CPU tensors in Triton's
+# interpreter; like the triton engine, it runs there only.
+INTERPRETED = {"triton"}
+if TRITON_MISSING is None:
+    _engine = SplitKEngine(kernel="triton")
+    _engine.name = "split_k_triton"
+    engines.register(_engine)
+    INTERPRETED.add(_engine.name)
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -39,20 +48,22 @@ def engine_cases() -> list:
         pytest.param(e.name, d, id=f"{e.name}-{str(d).removeprefix('torch.')}")
         for e in engines.available()
         for d in CPU_DTYPES
-        if d in e.support.dtypes and (e.support.devices is None or "cpu" in e.support.devices) and e.name != "triton"
+        if d in e.support.dtypes and (e.support.devices is None or "cpu" in e.support.devices)
+        and e.name not in INTERPRETED
     ]
-    if TRITON_MISSING is None:  # float32 only: test_triton.py runs its 16-bit paths, keeping the interpreter's time down
-        cases.append(pytest.param("triton", torch.float32, id="triton-float32"))
+    # float32 only: test_triton.py and test_split_k.py run their 16-bit paths, keeping the interpreter's time down
+    cases += [pytest.param(name, torch.float32, id=f"{name}-float32") for name in sorted(INTERPRETED)
+              if TRITON_MISSING is None]
     return cases
 
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(request, monkeypatch):
-    """TRITON_INTERPRET=1 (the triton engine takes CPU tensors) in the triton engine's tests
-    only: the other tests see it as the CUDA-only engine it is."""
+    """TRITON_INTERPRET=1 (the triton engines take CPU tensors) in the tests of the engines
+    that run in it only: the other tests see them as the CUDA-only engines they are."""
     callspec = getattr(request.node, "callspec", None)
     if request.module.__name__.endswith("test_triton") or (
-        callspec is not None and callspec.params.get("engine") == "triton"
+        callspec is not None and INTERPRETED.intersection(map(str, callspec.params.values()))
     ):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:

@@ -10,11 +10,18 @@ from dotattn.cli.engines import DTYPES, dtype_name, runs_on_cpu
 def test_engines_lists_every_registered_engine_and_its_dtypes(capsys):
     assert main(["engines"]) == 0
     out = capsys.readouterr().out
-    header = out.splitlines()[0].split()
-    assert [dtype_name(d) for d in DTYPES] == header[3:7]
+    header = out.splitlines()[0]
+    names = [dtype_name(d) for d in DTYPES]
+    assert names == header.split()[3:7]
+    starts = [header.index(f" {name} ") + 1 for name in names] + [header.index(" masks ") + 1]
     for e in engines.available():
-        row = next(line.split() for line in out.splitlines() if line.split()[:1] == [e.name])
-        assert row[3:7] == ["yes" if d in e.support.dtypes else "no" for d in DTYPES]
+        line = next(line for line in out.splitlines() if line.split()[:1] == [e.name])
+        cells = [line[a:b].strip() for a, b in zip(starts, starts[1:])]
+        on = e.support.dtypes_on or {}
+        expected = ["no" if d not in e.support.dtypes else
+                    ", ".join(dev for dev, dts in on.items() if d in dts) if on and not all(d in dts for dts in on.values())
+                    else "yes" for d in DTYPES]
+        assert cells == expected, (e.name, cells)
         assert f"{e.name}: {e.description}" in out
     assert "cpu float32, B1 H2 L8 E16: compiled kernel" in out  # the tiled engine's detail
 

@@ -3,6 +3,8 @@
 The engine also runs the whole engine-parametrized suite (tests/test_engines.py); these
 tests add decoding shapes: few queries, thousands of keys, GQA/MQA, left padding with
 bottom-right causal, parts that do not divide the keys, rows and parts that see nothing.
+Each runs on both kernels: the compiled C++ one ("split_k" on CPU tensors) and the Triton
+ones of its CUDA path, in Triton's interpreter ("split_k_triton", registered by conftest).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dotattn import engines, masks
 from dotattn.engines._merge import merge_into
 from dotattn.nn import KVCache, MultiHeadAttention
 from dotattn.testing import assert_matches_oracle, oracle
+from dotattn.engines.triton import MISSING as TRITON_MISSING
 from tests.conftest import qkv
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")]
@@ -25,32 +28,45 @@ def _decoding_mask(lengths: list[int]) -> masks.Mask:
     return masks.padding(torch.tensor(lengths), side="left") & masks.causal(align="bottom_right")
 
 
-@pytest.fixture
-def split_k():
-    return engines.get("split_k")
+@pytest.fixture(params=["split_k", pytest.param("split_k_triton", marks=pytest.mark.skipif(
+    TRITON_MISSING is not None, reason=str(TRITON_MISSING)))])
+def engine(request) -> str:
+    """Either kernel's engine name (conftest runs split_k_triton in Triton's interpreter)."""
+    return request.param
 
 
 @pytest.fixture
-def never_on_tiled(split_k, monkeypatch):
-    """Fail a test whose problem would quietly run on the tiled engine instead."""
-    def refuse(problem):
-        raise AssertionError("split_k handed the problem to the tiled engine")
-    monkeypatch.setattr(split_k._tiled, "run", refuse)
+def split_k(engine):
+    return engines.get(engine)
 
 
-@pytest.mark.usefixtures("never_on_tiled")
+def _refuse(problem):
+    raise AssertionError("split_k handed the problem to its fallback engine")
+
+
+@pytest.fixture
+def never_on_fallback(split_k, monkeypatch):
+    """Fail a test whose problem would quietly run on the tiled or triton engine instead."""
+    for fallback in (split_k._tiled, split_k._triton):
+        monkeypatch.setattr(fallback, "run", _refuse)
+
+
+@pytest.mark.usefixtures("never_on_fallback")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Lq", [1, 3, 16])
 @pytest.mark.parametrize("Hq,Hkv", [(8, 2), (8, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
-def test_decoding_matches_the_oracle(dtype, Lq, Hq, Hkv):
+def test_decoding_matches_the_oracle(engine, dtype, Lq, Hq, Hkv):
     Lk = 2053
     q, k, v = qkv(2, Hq, Lq, 64, Hkv=Hkv, Lk=Lk, dtype=dtype, seed=Lq)
     mask = _decoding_mask([Lk - 700, Lk])
-    assert_matches_oracle(q, k, v, engine="split_k", mask=mask, enable_gqa=True, backward=Lq == 3)
+    # backward once per kernel and dtype, but for the Triton path in float32 only: it is the triton
+    # engine's (tests/test_triton.py), and the interpreter is slow
+    backward = Lq == 3 and (engine == "split_k" or dtype == torch.float32)
+    assert_matches_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True, backward=backward)
 
 
-@pytest.mark.usefixtures("never_on_tiled")
-def test_float64_is_exact_to_rounding():
+def test_float64_is_exact_to_rounding(monkeypatch):
+    monkeypatch.setattr(engines.get("split_k")._tiled, "run", _refuse)  # the C++ kernel alone takes float64
     q, k, v = qkv(2, 8, 2, 24, Hkv=2, Lk=1500, dtype=torch.float64)
     mask = _decoding_mask([900, 1500])
     res = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k", return_lse=True)
@@ -60,17 +76,17 @@ def test_float64_is_exact_to_rounding():
     torch.testing.assert_close(res.lse, ref.lse, atol=1e-12, rtol=0)
 
 
-@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.usefixtures("never_on_fallback")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("E", [17, 128])
-def test_no_mask_and_head_dims_the_vectors_do_not_divide(dtype, E):
+def test_no_mask_and_head_dims_the_vectors_do_not_divide(engine, dtype, E):
     q, k, v = qkv(1, 4, 2, E, Hkv=2, Lk=3000, Ev=E + 3, dtype=dtype)
-    assert_matches_oracle(q, k, v, engine="split_k", enable_gqa=True, backward=False)
+    assert_matches_oracle(q, k, v, engine=engine, enable_gqa=True, backward=False)
 
 
-@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.usefixtures("never_on_fallback")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inputs_are_read_in_place_in_any_layout(dtype):
+def test_inputs_are_read_in_place_in_any_layout(engine, dtype):
     """Broadcast batch dims, a transposed query, a key/value cache sliced from larger
     buffers, spans per batch row: the kernel reads them through their strides."""
     g = torch.Generator().manual_seed(3)
@@ -79,28 +95,27 @@ def test_inputs_are_read_in_place_in_any_layout(dtype):
     k, v = (b[..., :1300, :64] for b in buffers)  # (1, 2, 2, 1300, 64) views; dim 0 broadcasts
     mask = masks.padding(torch.tensor([1300, 400]), side="left") & masks.causal(align="bottom_right")
     assert not q.is_contiguous() and k.stride(-2) == 80
-    assert_matches_oracle(q, k, v, engine="split_k", mask=mask, enable_gqa=True, backward=False)
+    assert_matches_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True, backward=False)
 
 
-@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.usefixtures("never_on_fallback")
 @pytest.mark.parametrize("parts", [2, 7, 64])
-def test_parts_that_do_not_divide_the_keys(split_k, monkeypatch, parts):
+def test_parts_that_do_not_divide_the_keys(engine, split_k, monkeypatch, parts):
     monkeypatch.setattr(split_k, "parts", lambda problem: parts)
     Lk = 1001
     q, k, v = qkv(3, 4, 2, 32, Hkv=2, Lk=Lk)
     # live keys per row: 1001, 1000, 5: parts of uneven size, and parts past a short row's keys
-    assert_matches_oracle(q, k, v, engine="split_k", mask=_decoding_mask([Lk, Lk - 1, 5]), enable_gqa=True)
+    assert_matches_oracle(q, k, v, engine=engine, mask=_decoding_mask([Lk, Lk - 1, 5]), enable_gqa=True)
 
 
-@pytest.mark.usefixtures("never_on_tiled")
-def test_rows_and_parts_that_see_nothing(split_k, monkeypatch):
+@pytest.mark.usefixtures("never_on_fallback")
+def test_rows_and_parts_that_see_nothing(engine, split_k, monkeypatch):
     monkeypatch.setattr(split_k, "parts", lambda problem: 5)
     q, k, v = (x.requires_grad_() for x in qkv(2, 4, 4, 16, Hkv=2, Lk=1500))
     # batch row 1 has no real token at all; in row 0 the 3 queries before the last see nothing
     # besides the keys causal allows, and queries past the real ones are cut by q_lengths
     mask = masks.padding(torch.tensor([600, 0]), torch.tensor([2, 4]), side="left") & masks.causal(align="bottom_right")
-    res = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k",
-                                               return_lse=True)
+    res = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=engine, return_lse=True)
     ref = oracle(q, k, v, mask=mask, enable_gqa=True)
     dead = ref.lse == float("-inf")
     assert dead[1].all() and dead[0, :, :2].all() and not dead[0, :, 2:].any()
@@ -110,28 +125,28 @@ def test_rows_and_parts_that_see_nothing(split_k, monkeypatch):
     assert (q.grad[dead] == 0).all() and (k.grad[1] == 0).all() and torch.isfinite(k.grad).all()
 
 
-@pytest.mark.usefixtures("never_on_tiled")
+@pytest.mark.usefixtures("never_on_fallback")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("Hq,Hkv", [(8, 2), (32, 1)], ids=["4rows", "32rows"])  # rows per kv head
-def test_garbage_in_the_left_padding_is_never_read(bad, Hq, Hkv):
+def test_garbage_in_the_left_padding_is_never_read(engine, bad, Hq, Hkv):
     q, k, v = qkv(2, Hq, 1, 32, Hkv=Hkv, Lk=1200)
     mask = _decoding_mask([700, 1200])
-    clean = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k")
+    clean = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=engine)
     k[0, :, :500], v[0, :, :500] = bad, bad
-    dirty = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k")
+    dirty = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=engine)
     assert torch.equal(clean, dirty)
 
 
 @pytest.mark.parametrize("parts", [1, 4])
 @pytest.mark.parametrize("where", ["key", "value"])
 @pytest.mark.parametrize("Hq", [4, 32], ids=["6rows", "48rows"])  # rows per kv head
-def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(split_k, monkeypatch, where, parts, Hq):
+def test_garbage_a_row_may_see_shows_exactly_where_the_oracle_puts_it(engine, split_k, monkeypatch, where, parts, Hq):
     monkeypatch.setattr(split_k, "parts", lambda problem: parts)  # one part: no merge to see it
     q, k, v = qkv(1, Hq, 3, 16, Hkv=2, Lk=1100)
     x = k if where == "key" else v
     x[0, 1, 1098] = float("-inf")  # seen by the last two queries of kv head 1 only
     res = dotattn.scaled_dot_product_attention(q, k, v, is_causal=False, mask=_decoding_mask([1100]),
-                                               enable_gqa=True, engine="split_k")
+                                               enable_gqa=True, engine=engine)
     ref = oracle(q, k, v, mask=_decoding_mask([1100]), enable_gqa=True).output
     assert torch.equal(res.isnan(), ref.isnan()) and ref.isnan().any() and not ref[0, :2].isnan().any()
     torch.testing.assert_close(res[~ref.isnan()], ref[~ref.isnan()].float(), atol=1e-5, rtol=0)
@@ -173,7 +188,7 @@ def test_auto_picks_split_k_only_for_decoding_shapes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kv_cache_decoding_runs_on_split_k(split_k, monkeypatch, dtype):
+def test_kv_cache_decoding_runs_on_split_k(monkeypatch, dtype):
     """MultiHeadAttention decoding with a KVCache reaches split_k through engine='auto', and
     gives what the tiled engine gives."""
     torch.manual_seed(0)
@@ -182,6 +197,7 @@ def test_kv_cache_decoding_runs_on_split_k(split_k, monkeypatch, dtype):
     prompt = torch.randn(2, 1090, 64, dtype=dtype)
     prompt[1, :300] = float("nan")  # left padding holds garbage
     ran = []
+    split_k = engines.get("split_k")
     real_run = split_k.run
     monkeypatch.setattr(split_k, "run", lambda problem: ran.append(problem.Lq) or real_run(problem))
     with torch.no_grad():

@@ -15,7 +15,8 @@ without it (this file run as a script), which prints one line per compiled kerne
 Variants (one problem each, forward + backward): float16, bfloat16, float32 exact and
 TF32, head dims 64, 80, 128, 256; masks: none, row spans, a boolean tensor, a
 block-sparse layout, a float bias (broadcast: atomic dS, and deterministic), dropout,
-and everything at once. sm_80 compiles a subset (no mask in float16, everything at once
+and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
+and MQA steps, with a KV cache's row spans and without a mask, in each dtype. sm_80 compiles a subset (no mask in float16, everything at once
 in bfloat16). Each kernel compiles in the tuner's smallest fitting config, to keep the
 test near a minute on a 2-core machine; ``python tests/test_triton_compile.py 90
 --every-config`` compiles every fitting config (about 8 minutes there).
@@ -119,6 +120,13 @@ def _variants():
     return out
 
 
+def _decode_variants(subset: bool) -> list[tuple]:
+    """(dtype, E, Hq, Hkv, masked) per decoding step."""
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    every = [(bf16, 128, 32, 8, True), (f16, 64, 32, 1, False), (f32, 128, 32, 8, True), (f16, 256, 8, 8, True)]
+    return every[:1] if subset else every
+
+
 def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -129,7 +137,7 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
     from dotattn.engines import triton as engine_module
 
     assert not engine_module._interpreting()
-    from dotattn.engines.triton import _bwd, _fwd
+    from dotattn.engines.triton import _bwd, _decode, _fwd
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     current = {}
@@ -176,7 +184,7 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
             return Launcher(getattr(self.module, name))
 
     seen, failures = set(), []
-    fake = engine_module._Kernels(Module(_fwd), Module(_bwd), interpreted=False)
+    fake = engine_module._Kernels(Module(_fwd), Module(_bwd), Module(_decode), interpreted=False)
     engine_module._kernels = lambda: fake
 
     def tuned(key, configs, launch):  # the configs that fit: every one, or the smallest (fast to compile)
@@ -205,6 +213,16 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
         engine = engine_module.TritonEngine(split_half_gemms=False, **options)
         result = engine.run(problem)
         result.output.float().sum().backward()
+    from dotattn import masks
+    for dtype, E, Hq, Hkv, masked in _decode_variants(subset):
+        current["name"] = f"decode {str(dtype).removeprefix('torch.')} E={E} {Hq}/{Hkv}{' spans' if masked else ''}"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, Hq, 1, E, generator=g).to(dtype)
+        k, v = (torch.randn(2, Hkv, 4096, E, generator=g).to(dtype) for _ in range(2))
+        mask = masks.padding(torch.tensor([4096, 3000]), side="left") & masks.causal(align="bottom_right")
+        problem = prepare(q, k, v, mask=mask if masked else None, enable_gqa=True)
+        engine_module.TritonEngine().plan(problem).decode(q, k, v, parts=4)
     print(f"DONE\tsm_{arch}\t{len(seen)} kernels\t{len(failures)} failures", flush=True)
 
 
@@ -226,7 +244,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     done = [line for line in lines if line.startswith("DONE")]
     assert len(done) == 2, run.stdout[-2000:]
     compiled = {tuple(line.split("\t")[1:4:2]) for line in lines if line.startswith("OK")}
-    kernels = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
+    kernels = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "decode_parts", "decode_merge"}
     assert compiled == {(arch, k) for arch in ("sm_90", "sm_80") for k in kernels}
 
 

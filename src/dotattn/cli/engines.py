@@ -33,6 +33,14 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def _dtype_cell(s, dtype: torch.dtype) -> str:
+    """yes, no, or the devices that take ``dtype`` when only some of them do."""
+    if s.dtypes_on is None or dtype not in s.dtypes:
+        return _yes(dtype in s.dtypes)
+    on = [device for device, dtypes in s.dtypes_on.items() if dtype in dtypes]
+    return "yes" if len(on) == len(s.dtypes_on) else ", ".join(on)
+
+
 def _row(engine: Engine) -> list[str]:
     s = engine.support
     masks = "all" if s.mask_kinds is None else ", ".join(k.__name__ for k in s.mask_kinds)
@@ -40,7 +48,7 @@ def _row(engine: Engine) -> list[str]:
         engine.name,
         str(engine.priority),
         "any" if s.devices is None else ", ".join(s.devices),
-        *(_yes(d in s.dtypes) for d in DTYPES),
+        *(_dtype_cell(s, d) for d in DTYPES),
         masks,
         _yes(s.dropout),
         _yes(s.backward),

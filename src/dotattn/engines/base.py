@@ -63,6 +63,8 @@ class Support:
     dropout: bool = True
     backward: bool = True
     weights: bool = True
+    # device -> the dtypes it takes, for an engine whose devices take different ones
+    dtypes_on: dict[str, tuple[torch.dtype, ...]] | None = None
 
     def reasons(self, problem: Problem) -> list[str]:
         """Every declared limit the problem breaks, as sentences that say how to avoid it."""
@@ -70,8 +72,9 @@ class Support:
         device = problem.query.device.type
         if self.devices is not None and device not in self.devices:
             reasons.append(f"device {device} is not supported (use {' or '.join(self.devices)})")
-        if problem.query.dtype not in self.dtypes:
-            names = " or ".join(dtype_name(d) for d in self.dtypes)
+        dtypes = self.dtypes if self.dtypes_on is None else self.dtypes_on.get(device, self.dtypes)
+        if problem.query.dtype not in dtypes:
+            names = " or ".join(dtype_name(d) for d in dtypes)
             reasons.append(
                 f"dtype {dtype_name(problem.query.dtype)} is not supported on {device} (use {names})"
             )

@@ -24,10 +24,16 @@ kernel's row NaN, and the problem then reruns on the tiled engine, which marks e
 the rows that saw it; no pass over the cache looks for NaN beforehand (it would read the
 cache a second time per step).
 
-Backward is the tiled engine's (FlashAttention-2 recomputes from q, k, v, the output and
-the lse, however they were computed). Problems the kernel does not take (dropout, the
-weights, a float or span-less mask, empty inputs, a build without the kernel) run on the
-tiled engine; ``explain`` says so, and ``engine="auto"`` passes over this engine for them.
+CUDA tensors run the same plan as two Triton kernels (``triton/_decode.py``): one program
+per (part, batch x kv head, block of rows), then a merge; garbage shows the same way, and
+reruns on the triton engine. Not yet run on a GPU: tested in Triton's interpreter and
+compiled for sm_90/sm_80 (tests/test_triton_compile.py).
+
+Backward is the tiled engine's on CPU, the triton engine's on CUDA (both recompute from
+q, k, v, the output and the lse, however they were computed). Problems the kernels do not
+take (dropout, the weights, a float or span-less mask, empty inputs, a build without the
+kernel) run on that same engine; ``explain`` says so, and ``engine="auto"`` passes over
+this engine for them.
 
 Shape legend: N flattened batch, Hq/Hkv heads, G = Hq/Hkv, Lq/Lk lengths, E head dim,
 Ev value dim, R = G·Lq rows per kv head, S parts.
@@ -41,6 +47,7 @@ import torch
 
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
+from dotattn.engines import triton as triton_engine
 from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
 from dotattn.engines.tiled import TiledEngine, _TiledAttention
 
@@ -67,35 +74,81 @@ class _SplitKPlan:
         return self.tiled.plan(self.problem).gradients(*args, **kwargs)
 
 
+class _DecodedCall:
+    """The Triton split-K forward's result as a triton ``_Call`` for that engine's autograd
+    node, whose backward runs its backward kernels."""
+
+    def __init__(self, call, out: torch.Tensor, lse2: torch.Tensor) -> None:
+        self.call, self.out, self.lse2 = call, out, lse2
+
+    def forward(self, q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out, self.lse2
+
+    def backward(self, *args, **kwargs) -> tuple[torch.Tensor | None, ...]:
+        return self.call.backward(*args, **kwargs)
+
+
 class SplitKEngine(Engine):
     name = "split_k"
     description = ("flash-decoding for few queries against a long KV cache: keys split into parts run in "
                    "parallel and merged by lse; a kv head's query heads share each key read")
-    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64))
     priority = 20  # tried before tiled; auto_skip hands everything but decoding shapes to it
 
     # Where auto picks split-K over the tiled engine (benchmarks/decode.py, --crossover):
     # with more rows per kv head than this, the tiled engine's GEMM tiles win; below this
-    # many keys there is too little to split.
+    # many keys there is too little to split. CUDA uses the same numbers, untimed there.
     AUTO_MAX_ROWS = 32
     AUTO_MIN_KEYS = 1024
-    # Parts per thread, so that dynamic scheduling evens out uneven parts, and the fewest
-    # keys worth a part of its own.
+    # Parts per thread (CPU) or per streaming multiprocessor (CUDA), so that the scheduler
+    # evens out uneven parts, and the fewest keys worth a part of its own.
     PARTS_PER_THREAD = 4
+    PARTS_PER_SM = 4
     MIN_PART_KEYS = 256
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: str = "auto") -> None:
+        """kernel: "auto" (the compiled C++ kernel for CPU tensors, the Triton kernels for CUDA
+        ones) or "triton" (always; CPU tensors then need Triton's interpreter, for tests)."""
+        if kernel not in ("auto", "triton"):
+            raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")
+        self.kernel = kernel
         self._tiled = TiledEngine()
+        self._triton = triton_engine.TritonEngine()
 
-    def tiled_reason(self, problem: Problem) -> str | None:
-        """Why ``problem`` runs on the tiled engine rather than the split-K kernel; None when it does not."""
+    @property
+    def support(self) -> Support:
+        """CPU tensors run the C++ kernel, CUDA tensors the Triton ones, each in its dtypes."""
+        if self.kernel == "triton":
+            return self._triton.support
+        return Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                       dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
+                                  "cuda": self._triton.support.dtypes})
+
+    def _on_triton(self, problem: Problem) -> bool:
+        return self.kernel == "triton" or problem.query.device.type == "cuda"
+
+    def extra_reasons(self, problem: Problem) -> list[str]:
         p = problem
-        if _MISSING is not None:
+        if not self._on_triton(p):
+            return []
+        reasons = self._triton.extra_reasons(p)  # triton missing, or compiled for the GPU in a test
+        limit = self._triton.support.max_head_dim
+        if self.kernel == "auto" and max(p.E, p.Ev) > limit:
+            reasons.append(f"head dim {max(p.E, p.Ev)} is above the Triton kernels' limit {limit}")
+        return reasons
+
+    def fallback(self, problem: Problem) -> Engine:
+        """The engine that runs what the kernels do not take: tiled on CPU, triton on CUDA."""
+        return self._triton if self._on_triton(problem) else self._tiled
+
+    def fallback_reason(self, problem: Problem) -> str | None:
+        """Why ``problem`` runs on ``fallback`` rather than a split-K kernel; None when it does not."""
+        p = problem
+        if not self._on_triton(p) and _MISSING is not None:
             return _MISSING
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
         if p.dropout_p > 0:
-            return "dropout is keyed to each (head, query, key), which the split-K kernel does not draw"
+            return "dropout is keyed to each (head, query, key), which the split-K kernels do not draw"
         if p.return_weights:
             return "the weights are asked for, which need an (Lq, Lk) pass anyway"
         if p.mask is not None and p.row_spans is None:
@@ -104,13 +157,13 @@ class SplitKEngine(Engine):
 
     def auto_skip(self, problem: Problem) -> str | None:
         p = problem
-        why = self.tiled_reason(p)
+        why = self.fallback_reason(p)
         if why is not None:
-            return f"it would run on the tiled engine anyway, because {why}"
+            return f"it would run on the {self.fallback(p).name} engine anyway, because {why}"
         rows = p.Hq // p.Hkv * p.Lq
         if rows > self.AUTO_MAX_ROWS:
             return (f"{rows} query rows per kv head (Hq/Hkv·Lq) is more than {self.AUTO_MAX_ROWS}: "
-                    "the tiled engine's GEMM tiles are faster; engine='split_k' forces it")
+                    f"the {self.fallback(p).name} engine's GEMM tiles are faster; engine='split_k' forces it")
         if p.Lk < self.AUTO_MIN_KEYS:
             return (f"{p.Lk} keys are fewer than {self.AUTO_MIN_KEYS}, too few to split; "
                     "engine='split_k' forces it")
@@ -120,21 +173,27 @@ class SplitKEngine(Engine):
         """How many parts the keys of each (batch, kv head) are cut into."""
         p = problem
         tasks = math.prod(p.batch_shape) * p.Hkv
-        wanted = -(-self.PARTS_PER_THREAD * torch.get_num_threads() // tasks)
-        return max(1, min(wanted, p.Lk // self.MIN_PART_KEYS))
+        if p.query.device.type == "cuda":
+            slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.query.device).multi_processor_count
+            tasks *= -(-(p.Hq // p.Hkv * p.Lq) // triton_engine.DECODE_ROWS)  # row blocks
+        else:
+            slots = self.PARTS_PER_THREAD * torch.get_num_threads()
+        return max(1, min(-(-slots // tasks), p.Lk // self.MIN_PART_KEYS))
 
     def detail(self, problem: Problem) -> str:
-        why = self.tiled_reason(problem)
-        if why is not None:
-            return f"runs on the tiled engine, because {why}"
         p = problem
-        return (f"split-K kernel, {self.parts(p)} part(s) per (batch, kv head), "
-                f"{p.Hq // p.Hkv * p.Lq} query rows per kv head")
+        why = self.fallback_reason(p)
+        if why is not None:
+            return f"runs on the {self.fallback(p).name} engine, because {why}"
+        kernel = "split-K Triton kernels" if self._on_triton(p) else "split-K kernel"
+        return f"{kernel}, {self.parts(p)} part(s) per (batch, kv head), {p.Hq // p.Hkv * p.Lq} query rows per kv head"
 
     def run(self, problem: Problem) -> AttentionResult:
         p = problem
-        if self.tiled_reason(p) is not None:
-            return self._tiled.run(p)
+        if self.fallback_reason(p) is not None:
+            return self.fallback(p).run(p)
+        if self._on_triton(p):
+            return self._run_triton(p)
         spans = p.row_spans or (None, None)  # no mask: every row sees every key
         # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd
         out, lse, garbage = _tiled_kernel._ext.split_k_attention(p.query, p.key, p.value, *spans, p.scale, self.parts(p))
@@ -149,4 +208,21 @@ class SplitKEngine(Engine):
         if out.dtype != p.query.dtype:
             out = out.to(p.query.dtype)
         lse = lse.detach().view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype)) if p.return_lse else None
+        return AttentionResult(out, lse, None)
+
+    def _run_triton(self, problem: Problem) -> AttentionResult:
+        p = problem
+        call = self._triton.plan(p)
+        with triton_engine._on_device(p.query.device):
+            out, lse2 = call.decode(p.query, p.key, p.value, self.parts(p))
+            if not bool(torch.isfinite(out).all()):  # garbage a row may see: the triton engine marks those rows
+                return self._triton.run(p)
+            if p.requires_grad:
+                out, lse2 = triton_engine._TritonAttention.apply(_DecodedCall(call, out, lse2), p.query, p.key,
+                                                                 p.value, None)
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        lse = None
+        if p.return_lse:
+            lse = triton_engine.natural_lse(lse2.detach().reshape(*p.batch_shape, p.Hq, p.Lq))
+            lse = lse.to(lse_dtype(p.query.dtype))
         return AttentionResult(out, lse, None)

@@ -88,15 +88,16 @@ def _compiled_too_early() -> bool:
 class _Kernels:
     fwd: ModuleType
     bwd: ModuleType
+    decode: ModuleType
     interpreted: bool  # TRITON_INTERPRET=1 when they were created
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> _Kernels:
     """The kernel modules, imported once, on the first run."""
-    from dotattn.engines.triton import _bwd, _fwd
+    from dotattn.engines.triton import _bwd, _decode, _fwd
 
-    return _Kernels(_fwd, _bwd, _interpreting())
+    return _Kernels(_fwd, _bwd, _decode, _interpreting())
 
 
 def _loaded() -> _Kernels | None:
@@ -112,6 +113,9 @@ FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3
 DKDV_CONFIGS = [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 32, 4, 2)]
 DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
 SHARED_MEMORY = 200 * 1024  # bytes a block may use, with margin below an H100's 227 KiB
+# Split-K decoding (one config, not tuned: no GPU has timed it yet): at most 64 rows per
+# program, keys in tiles of at most 64 whose K and V take 64 KiB per pipeline stage.
+DECODE_ROWS, DECODE_STAGE_BYTES, DECODE_WARPS, DECODE_STAGES = 64, 64 * 1024, 4, 3
 
 
 def _fits(config: tuple[int, int, int, int], BE: int, BEV: int, itemsize: int, resident: str) -> bool:
@@ -363,6 +367,47 @@ class _Call:
         if not self.problem.inputs_finite:
             xs = [torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in xs]
         return xs
+
+    # -- split-K decoding -----------------------------------------------------------
+
+    def decode_rows(self) -> int:
+        """Query rows per decoding program: a kv head's G·Lq rows, up to DECODE_ROWS."""
+        return min(DECODE_ROWS, _pow2(self.G * self.problem.Lq))
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int):
+        """The split-K forward (``_decode.py``) of a problem whose mask is row spans or none:
+        out (N, Hq, Lq, Ev) in the store dtype and lse (N, Hq, Lq) float32 in log2 units, as
+        ``forward`` gives them. Inputs are read as they are (no pass looks for NaN or inf):
+        garbage shows as an output that is not finite, which the caller checks."""
+        p = self.problem
+        q, k, v = (_canonical(x.detach(), p.batch_shape) for x in (q, k, v))
+        R, BR = self.G * p.Lq, self.decode_rows()
+        rows = self.N * p.Hkv * R
+        part_out = torch.empty(parts, rows, p.Ev, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(parts, rows, dtype=torch.float32, device=q.device)
+        out = torch.empty(self.N, p.Hkv, R, p.Ev, dtype=self.store_dtype, device=q.device)
+        lse = torch.empty(self.N, p.Hkv, R, dtype=torch.float32, device=q.device)
+        if self.interpreted:
+            bn, warps, stages = INTERPRETER_BLOCKS[1], 4, 1
+        else:
+            bn, warps, stages = 64, DECODE_WARPS, DECODE_STAGES
+            while bn > 16 and bn * (self.BE + self.BEV) * p.query.element_size() > DECODE_STAGE_BYTES:
+                bn //= 2
+        flags = self._flags(None)
+        kern = _kernels().decode
+        kern.decode_parts[(parts, self.N * p.Hkv, -(-R // BR))](
+            q, k, v, part_out, part_lse, *q.stride(), *k.stride(), *v.stride(), *self._mask_args(None)[:4],
+            p.Hkv, self.G, p.Lq, p.Lk, p.E, p.Ev, R, parts, p.scale * LOG2E,
+            BLOCK_R=BR, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV, HAS_SPANS=flags["HAS_SPANS"],
+            PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"], SPLIT=flags["SPLIT"],
+            num_warps=warps, num_stages=stages,
+        )
+        merge_rows = 16
+        kern.decode_merge[(-(-rows // merge_rows),)](
+            part_out, part_lse, out, lse, rows, p.Ev, parts, BLOCK_ROWS=merge_rows, BLOCK_EV=self.BEV,
+        )
+        # row r = g·Lq + i of kv head hk is query i of head hk·G + g: (N, Hkv, G·Lq) is (N, Hq, Lq)
+        return out.view(self.N, p.Hq, p.Lq, p.Ev), lse.view(self.N, p.Hq, p.Lq)
 
     # -- backward -----------------------------------------------------------------
 
