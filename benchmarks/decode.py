@@ -60,15 +60,16 @@ def fastest(fns: list[Callable[[], object]], repeats: int, budget_s: float = 2.0
     return best
 
 
-def decoding_step(B: int, Hq: int, Hkv: int, L: int, dtype: torch.dtype, padded: bool = False):
+def decoding_step(B: int, Hq: int, Hkv: int, L: int, dtype: torch.dtype, padded: bool = False,
+                  device: torch.device | str = "cpu"):
     """q (B, Hq, 1, E) and what a KVCache of L positions gives the step that fills it: keys and
     values (B, Hkv, L, E), views of its buffers, and its mask (causal(bottom_right), and with
     ``padded`` the padding term too: row 0's prompt is one token short)."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, Hq, 1, E, generator=g).to(dtype)
-    cache = KVCache(B, Hkv, capacity=L, head_dim=E, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, Hq, 1, E, generator=g, device=device).to(dtype)
+    cache = KVCache(B, Hkv, capacity=L, head_dim=E, dtype=dtype, device=device)
     for x in (cache.k, cache.v):
-        x.copy_(torch.randn(x.shape, generator=g))
+        x.copy_(torch.randn(x.shape, generator=g, device=device))
     lengths = torch.full((B,), L - 1)
     lengths[0] -= int(padded)
     cache.append(cache.k[:, :, : L - 1], cache.v[:, :, : L - 1], lengths)  # the prompt, in place

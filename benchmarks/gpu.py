@@ -4,6 +4,7 @@
     python benchmarks/gpu.py --lengths 4096 --dims 128 --dtypes float16 --masks full,causal --markdown
     python benchmarks/gpu.py --check                # first the triton engine vs the float64 oracle on this GPU
     python benchmarks/gpu.py --json out/gpu.json    # also save every figure
+    python benchmarks/gpu.py --decode               # decoding steps against a KV cache, as % of a copy
 
 Every case runs, in one process and one after the other, the triton engine, torch SDPA's
 flash and cuDNN backends (full and causal only: they take no other mask; for masked cases
@@ -18,6 +19,14 @@ TFLOP/s count 4·B·H·L²·E·density for the forward and 2.5x that for the bac
 density is the fraction of (query, key) pairs the mask allows (from its row spans), so a
 masked case is credited only with the work it needs. "err" is the triton engine's max
 |difference| from torch SDPA in the same dtype (L <= 4096), a sanity check, not the test.
+
+--decode times one decoding step, q (B, 32, 1, 128) against a KVCache of L positions with
+8 kv heads (its views and its mask, as benchmarks/decode.py gives the CPU engines), for
+L 4k..128k and B 1, 8: dotattn's auto (the split-K Triton kernels), the triton engine
+forced (its prefill kernel: one program per query head), and torch SDPA with enable_gqa.
+Each reports K+V bytes read per second and that as a % of a device copy of 1 GiB (read +
+write) timed in the same run; do_bench flushes the L2 cache before every run, so the
+cache streams from HBM. "err" is split-K's max |difference| from torch SDPA.
 """
 
 from __future__ import annotations
@@ -250,6 +259,41 @@ def check() -> bool:
     return ok
 
 
+def decode_table(dtype_names: list[str], lengths: list[int], batches: list[int], device: torch.device,
+                 copy_numel: int = 2**28) -> None:
+    """The --decode table (see the module docstring); copy_numel float32 for the copy (1 GiB)."""
+    from triton.testing import do_bench
+
+    from benchmarks.decode import decoding_step
+
+    src = torch.ones(copy_numel, device=device)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), warmup=25, rep=100) / 1e3) / 1e9
+    print(f"device copy: {copy_gbs:.0f} GB/s (read + write); K+V GB/s and % of it below")
+    names = ["split_k (auto)", "triton (prefill kernel)", "torch SDPA"]
+    print(f"{'dtype':>9} {'B':>2} {'L':>7} {'K+V MB':>7} " + " ".join(f"{n:>24}" for n in names) + f" {'err':>8}")
+    for dtype_name in dtype_names:
+        for B in batches:
+            for L in lengths:
+                q, k, v, mask = decoding_step(B, 32, 8, L, DTYPES[dtype_name], device=device)
+                fns = [lambda: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True),
+                       lambda: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True,
+                                                                    engine="triton"),
+                       lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)]
+                nbytes = 2 * k.numel() * k.element_size()
+                cells = []
+                with torch.no_grad():
+                    for fn in fns:
+                        fn()  # compile, autotune
+                        gbs = nbytes / (do_bench(fn, warmup=25, rep=100) / 1e3) / 1e9
+                        cells.append(f"{gbs:7.0f} GB/s {100 * gbs / copy_gbs:5.0f}%")
+                    err = float((fns[0]().float() - fns[2]().float()).abs().max())
+                print(f"{dtype_name:>9} {B:>2} {L:>7} {nbytes / 1e6:7.0f} " + " ".join(f"{c:>24}" for c in cells)
+                      + f" {err:8.1e}", flush=True)
+                del q, k, v, mask
+                torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -260,6 +304,9 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print markdown tables (for the README)")
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
     ap.add_argument("--check", action="store_true", help="first check the triton engine against the oracle")
+    ap.add_argument("--decode", action="store_true",
+                    help="decoding steps instead (--lengths default 4096..131072, --dtypes, --batches)")
+    ap.add_argument("--batches", default="1,8", help="batch sizes for --decode")
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -276,6 +323,11 @@ def main() -> None:
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     if args.check and not check():
         raise SystemExit("the triton engine breaks the 2x rule on this GPU (see above); figures would mean nothing")
+    if args.decode:
+        lengths = "4096,16384,65536,131072" if args.lengths == ap.get_default("lengths") else args.lengths
+        decode_table(args.dtypes.split(","), [int(n) for n in lengths.split(",")],
+                     [int(b) for b in args.batches.split(",")], torch.device("cuda"))
+        return
 
     cases = []
     names = None
