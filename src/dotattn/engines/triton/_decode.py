@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dotattn.engines.triton._fwd import _dot, _dot_rounded
+from dotattn.engines.triton._fwd import _dot, _dot_rounded, _softmax_result, _softmax_step
 
 
 @triton.jit
@@ -85,17 +85,10 @@ def decode_parts(
         s = _dot(q, kT, tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
         ok = in_part[None, :] & (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot_rounded(p, v, acc * alpha[:, None], PRECISION, UPCAST, SPLIT)
-        m_i = m_new
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        acc = _dot_rounded(p, v, acc, PRECISION, UPCAST, SPLIT)
 
-    alive = l_i > 0.0
-    acc = acc / tl.where(alive, l_i, 1.0)[:, None]
-    lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("-inf"))
+    acc, lse = _softmax_result(acc, l_i, m_i, float("-inf"))
     n_rows = tl.num_programs(1).to(tl.int64) * R
     at = part * n_rows + nk * R + rows  # (BLOCK_R,) row index into (S, N·Hkv·R)
     tl.store(PartOut + at[:, None] * Ev + offs_ev[None, :], acc, mask=live[:, None] & (offs_ev[None, :] < Ev))
@@ -125,8 +118,6 @@ def decode_merge(
         total += w
         part = tl.load(PartOut + (s * n_rows + rows)[:, None] * Ev + offs_ev[None, :], mask=cell, other=0.0)
         acc += w[:, None] * part
-    alive = total > 0.0
-    acc = acc / tl.where(alive, total, 1.0)[:, None]
-    lse = tl.where(alive, m_safe + tl.math.log2(tl.where(alive, total, 1.0)), float("inf"))
+    acc, lse = _softmax_result(acc, total, m_safe, float("inf"))
     tl.store(Out + rows[:, None] * Ev + offs_ev[None, :], acc.to(Out.dtype.element_ty), mask=cell)
     tl.store(Lse + rows, lse, mask=live)

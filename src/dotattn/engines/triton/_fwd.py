@@ -117,6 +117,27 @@ def _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, TRANSPOS
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, acc):
+    """One key tile folded into the running softmax of its rows: s (rows, keys) in log2 units,
+    -inf where masked. Returns the tile's unnormalised weights p, and m_i, l_i and acc
+    brought to the new row maxima (acc still lacks p @ v). A row that has seen only -inf
+    keeps m_i -inf, l_i 0 and p 0, never NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def _softmax_result(acc, l_i, m_i, dead_lse):
+    """The rows' output acc / l_i and lse m_i + log2(l_i); 0 and ``dead_lse`` for a row that saw no key."""
+    alive = l_i > 0.0
+    out = acc / tl.where(alive, l_i, 1.0)[:, None]
+    return out, tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), dead_lse)
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
@@ -152,15 +173,10 @@ def _attn_fwd_inner(
             s = tl.where(ok, s, float("-inf"))
         elif not EVEN_N:  # full tile: only the keys past Lk of the last tile
             s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, threshold_shifted, False), p * inv_keep, 0.0)
-        acc = _dot_rounded(p, v, acc * alpha[:, None], PRECISION, UPCAST, SPLIT)
-        m_i = m_new
+        acc = _dot_rounded(p, v, acc, PRECISION, UPCAST, SPLIT)
     return acc, l_i, m_i
 
 
@@ -248,9 +264,7 @@ def attn_fwd(
             UPCAST, SPLIT,
         )
 
-    alive = l_i > 0.0  # a row that sees no key: output 0, lse +inf (the engine reports -inf)
-    acc = acc / tl.where(alive, l_i, 1.0)[:, None]
-    lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("inf"))
+    acc, lse = _softmax_result(acc, l_i, m_i, float("inf"))  # lse +inf for a dead row (the engine reports -inf)
     o_ptrs = Out + n * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_ev[None, :] < Ev))
     tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
