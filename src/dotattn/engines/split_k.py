@@ -113,15 +113,16 @@ class SplitKEngine(Engine):
         self.kernel = kernel
         self._tiled = TiledEngine()
         self._triton = triton_engine.TritonEngine()
+        # CPU tensors run the C++ kernel, CUDA tensors the Triton ones, each in its dtypes
+        self._both = Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                             dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
+                                        "cuda": self._triton.support.dtypes})
 
     @property
     def support(self) -> Support:
-        """CPU tensors run the C++ kernel, CUDA tensors the Triton ones, each in its dtypes."""
-        if self.kernel == "triton":
-            return self._triton.support
-        return Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
-                       dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
-                                  "cuda": self._triton.support.dtypes})
+        """Both kernels' (``kernel="auto"``), or the Triton kernels' alone, which in Triton's
+        interpreter take CPU tensors too."""
+        return self._triton.support if self.kernel == "triton" else self._both
 
     def _on_triton(self, problem: Problem) -> bool:
         return self.kernel == "triton" or problem.query.device.type == "cuda"
