@@ -137,7 +137,6 @@ def test_garbage_in_the_left_padding_is_never_read(engine, bad, Hq, Hkv):
     assert torch.equal(clean, dirty)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
 @pytest.mark.parametrize("parts", [1, 4])
 @pytest.mark.parametrize("where", ["key", "value"])
 @pytest.mark.parametrize("Hq", [4, 32], ids=["6rows", "48rows"])  # rows per kv head
