@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py                        # L 1k..16k, E 64/128, fp16/bf16, full/causal/window/documents
     python benchmarks/gpu.py --lengths 4096 --dims 128 --dtypes float16 --masks full,causal --markdown
-    python benchmarks/gpu.py --check                # first the triton engine vs the float64 oracle on this GPU
+    python benchmarks/gpu.py --check                # first the triton and split-K engines vs the float64 oracle on this GPU
     python benchmarks/gpu.py --json out/gpu.json    # also save every figure
     python benchmarks/gpu.py --decode               # decoding steps against a KV cache, as % of a copy
 
@@ -237,7 +237,8 @@ def print_case(case: Case, markdown: bool, previous: list[str] | None) -> list[s
 
 
 def check() -> bool:
-    """The triton engine against the float64 oracle on this GPU, under the 2x rule."""
+    """The triton engine, then the split-K engine's decoding kernels, against the float64 oracle
+    on this GPU, under the 2x rule."""
     from dotattn.testing import compare_to_oracle
 
     ok = True
@@ -256,6 +257,27 @@ def check() -> bool:
                 print(f"{str(dtype).removeprefix('torch.'):>9} {mask_name:>10} E={E:<4} Hkv={Hkv}: "
                       + ("ok" if verdict else "FAIL ") + "  " + "; ".join(
                           f"{r.quantity} {r.error:.1e}/{r.bound:.1e}" for r in results))
+    return ok & check_decode(device)
+
+
+def check_decode(device: torch.device, engine: str = "split_k") -> bool:
+    """The split-K engine's decoding kernels against the float64 oracle under the 2x rule: steps of
+    1 and 4 queries against a left-padded KV cache's mask (GQA and MQA), and backward once."""
+    from dotattn.testing import compare_to_oracle
+
+    ok = True
+    g = torch.Generator(device=device).manual_seed(0)
+    mask = masks.padding(torch.tensor([3000, 4100], device=device), side="left") & masks.causal(align="bottom_right")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for Lq, Hkv in ((1, 8), (4, 1)):
+            q = torch.randn(2, 32, Lq, 128, device=device, dtype=dtype, generator=g)
+            k, v = (torch.randn(2, Hkv, 4100, 128, device=device, dtype=dtype, generator=g) for _ in range(2))
+            results = compare_to_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True,
+                                        backward=Lq == 4 and dtype == torch.float32)
+            verdict = all(r.ok for r in results)
+            ok &= verdict
+            print(f"{str(dtype).removeprefix('torch.'):>9} decode Lq={Lq} Hkv={Hkv}: " + ("ok" if verdict else "FAIL ")
+                  + "  " + "; ".join(f"{r.quantity} {r.error:.1e}/{r.bound:.1e}" for r in results))
     return ok
 
 
@@ -322,7 +344,7 @@ def main() -> None:
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     if args.check and not check():
-        raise SystemExit("the triton engine breaks the 2x rule on this GPU (see above); figures would mean nothing")
+        raise SystemExit("an engine breaks the 2x rule on this GPU (see above); figures would mean nothing")
     if args.decode:
         lengths = "4096,16384,65536,131072" if args.lengths == ap.get_default("lengths") else args.lengths
         decode_table(args.dtypes.split(","), [int(n) for n in lengths.split(",")],
