@@ -121,16 +121,23 @@ def _step(q, k, v, d_out, world: int) -> None:
     out.backward(d_out)
 
 
-def _memory_worker(rank: int, world: int, port: int, L: int, results) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def rank_peak(rank: int, world: int, L: int) -> tuple[int, int]:
+    """This rank's peak bytes during one causal zigzag forward+backward (after a warm-up call:
+    gloo's buffers, the gradients' first allocation), and the bytes of one shard (B, H, L/W, E).
+    Every rank of the default group calls it; tests/test_distributed.py bounds the ratio."""
     q, k, v, d_out = (shard_sequence(x, rank=rank, world=world, layout="zigzag").detach().clone()
                       for x in (*_inputs(L, False), _inputs(L, False)[0]))
     for x in (q, k, v):
         x.requires_grad_()
-    _step(q, k, v, d_out, world)  # warm-up: gloo's buffers, the gradients' first allocation
+    _step(q, k, v, d_out, world)
     dist.barrier()
-    results.put((rank, peak_bytes(lambda: _step(q, k, v, d_out, world))))
+    return peak_bytes(lambda: _step(q, k, v, d_out, world)), q.numel() * q.element_size()
+
+
+def _memory_worker(rank: int, world: int, port: int, L: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results.put((rank, rank_peak(rank, world, L)[0]))
     dist.destroy_process_group()
 
 

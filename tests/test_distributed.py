@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import benchmarks.ring
 import dotattn
 from dotattn import masks as M
-from dotattn.cli.bench import peak_bytes
 from dotattn.distributed import gather_sequence, ring, ring_attention, shard_ranges, shard_sequence
 from dotattn.engines.triton import MISSING as TRITON_MISSING
 
@@ -217,21 +217,10 @@ def _error_cases(rank: int, world: int) -> dict:
 
 
 def _peak_shards(rank: int, world: int) -> float:
-    """This rank's peak of torch allocations during one causal zigzag forward+backward (after a
-    warm-up), in shard-sized tensors (B, H, L/W, E): B 1, H 8, L 2048, E 64, float32."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v, d_out = (shard_sequence(torch.randn(1, 8, 2048, 64, generator=g), rank=rank, world=world,
-                                     layout="zigzag").clone() for _ in range(4))
-    for x in (q, k, v):
-        x.requires_grad_()
-
-    def step():
-        for x in (q, k, v):
-            x.grad = None
-        ring_attention(q, k, v, is_causal=True, layout="zigzag").backward(d_out)
-
-    step()
-    return peak_bytes(step) / (q.numel() * q.element_size())
+    """This rank's peak of torch allocations during one causal zigzag forward+backward, in
+    shard-sized tensors (B, H, L/W, E): B 1, H 8, L 2048, E 64, float32."""
+    peak, shard = benchmarks.ring.rank_peak(rank, world, 2048)
+    return peak / shard
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:

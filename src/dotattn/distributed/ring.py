@@ -336,7 +336,6 @@ class _Ring:
                     dv[..., cols, :] += block_dkv[1][..., offset : offset + width, :]
                 block_dkv = None
             d_kv = _Transfer(self, (dk, dv), _TAG_DKV)  # after the last step, to their owner
-            del dk, dv
             if pending is not None:
                 kv = tuple(pending.wait())
         dk, dv = d_kv.wait()

@@ -176,7 +176,8 @@ class SplitKEngine(Engine):
         tasks = math.prod(p.batch_shape) * p.Hkv
         if p.query.device.type == "cuda":
             slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.query.device).multi_processor_count
-            tasks *= -(-(p.Hq // p.Hkv * p.Lq) // triton_engine.DECODE_ROWS)  # row blocks
+            rows = p.Hq // p.Hkv * p.Lq
+            tasks *= -(-rows // triton_engine.decode_rows(rows))  # blocks of rows
         else:
             slots = self.PARTS_PER_THREAD * torch.get_num_threads()
         return max(1, min(-(-slots // tasks), p.Lk // self.MIN_PART_KEYS))

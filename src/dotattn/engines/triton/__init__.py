@@ -118,6 +118,12 @@ SHARED_MEMORY = 200 * 1024  # bytes a block may use, with margin below an H100's
 DECODE_ROWS, DECODE_STAGE_BYTES, DECODE_WARPS, DECODE_STAGES = 64, 64 * 1024, 4, 3
 
 
+def decode_rows(R: int) -> int:
+    """Query rows per split-K decoding program, for a kv head's R = G·Lq rows: all of them,
+    up to DECODE_ROWS (padded to a power of two, at least 16 for the MMA)."""
+    return min(DECODE_ROWS, _pow2(R))
+
+
 def _fits(config: tuple[int, int, int, int], BE: int, BEV: int, itemsize: int, resident: str) -> bool:
     """Whether a config's tiles fit shared memory: the resident block once, the streamed
     tiles once per pipeline stage."""
@@ -370,10 +376,6 @@ class _Call:
 
     # -- split-K decoding -----------------------------------------------------------
 
-    def decode_rows(self) -> int:
-        """Query rows per decoding program: a kv head's G·Lq rows, up to DECODE_ROWS."""
-        return min(DECODE_ROWS, _pow2(self.G * self.problem.Lq))
-
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int):
         """The split-K forward (``_decode.py``) of a problem whose mask is row spans or none:
         out (N, Hq, Lq, Ev) in the store dtype and lse (N, Hq, Lq) float32 in log2 units, as
@@ -381,7 +383,8 @@ class _Call:
         garbage shows as an output that is not finite, which the caller checks."""
         p = self.problem
         q, k, v = (_canonical(x.detach(), p.batch_shape) for x in (q, k, v))
-        R, BR = self.G * p.Lq, self.decode_rows()
+        R = self.G * p.Lq
+        BR = decode_rows(R)
         rows = self.N * p.Hkv * R
         part_out = torch.empty(parts, rows, p.Ev, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(parts, rows, dtype=torch.float32, device=q.device)
