@@ -40,6 +40,15 @@ class Problem:
     return_weights: bool
     batch_shape: tuple[int, ...]
     squeeze_head: bool
+    # What engines ask of the tensors, read from them once by prepare.
+    dtype: torch.dtype
+    device: torch.device
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    E: int
+    Ev: int
 
     @cached_property
     def dropout_seed(self) -> int:
@@ -63,30 +72,6 @@ class Problem:
         tensors = (self.query, self.key, self.value)
         total = tensors[0].sum() + tensors[1].sum() + tensors[2].sum()
         return bool(torch.isfinite(total)) or all(bool(torch.isfinite(x).all()) for x in tensors)
-
-    @property
-    def Hq(self) -> int:
-        return self.query.shape[-3]
-
-    @property
-    def Hkv(self) -> int:
-        return self.key.shape[-3]
-
-    @property
-    def Lq(self) -> int:
-        return self.query.shape[-2]
-
-    @property
-    def Lk(self) -> int:
-        return self.key.shape[-2]
-
-    @property
-    def E(self) -> int:
-        return self.query.shape[-1]
-
-    @property
-    def Ev(self) -> int:
-        return self.value.shape[-1]
 
     @property
     def scores_shape(self) -> tuple[int, ...]:
@@ -118,19 +103,21 @@ def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_tensor(name: str, x: object) -> torch.Tensor:
+def _check_tensor(name: str, x: object) -> tuple[torch.Size, torch.dtype]:
+    """x's shape and dtype, once checked."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    shape, dtype = x.shape, x.dtype
+    if not dtype.is_floating_point:
         raise TypeError(
-            f"{name} has dtype {x.dtype}; attention needs a floating dtype "
+            f"{name} has dtype {dtype}; attention needs a floating dtype "
             f"(convert with {name}.float() or {name}.to(torch.bfloat16))"
         )
-    if x.dim() < 2:
+    if len(shape) < 2:
         raise ValueError(
-            f"{name} has shape {tuple(x.shape)}; it needs at least 2 dims (..., L, E)"
+            f"{name} has shape {tuple(shape)}; it needs at least 2 dims (..., L, E)"
         )
-    return x
+    return shape, dtype
 
 
 def _check_flag(name: str, value: object) -> bool:
@@ -190,7 +177,7 @@ def _check_mask_fits(name: str, leaf: masks.Mask, scores_shape: tuple[int, ...])
 
 
 def _attn_mask_as_mask(
-    attn_mask: object, query: torch.Tensor, scores_shape: tuple[int, ...]
+    attn_mask: object, device: torch.device, scores_shape: tuple[int, ...]
 ) -> masks.Mask:
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -199,10 +186,10 @@ def _attn_mask_as_mask(
             f"attn_mask has dtype {attn_mask.dtype}; use a bool mask (True = may attend) "
             "or a float mask that is added to the scores"
         )
-    if attn_mask.device != query.device:
+    if attn_mask.device != device:
         raise ValueError(
-            f"attn_mask is on {attn_mask.device} but query is on {query.device}; "
-            f"move it with attn_mask.to({str(query.device)!r})"
+            f"attn_mask is on {attn_mask.device} but query is on {device}; "
+            f"move it with attn_mask.to({str(device)!r})"
         )
     try:
         fits = _broadcast_shapes(tuple(attn_mask.shape), tuple(scores_shape)) == tuple(scores_shape)
@@ -232,57 +219,61 @@ def prepare(
     generator: object = None,
 ) -> Problem:
     """Check a call's arguments and bundle them into a :class:`Problem`."""
-    q = _check_tensor("query", query)
-    k = _check_tensor("key", key)
-    v = _check_tensor("value", value)
-    for name, x in (("key", k), ("value", v)):
-        if x.dtype != q.dtype:
+    (qs, dtype), (ks, k_dtype), (vs, v_dtype) = (
+        _check_tensor(name, x) for name, x in (("query", query), ("key", key), ("value", value)))
+    device = query.device
+    for name, x, x_dtype in (("key", key, k_dtype), ("value", value, v_dtype)):
+        if x_dtype != dtype:
             raise TypeError(
-                f"{name} has dtype {x.dtype} but query has {q.dtype}; query, key and value "
+                f"{name} has dtype {x_dtype} but query has {dtype}; query, key and value "
                 f"must share one dtype (use {name}.to(query.dtype))"
             )
-        if x.device != q.device:
+        if x.device != device:
             raise ValueError(
-                f"{name} is on {x.device} but query is on {q.device}; query, key and value "
+                f"{name} is on {x.device} but query is on {device}; query, key and value "
                 f"must be on one device (use {name}.to(query.device))"
             )
-    squeeze_head = q.dim() == k.dim() == v.dim() == 2
-    q, k, v = (x.unsqueeze(0) if x.dim() == 2 else x for x in (q, k, v))
+    squeeze_head = len(qs) == len(ks) == len(vs) == 2
+    q, k, v = (x.unsqueeze(0) if len(shape) == 2 else x for x, shape in ((query, qs), (key, ks), (value, vs)))
+    qs, ks, vs = ((1, *shape) if len(shape) == 2 else shape for shape in (qs, ks, vs))
 
-    if k.shape[-1] != q.shape[-1]:
+    if ks[-1] != qs[-1]:
         raise ValueError(
-            f"key has head dim {k.shape[-1]} but query has {q.shape[-1]}; "
+            f"key has head dim {ks[-1]} but query has {qs[-1]}; "
             "query and key must share the last dim"
         )
-    if v.shape[-2] != k.shape[-2]:
+    if vs[-2] != ks[-2]:
         raise ValueError(
-            f"value has {v.shape[-2]} positions (dim -2) but key has {k.shape[-2]}; "
+            f"value has {vs[-2]} positions (dim -2) but key has {ks[-2]}; "
             "key and value must have the same length"
         )
-    if v.shape[-3] != k.shape[-3]:
+    if vs[-3] != ks[-3]:
         raise ValueError(
-            f"value has {v.shape[-3]} heads (dim -3) but key has {k.shape[-3]}; "
+            f"value has {vs[-3]} heads (dim -3) but key has {ks[-3]}; "
             "key and value must have the same number of heads"
         )
     enable_gqa = _check_flag("enable_gqa", enable_gqa)
-    _check_heads(q.shape[-3], k.shape[-3], enable_gqa)
+    *batch_q, Hq, Lq, E = qs
+    *batch_k, Hkv, Lk, _ = ks
+    Ev = vs[-1]
+    _check_heads(Hq, Hkv, enable_gqa)
     try:
-        batch_shape = _broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        batch_shape = _broadcast_shapes(batch_q, batch_k, vs[:-3])
     except ValueError:
         raise ValueError(
-            f"the leading (batch) dims of query {tuple(q.shape[:-3])}, key {tuple(k.shape[:-3])} "
-            f"and value {tuple(v.shape[:-3])} do not broadcast; give them equal sizes or size 1"
+            f"the leading (batch) dims of query {tuple(batch_q)}, key {tuple(batch_k)} "
+            f"and value {tuple(vs[:-3])} do not broadcast; give them equal sizes or size 1"
         ) from None
 
-    problem_scale = _check_scale(scale, q.shape[-1])
+    problem_scale = _check_scale(scale, E)
     p = _check_dropout(dropout_p)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    scores_shape = (*batch_shape, q.shape[-3], q.shape[-2], k.shape[-2])
+    scores_shape = (*batch_shape, Hq, Lq, Lk)
 
     parts: list[masks.Mask] = []
     if attn_mask is not None:
-        parts.append(_attn_mask_as_mask(attn_mask, q, scores_shape))
+        parts.append(_attn_mask_as_mask(attn_mask, device, scores_shape))
     if _check_flag("is_causal", is_causal):
         parts.append(masks.causal())
     if mask is not None:
@@ -293,12 +284,12 @@ def prepare(
             )
         for leaf in mask.leaves():
             _check_mask_fits("mask", leaf, scores_shape)
-        mask.check(q.shape[-2], k.shape[-2])
+        mask.check(Lq, Lk)
         parts.append(mask)
     combined = reduce(lambda a, b: a & b, parts) if parts else None
     # What hides nothing on this problem is left out (Mask.simplified): a decoding step's
     # causal(bottom_right) over one query then costs no engine anything.
-    combined = None if combined is None else combined.simplified(q.shape[-2], k.shape[-2])
+    combined = None if combined is None else combined.simplified(Lq, Lk)
 
     return Problem(
         query=q,
@@ -312,4 +303,12 @@ def prepare(
         return_weights=_check_flag("return_weights", return_weights),
         batch_shape=batch_shape,
         squeeze_head=squeeze_head,
+        dtype=dtype,
+        device=device,
+        Hq=Hq,
+        Hkv=Hkv,
+        Lq=Lq,
+        Lk=Lk,
+        E=E,
+        Ev=Ev,
     )

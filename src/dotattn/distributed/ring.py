@@ -110,7 +110,7 @@ class _TritonBlocks:
     def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         p = problem
         call = engines.get("triton").plan(p)
-        with triton_engine._on_device(p.query.device):
+        with triton_engine._on_device(p.device):
             out, lse2 = call.forward(p.query, p.key, p.value, call.parts.bias)
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
         lse = triton_engine.natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
@@ -124,7 +124,7 @@ class _TritonBlocks:
         p = problem
         call = engines.get("triton").plan(p)
         heads = (p.Hq,)
-        with triton_engine._on_device(p.query.device):
+        with triton_engine._on_device(p.device):
             dq, dk, dv, d_bias = call.backward(
                 p.query, p.key, p.value, call.parts.bias, _canonical_heads(out, p, heads, 2),
                 _canonical_heads(triton_engine.kernel_lse(lse), p, heads, 1), _canonical_heads(d_out, p, heads, 2),

@@ -214,7 +214,7 @@ class KernelCall:
     def __post_init__(self) -> None:
         p = self.problem
         self.N = math.prod(p.batch_shape)
-        self.dtype = compute_dtype(p.query.dtype)
+        self.dtype = compute_dtype(p.dtype)
         # what q, k, v, dO and the output are stored in for the kernel
         self.storage = torch.bfloat16 if self.bf16_gemms else self.dtype
         self.mask = TileMask.of(p, self.block_q, self.block_k, self.dtype)

@@ -69,14 +69,14 @@ class Support:
     def reasons(self, problem: Problem) -> list[str]:
         """Every declared limit the problem breaks, as sentences that say how to avoid it."""
         reasons = []
-        device = problem.query.device.type
+        device = problem.device.type
         if self.devices is not None and device not in self.devices:
             reasons.append(f"device {device} is not supported (use {' or '.join(self.devices)})")
         dtypes = self.dtypes if self.dtypes_on is None else self.dtypes_on.get(device, self.dtypes)
-        if problem.query.dtype not in dtypes:
+        if problem.dtype not in dtypes:
             names = " or ".join(dtype_name(d) for d in dtypes)
             reasons.append(
-                f"dtype {dtype_name(problem.query.dtype)} is not supported on {device} (use {names})"
+                f"dtype {dtype_name(problem.dtype)} is not supported on {device} (use {names})"
             )
         head_dim = max(problem.E, problem.Ev)
         if self.max_head_dim is not None and head_dim > self.max_head_dim:

@@ -61,7 +61,7 @@ class ReferenceEngine(Engine):
     priority = 0  # the fallback: every faster engine outranks it
 
     def run(self, problem: Problem) -> AttentionResult:
-        dtype = problem.query.dtype
+        dtype = problem.dtype
         compute = compute_dtype(dtype)
         q, q_bad = finite_part(problem.query.to(compute))
         k, k_bad = finite_part(_expand_heads(problem.key, problem.Hq).to(compute))

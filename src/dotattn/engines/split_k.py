@@ -125,7 +125,7 @@ class SplitKEngine(Engine):
         return self._triton.support if self.kernel == "triton" else self._both
 
     def _on_triton(self, problem: Problem) -> bool:
-        return self.kernel == "triton" or problem.query.device.type == "cuda"
+        return self.kernel == "triton" or problem.device.type == "cuda"
 
     def extra_reasons(self, problem: Problem) -> list[str]:
         p = problem
@@ -174,8 +174,8 @@ class SplitKEngine(Engine):
         """How many parts the keys of each (batch, kv head) are cut into."""
         p = problem
         tasks = math.prod(p.batch_shape) * p.Hkv
-        if p.query.device.type == "cuda":
-            slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.query.device).multi_processor_count
+        if p.device.type == "cuda":
+            slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.device).multi_processor_count
             rows = p.Hq // p.Hkv * p.Lq
             tasks *= -(-rows // triton_engine.decode_rows(rows))  # blocks of rows
         else:
@@ -207,24 +207,24 @@ class SplitKEngine(Engine):
         # cache, so the no-op ones are left out: out is (N, ...) already for one batch dim.
         if len(p.batch_shape) != 1:
             out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev)
-        if out.dtype != p.query.dtype:
-            out = out.to(p.query.dtype)
-        lse = lse.detach().view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.query.dtype)) if p.return_lse else None
+        if out.dtype != p.dtype:
+            out = out.to(p.dtype)
+        lse = lse.detach().view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.dtype)) if p.return_lse else None
         return AttentionResult(out, lse, None)
 
     def _run_triton(self, problem: Problem) -> AttentionResult:
         p = problem
         call = self._triton.plan(p)
-        with triton_engine._on_device(p.query.device):
+        with triton_engine._on_device(p.device):
             out, lse2 = call.decode(p.query, p.key, p.value, self.parts(p))
             if not bool(torch.isfinite(out).all()):  # garbage a row may see: the triton engine marks those rows
                 return self._triton.run(p)
             if p.requires_grad:
                 out, lse2 = triton_engine._TritonAttention.apply(_DecodedCall(call, out, lse2), p.query, p.key,
                                                                  p.value, None)
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.dtype)
         lse = None
         if p.return_lse:
             lse = triton_engine.natural_lse(lse2.detach().reshape(*p.batch_shape, p.Hq, p.Lq))
-            lse = lse.to(lse_dtype(p.query.dtype))
+            lse = lse.to(lse_dtype(p.dtype))
         return AttentionResult(out, lse, None)

@@ -404,7 +404,7 @@ class TiledEngine(Engine):
         why = self.torch_ops_reason(problem)
         if why is not None:
             return f"torch ops, because {why}"
-        if problem.query.dtype == torch.bfloat16:
+        if problem.dtype == torch.bfloat16:
             return "compiled kernel, " + self._bf16_gemms(problem.E)[1]
         return "compiled kernel"
 
@@ -414,7 +414,7 @@ class TiledEngine(Engine):
         ``dotattn.distributed`` uses to run the blocks of a ring."""
         p = problem
         if self.torch_ops_reason(p) is None:
-            bf16 = p.query.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
+            bf16 = p.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
             return _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
         return _Plan(p, self.block_q, self.block_k)
 
@@ -429,5 +429,5 @@ class TiledEngine(Engine):
             plan = plan if isinstance(plan, _Plan) else _Plan(p, self.block_q, self.block_k)
             with torch.no_grad():
                 w = plan.weights(p.query, p.key, p.value, lse.reshape(plan.N, p.Hkv, plan.G, p.Lq))
-            weights = w.reshape(*p.batch_shape, p.Hq, p.Lq, p.Lk).to(p.query.dtype)
-        return AttentionResult(out.to(p.query.dtype), lse.to(lse_dtype(p.query.dtype)) if p.return_lse else None, weights)
+            weights = w.reshape(*p.batch_shape, p.Hq, p.Lq, p.Lk).to(p.dtype)
+        return AttentionResult(out.to(p.dtype), lse.to(lse_dtype(p.dtype)) if p.return_lse else None, weights)

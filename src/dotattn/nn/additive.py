@@ -168,9 +168,9 @@ class AdditiveAttention(nn.Module):
             inputs, as in torch.nn.MultiheadAttention: bool True = IGNORE that key, or
             float (added to the scores).
         """
-        q = _check_tensor("query", query)
-        k = _check_tensor("key", key)
-        value = _check_tensor("value", value)
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            _check_tensor(name, x)
+        q, k = query, key
         batch_shape, Lq, Lk = self._check_shapes(q, k, value)
         allowed, bias = self._mask_parts(mask, attn_mask, key_padding_mask, batch_shape, Lq, Lk, q.device)
 

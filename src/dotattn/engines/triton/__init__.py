@@ -169,7 +169,7 @@ class _MaskParts:
         p = problem
         if p.mask is None:
             return cls()
-        device = p.query.device
+        device = p.device
         leaves = list(p.mask.children) if isinstance(p.mask, masks.And) else [p.mask]
         spanned, rest = [], []
         for leaf in leaves:
@@ -215,11 +215,11 @@ def _cached(cache: dict, key: tuple | None, make):
 def _spans(mask: masks.Mask, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """Row spans as int32 (Nm, Hm, Lq) on the problem's device."""
     def make():
-        return tuple(x.to(device=p.query.device, dtype=torch.int32).contiguous()
+        return tuple(x.to(device=p.device, dtype=torch.int32).contiguous()
                      for x in _spans_canonical(mask.row_spans(p.Lq, p.Lk), p))
 
     key = mask.value_key
-    return _cached(_SPANS, None if key is None else (key, p.Lq, p.Lk, str(p.query.device)), make)
+    return _cached(_SPANS, None if key is None else (key, p.Lq, p.Lk, str(p.device)), make)
 
 
 def _tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) -> tuple[torch.Tensor, ...]:
@@ -236,7 +236,7 @@ def _tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) 
             codes = torch.full((1, 1, nq, nk), masks.FULL, dtype=torch.int8)
         else:
             codes = heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_m, block_n), p.batch_shape, p.Hq)
-        codes = codes.to(p.query.device)
+        codes = codes.to(p.device)
         if transposed:
             codes = codes.transpose(-1, -2)
         out = []
@@ -250,7 +250,7 @@ def _tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) 
     key = None if p.mask is None else p.mask.value_key
     if p.mask is None:
         key = ("none",)
-    key = None if key is None else (key, p.Lq, p.Lk, block_m, block_n, transposed, str(p.query.device))
+    key = None if key is None else (key, p.Lq, p.Lk, block_m, block_n, transposed, str(p.device))
     return _cached(_MAPS, key, make)
 
 
@@ -280,8 +280,8 @@ class _Call:
         self.N = math.prod(p.batch_shape)
         self.G = p.Hq // p.Hkv
         self.BE, self.BEV = _pow2(p.E), _pow2(p.Ev)
-        dtype = p.query.dtype
-        cuda = p.query.device.type == "cuda"
+        dtype = p.dtype
+        cuda = p.device.type == "cuda"
         self.interpreted = _kernels().interpreted
         if dtype == torch.float32:
             self.precision = "tf32" if cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -301,7 +301,7 @@ class _Call:
     def _mask_args(self, bias: torch.Tensor | None) -> list:
         """SpanLo, SpanHi and their strides, then Allowed, Layout (and its block sizes), Bias, each with strides."""
         parts = self.parts
-        dummy = torch.empty(1, dtype=torch.int32, device=self.problem.query.device)
+        dummy = torch.empty(1, dtype=torch.int32, device=self.problem.device)
         if parts.lo is not None:
             s = _strides(parts.lo)
             args = [parts.lo, parts.hi, s[0], s[1]]
@@ -319,7 +319,7 @@ class _Call:
             HAS_SPANS=self.parts.lo is not None, HAS_ALLOWED=self.parts.allowed is not None,
             HAS_LAYOUT=self.parts.layout is not None,
             HAS_BIAS=bias is not None, HAS_DROPOUT=p.dropout_p > 0,
-            PRECISION=self.precision, UPCAST=self.upcast, SPLIT=self.split and p.query.dtype != torch.float32,
+            PRECISION=self.precision, UPCAST=self.upcast, SPLIT=self.split and p.dtype != torch.float32,
         )
 
     def _lists(self, bm: int, bn: int, transposed: bool) -> list:
@@ -335,8 +335,8 @@ class _Call:
         p = self.problem
         itemsize = p.query.element_size()
         fitting = [c for c in configs if _fits(c, self.BE, self.BEV, itemsize, resident)] or configs[-1:]
-        key = (kind, p.query.dtype, self.BE, self.BEV, _pow2(p.Lq), _pow2(p.Lk), tuple(self._flags(bias).items()),
-               p.query.device.index)
+        key = (kind, p.dtype, self.BE, self.BEV, _pow2(p.Lq), _pow2(p.Lk), tuple(self._flags(bias).items()),
+               p.device.index)
         return _tuned_config(key, fitting, launch)
 
     # -- forward ------------------------------------------------------------------
@@ -582,7 +582,7 @@ class TritonEngine(Engine):
 
     def _split(self, problem: Problem) -> bool:
         if self.split_half_gemms is None:
-            return problem.query.device.type != "cuda"
+            return problem.device.type != "cuda"
         return self.split_half_gemms
 
     @property
@@ -594,14 +594,14 @@ class TritonEngine(Engine):
     def extra_reasons(self, problem: Problem) -> list[str]:
         if MISSING is not None:
             return [MISSING]
-        if problem.query.device.type == "cpu" and _interpreting() and _compiled_too_early():
+        if problem.device.type == "cpu" and _interpreting() and _compiled_too_early():
             return ["triton was imported (or this engine ran) before TRITON_INTERPRET=1 was set, so its kernels "
                     "are compiled for the GPU and cannot take CPU tensors; set TRITON_INTERPRET=1 before "
                     "importing triton"]
         return []
 
     def auto_skip(self, problem: Problem) -> str | None:
-        if problem.query.device.type == "cpu":
+        if problem.device.type == "cpu":
             return "CPU tensors run in Triton's interpreter, which is for tests; engine='triton' forces it"
         return None
 
@@ -626,16 +626,16 @@ class TritonEngine(Engine):
     def run(self, problem: Problem) -> AttentionResult:
         p = problem
         call = self.plan(p)
-        with _on_device(p.query.device):
+        with _on_device(p.device):
             out, lse2 = _TritonAttention.apply(call, p.query, p.key, p.value, call.parts.bias)
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.query.dtype)
+        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.dtype)
         lse = natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
         if not p.inputs_finite:
             out, lse = _visible_garbage(p, out, lse)
         weights = None
         if p.return_weights:
-            weights = self._weights(p, call.parts, lse).to(p.query.dtype)
-        return AttentionResult(out, lse.to(lse_dtype(p.query.dtype)) if p.return_lse else None, weights)
+            weights = self._weights(p, call.parts, lse).to(p.dtype)
+        return AttentionResult(out, lse.to(lse_dtype(p.dtype)) if p.return_lse else None, weights)
 
     @staticmethod
     def _weights(p: Problem, parts: _MaskParts, lse: torch.Tensor) -> torch.Tensor:
