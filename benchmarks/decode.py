@@ -15,7 +15,11 @@ single query sees every key, so torch does no less than needed). Decoding reads 
 cache once per step, so its speed is bytes read (K + V) / time; the reference bandwidth is
 a plain ``dst.copy_(src)`` of a buffer 8x the L3 cache, counted as read + write, timed
 interleaved with both in every case so that a neighbour's load hits all three alike, and
-each counts its fastest run (see ``fastest``).
+each counts its fastest run (see ``fastest``). The kernel computes in float32 whatever the
+cache's dtype, so the float32 GEMM peak (torch.matmul, measured once per run) caps the FLOPs:
+"cap" is the fraction of the copy's bandwidth a case can reach at that peak: below 100%
+where each byte of cache feeds many query rows (MQA). It leaves out what widening bfloat16
+to float32 costs, which AVX2 does in separate instructions.
 Cases whose cache exceeds --max-gib are skipped (the machine is shared).
 """
 
@@ -30,6 +34,7 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
+from dotattn.cli.bench import gemm_peak
 from dotattn.engines.base import dtype_name
 from dotattn.nn import KVCache
 
@@ -84,10 +89,13 @@ def bandwidth_table(lengths: list[int], batches: list[int], heads: list[str], dt
     def copy() -> None:
         dst.copy_(src)
 
+    peak = gemm_peak(torch.float32)  # the kernel computes bfloat16 in float32 too
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy buffer {COPY_BYTES >> 20} MiB; "
-          f"E {E}, Lq 1; GB/s = (K + V bytes) / time; % = of the copy's GB/s (read + write) in the same case")
-    print(f"{'dtype':>8} {'heads':>5} {'B':>2} {'L':>6} {'K+V MB':>7} {'copy GB/s':>9} | {'ours ms':>8} "
-          f"{'GB/s':>5} {'%copy':>5} | {'torch ms':>8} {'GB/s':>5} {'%copy':>5} | {'speedup':>7}  engine")
+          f"E {E}, Lq 1; GB/s = (K + V bytes) / time; %copy = of the copy's GB/s (read + write) in the same case;\n"
+          f"%peak = GFLOP/s (4·B·Hq·L·E per step) of the float32 GEMM peak, {peak:.0f} GFLOP/s; "
+          f"cap = the most %copy that peak allows at this case's FLOPs per byte of cache (2·Hq/Hkv/itemsize)")
+    print(f"{'dtype':>8} {'heads':>5} {'B':>2} {'L':>6} {'K+V MB':>7} {'copy GB/s':>9} {'cap':>4} | {'ours ms':>8} "
+          f"{'GB/s':>5} {'%copy':>5} {'%peak':>5} | {'torch ms':>8} {'GB/s':>5} {'%copy':>5} | {'speedup':>7}  engine")
     for dtype in dtypes:
         for name in heads:
             Hq, Hkv = HEADS[name]
@@ -110,8 +118,11 @@ def bandwidth_table(lengths: list[int], batches: list[int], heads: list[str], dt
                     t_copy, t_ours, t_torch = fastest([copy, ours, theirs], repeats)
                     copy_gbs = 2 * COPY_BYTES / t_copy / 1e9
                     ours_gbs, torch_gbs = nbytes / t_ours / 1e9, nbytes / t_torch / 1e9
-                    print(f"{dtype_name(dtype):>8} {name:>5} {B:>2} {L:>6} {nbytes / 1e6:>7.0f} {copy_gbs:>9.1f} | "
-                          f"{t_ours * 1e3:>8.2f} {ours_gbs:>5.1f} {100 * ours_gbs / copy_gbs:>4.0f}% | "
+                    flops = 4 * B * Hq * L * E
+                    cap = min(1.0, peak * nbytes / flops / copy_gbs)
+                    print(f"{dtype_name(dtype):>8} {name:>5} {B:>2} {L:>6} {nbytes / 1e6:>7.0f} {copy_gbs:>9.1f} "
+                          f"{100 * cap:>3.0f}% | {t_ours * 1e3:>8.2f} {ours_gbs:>5.1f} {100 * ours_gbs / copy_gbs:>4.0f}% "
+                          f"{100 * flops / t_ours / 1e9 / peak:>4.0f}% | "
                           f"{t_torch * 1e3:>8.2f} {torch_gbs:>5.1f} {100 * torch_gbs / copy_gbs:>4.0f}% | "
                           f"{t_torch / t_ours:>6.2f}x  {engine.engine}", flush=True)
 
