@@ -157,11 +157,16 @@ def kernel_args(B: int, Hkv: int, R: int, L: int, dtype: torch.dtype) -> tuple:
 def one_core(repeats: int) -> None:
     """The split-K kernel alone on one thread, GQA rows (4 per kv head): K+V GB/s when they sit in
     cache (1 kv head, 4096 keys: 4 MiB in fp32, within L3) and when they stream from memory (8 kv
-    heads, 64k keys: 512 MiB in fp32). The ratio says how much of the compute hides the memory."""
+    heads, 64k keys: 512 MiB in fp32). The ratio says how much of the compute hides the memory;
+    a plain ``sum`` of 512 MiB on the same thread says what one core can read at all."""
     from dotattn import _tiled_cpu
 
     torch.set_num_threads(1)
-    print(f"one thread, E {E}, 4 rows per kv head; GB/s = K+V bytes / time")
+    x = torch.ones(2**27)
+    (t,) = fastest([x.sum], repeats)
+    print(f"one thread, E {E}, 4 rows per kv head; GB/s = K+V bytes / time; "
+          f"torch.sum reads 512 MiB at {x.numel() * 4 / t / 1e9:.1f} GB/s")
+    del x
     for dtype in (torch.float32, torch.bfloat16):
         for where, Hkv, L in (("cache", 1, 4096), ("memory", 8, 65536)):
             args = kernel_args(1, Hkv, 4, L, dtype)

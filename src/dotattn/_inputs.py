@@ -303,12 +303,5 @@ def prepare(
         return_weights=_check_flag("return_weights", return_weights),
         batch_shape=batch_shape,
         squeeze_head=squeeze_head,
-        dtype=dtype,
-        device=device,
-        Hq=Hq,
-        Hkv=Hkv,
-        Lq=Lq,
-        Lk=Lk,
-        E=E,
-        Ev=Ev,
+        dtype=dtype, device=device, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, E=E, Ev=Ev,
     )
