@@ -1,7 +1,11 @@
 """Random problems against the float64 oracle, for as long as you let it run.
 
     python -m tests.fuzz --seconds 300                      # split_k and tiled
-    python -m tests.fuzz --engines reference,tiled_torch_ops --seed 7
+    python -m tests.fuzz --engines triton,split_k_triton,tiled_torch_ops --seed 7
+
+Every engine the test suite knows can be named: importing the tests registers their
+test-only engines and runs the Triton ones in Triton's interpreter (slow: hundreds of cases
+a minute, where the CPU engines do thousands).
 
 Each case draws its shapes (batch, GQA/MQA, decoding and prefill lengths, awkward head
 dims, a transposed query, a KV cache's views), a random mask combination
