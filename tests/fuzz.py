@@ -2,6 +2,7 @@
 
     python -m tests.fuzz --seconds 300                      # split_k and tiled
     python -m tests.fuzz --engines triton,split_k_triton,tiled_torch_ops --seed 7
+    python -m tests.fuzz --engines tiled --case 1234     # one case again, every comparison
 
 Every engine the test suite knows can be named: importing the tests registers their
 test-only engines and runs the Triton ones in Triton's interpreter (slow: hundreds of cases
@@ -90,17 +91,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to draw cases")
     parser.add_argument("--engines", default="split_k,tiled", help="comma-separated engine names")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the cases' seeds")
+    parser.add_argument("--case", type=int, help="run the one case of this seed (printed with each finding) "
+                        "on the first of --engines, and print every comparison")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     names = args.engines.split(",")
     for name in names:
         engines.get(name)  # a bad name fails before the first case
+    if args.case is not None:
+        desc, qkv, kwargs, backward, _ = draw(random.Random(args.case), names[0])
+        print(desc)
+        for comparison in compare_to_oracle(*qkv, engine=names[0], backward=backward, **kwargs):
+            print(f"    {comparison}")
+        return
     counts = {"cases": 0, "skipped": 0, "rule": 0, "torch exact": 0, "garbage": 0, "exceptions": 0}
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
-        engine = rng.choice(names)
-        desc, qkv, kwargs, backward, garbage = draw(rng, engine)
+        engine, seed = rng.choice(names), rng.randrange(2**31)
+        desc, qkv, kwargs, backward, garbage = draw(random.Random(seed), engine)
+        desc = f"case {seed}: {desc}"
         counts["cases"] += 1
         try:
             if garbage is not None and (what := garbage_changes_something(qkv, kwargs, engine, backward, garbage)):
