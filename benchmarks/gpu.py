@@ -262,7 +262,8 @@ def check() -> bool:
 
 def check_decode(device: torch.device, engine: str = "split_k") -> bool:
     """The split-K engine's decoding kernels against the float64 oracle under the 2x rule: steps of
-    1 and 4 queries against a left-padded KV cache's mask (GQA and MQA), and backward once."""
+    1 and 4 queries against a left-padded KV cache's mask (GQA and MQA). Forward only: inputs that
+    require grad run on the triton engine, which the checks above cover."""
     from dotattn.testing import compare_to_oracle
 
     ok = True
@@ -272,8 +273,7 @@ def check_decode(device: torch.device, engine: str = "split_k") -> bool:
         for Lq, Hkv in ((1, 8), (4, 1)):
             q = torch.randn(2, 32, Lq, 128, device=device, dtype=dtype, generator=g)
             k, v = (torch.randn(2, Hkv, 4100, 128, device=device, dtype=dtype, generator=g) for _ in range(2))
-            results = compare_to_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True,
-                                        backward=Lq == 4 and dtype == torch.float32)
+            results = compare_to_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True, backward=False)
             verdict = all(r.ok for r in results)
             ok &= verdict
             print(f"{str(dtype).removeprefix('torch.'):>9} decode Lq={Lq} Hkv={Hkv}: " + ("ok" if verdict else "FAIL ")

@@ -75,13 +75,13 @@ class Comparison:
         )
 
 
-def _leaf(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+def _leaf(x: torch.Tensor | None, dtype: torch.dtype | None = None, grad: bool = True) -> torch.Tensor | None:
     if x is None:
         return None
     y = x.detach()
     if dtype is not None:
         y = y.to(dtype)
-    return y.requires_grad_(x.is_floating_point())
+    return y.requires_grad_(grad and x.is_floating_point())
 
 
 def compare_to_oracle(
@@ -104,9 +104,11 @@ def compare_to_oracle(
     dense tensor; with dropout it runs without, as a baseline of rounding error only.
     """
     dtype = query.dtype
-    ours_in = [_leaf(x) for x in (query, key, value, attn_mask)]
-    ref_in = [_leaf(x) for x in (query, key, value, attn_mask)]
-    torch_in = [_leaf(x) for x in (query, key, value)]
+    # Without backward nothing requires grad, as in inference (where an engine may run a
+    # forward-only kernel).
+    ours_in = [_leaf(x, grad=backward) for x in (query, key, value, attn_mask)]
+    ref_in = [_leaf(x, grad=backward) for x in (query, key, value, attn_mask)]
+    torch_in = [_leaf(x, grad=backward) for x in (query, key, value)]
 
     gen_state = kwargs.get("generator").get_state() if kwargs.get("generator") is not None else None
     ours = scaled_dot_product_attention(*ours_in, engine=engine, return_lse=True, **kwargs)
@@ -122,7 +124,7 @@ def compare_to_oracle(
     if problem.mask is not None:
         dense = problem.mask.to_dense(problem.Lq, problem.Lk, device=query.device).detach()
         if dense.is_floating_point():
-            dense = torch_mask_leaf = _leaf(dense, dtype)
+            dense = torch_mask_leaf = _leaf(dense, dtype, grad=backward)
     expected = torch.nn.functional.scaled_dot_product_attention(
         *torch_in, attn_mask=dense, scale=kwargs.get("scale"), enable_gqa=kwargs.get("enable_gqa", False),
     )

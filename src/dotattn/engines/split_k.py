@@ -29,11 +29,13 @@ per (part, batch x kv head, block of rows), then a merge; garbage shows the same
 reruns on the triton engine. Not yet run on a GPU: tested in Triton's interpreter and
 compiled for sm_90/sm_80 (tests/test_triton_compile.py).
 
-Backward is the tiled engine's on CPU, the triton engine's on CUDA (both recompute from
-q, k, v, the output and the lse, however they were computed). Problems the kernels do not
+The split-K kernels are forward only. A problem whose inputs require grad runs on the
+tiled engine on CPU, the triton engine on CUDA, forward and backward: a flash-style
+backward recomputes P = exp(s - lse) from its own scores, and scores rounded in other
+ways than the forward's lse was (split-K's own dot products) doubled its dq error at a
+peaked softmax (benchmarks/numerics.py --peaked). So do the problems the kernels do not
 take (dropout, the weights, a float or span-less mask, empty inputs, a build without the
-kernel) run on that same engine; ``explain`` says so, and ``engine="auto"`` passes over
-this engine for them.
+kernel); ``explain`` says so, and ``engine="auto"`` passes over this engine for them.
 
 Shape legend: N flattened batch, Hq/Hkv heads, G = Hq/Hkv, Lq/Lk lengths, E head dim,
 Ev value dim, R = G·Lq rows per kv head, S parts.
@@ -49,7 +51,7 @@ from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
 from dotattn.engines import triton as triton_engine
 from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
-from dotattn.engines.tiled import TiledEngine, _TiledAttention
+from dotattn.engines.tiled import TiledEngine
 
 # Why this build cannot run the split-K kernel (None when it can), decided once.
 _MISSING = _tiled_kernel.MISSING or (
@@ -57,35 +59,6 @@ _MISSING = _tiled_kernel.MISSING or (
     "the compiled kernel dotattn._tiled_cpu predates split_k_attention; rebuild it: "
     "pip install --no-build-isolation -e ."
 )
-
-
-class _SplitKPlan:
-    """The split-K forward's result as a plan for the tiled engine's autograd node, whose
-    backward runs the tiled kernel's (it needs only q, k, v, the output and the lse)."""
-
-    def __init__(self, tiled: TiledEngine, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
-        self.tiled, self.problem, self.out, self.lse = tiled, problem, out, lse
-        self.biases = []  # a span mask has no float leaves
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.out, self.lse
-
-    def gradients(self, *args, **kwargs) -> tuple[torch.Tensor | None, ...]:
-        return self.tiled.plan(self.problem).gradients(*args, **kwargs)
-
-
-class _DecodedCall:
-    """The Triton split-K forward's result as a triton ``_Call`` for that engine's autograd
-    node, whose backward runs its backward kernels."""
-
-    def __init__(self, call, out: torch.Tensor, lse2: torch.Tensor) -> None:
-        self.call, self.out, self.lse2 = call, out, lse2
-
-    def forward(self, q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.out, self.lse2
-
-    def backward(self, *args, **kwargs) -> tuple[torch.Tensor | None, ...]:
-        return self.call.backward(*args, **kwargs)
 
 
 class SplitKEngine(Engine):
@@ -152,6 +125,10 @@ class SplitKEngine(Engine):
             return "dropout is keyed to each (head, query, key), which the split-K kernels do not draw"
         if p.return_weights:
             return "the weights are asked for, which need an (Lq, Lk) pass anyway"
+        if p.requires_grad:
+            return ("an input requires grad: the backward recomputes the scores as its engine's forward "
+                    "computes them, and split-K's own dot products round differently (at a peaked softmax "
+                    "that doubled the dq error: benchmarks/numerics.py --peaked)")
         if p.mask is not None and p.row_spans is None:
             return "the mask is not one span of keys per query (a float, dense or block mask)"
         return None
@@ -201,15 +178,13 @@ class SplitKEngine(Engine):
         out, lse, garbage = _tiled_kernel._ext.split_k_attention(p.query, p.key, p.value, *spans, p.scale, self.parts(p))
         if garbage:  # garbage a row may see: the tiled engine marks exactly those rows
             return self._tiled.run(p)
-        if p.requires_grad:
-            out, lse = _TiledAttention.apply(_SplitKPlan(self._tiled, p, out, lse), p.query, p.key, p.value)
         # Each torch op costs a decoding step tens of microseconds when its code is out of
         # cache, so the no-op ones are left out: out is (N, ...) already for one batch dim.
         if len(p.batch_shape) != 1:
             out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev)
         if out.dtype != p.dtype:
             out = out.to(p.dtype)
-        lse = lse.detach().view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.dtype)) if p.return_lse else None
+        lse = lse.view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.dtype)) if p.return_lse else None
         return AttentionResult(out, lse, None)
 
     def _run_triton(self, problem: Problem) -> AttentionResult:
@@ -219,12 +194,9 @@ class SplitKEngine(Engine):
             out, lse2 = call.decode(p.query, p.key, p.value, self.parts(p))
             if not bool(torch.isfinite(out).all()):  # garbage a row may see: the triton engine marks those rows
                 return self._triton.run(p)
-            if p.requires_grad:
-                out, lse2 = triton_engine._TritonAttention.apply(_DecodedCall(call, out, lse2), p.query, p.key,
-                                                                 p.value, None)
         out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.dtype)
         lse = None
         if p.return_lse:
-            lse = triton_engine.natural_lse(lse2.detach().reshape(*p.batch_shape, p.Hq, p.Lq))
+            lse = triton_engine.natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
             lse = lse.to(lse_dtype(p.dtype))
         return AttentionResult(out, lse, None)
