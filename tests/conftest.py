@@ -11,11 +11,13 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import dataclasses  # noqa: E402
+import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dotattn import engines  # noqa: E402
+import dotattn  # noqa: E402
+from dotattn import engines, masks  # noqa: E402
 from dotattn.engines.split_k import SplitKEngine  # noqa: E402
 from dotattn.engines.tiled import TiledEngine  # noqa: E402
 from dotattn.engines.triton import MISSING as TRITON_MISSING  # noqa: E402
@@ -89,3 +91,45 @@ def qkv(
     k = torch.randn(*B, Hkv, Lk, E, generator=g, dtype=torch.float64)
     v = torch.randn(*B, Hkv, Lk, Ev, generator=g, dtype=torch.float64)
     return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def random_mask(rng: random.Random, B: int, Lq: int, Lk: int) -> masks.Mask:
+    """One to three boolean terms of every kind, ANDed: causal and windows in both alignments,
+    padding on either side (with padded queries), documents, prefix-LM, a dense tensor."""
+    terms = [
+        lambda: masks.causal(align=rng.choice(["top_left", "bottom_right"])),
+        lambda: masks.sliding_window(rng.randint(0, 40), rng.randint(0, 4),
+                                     align=rng.choice(["top_left", "bottom_right"])),
+        lambda: masks.padding([rng.randint(0, Lk) for _ in range(B)],
+                              rng.choice([None, [rng.randint(0, Lq) for _ in range(B)]]),
+                              side=rng.choice(["left", "right"])),
+        lambda: masks.documents(*(torch.arange(L) * rng.randint(1, 3) // L for L in (Lq, Lk))),
+        lambda: masks.prefix_lm(rng.randint(0, Lk)),
+        lambda: masks.dense(torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(rng.randint(0, 99))) < 0.7),
+    ]
+    mask = rng.choice(terms)()
+    for _ in range(rng.randint(0, 2)):
+        mask = mask & rng.choice(terms)()
+    return mask
+
+
+def hidden_keys(mask: masks.Mask, B: int, Hkv: int, G: int, Lq: int, Lk: int) -> torch.Tensor:
+    """(B, Hkv, Lk) bool: the keys that no query row of their kv head (G query heads) may see."""
+    return ~mask.to_dense(Lq, Lk).expand(B, Hkv * G, Lq, Lk).reshape(B, Hkv, G * Lq, Lk).any(dim=2)
+
+
+def clean_and_dirty_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, engine: str, backward: bool,
+                         **kwargs) -> list[list[torch.Tensor]]:
+    """[output, lse, (dq, dk, dv with backward)] of ``engine`` twice: with zeros, then with NaN
+    keys and inf values, at the keys no row may see (``hidden_keys`` of kwargs["mask"])."""
+    B, Hq, Lq = q.shape[:3]
+    Hkv, Lk = k.shape[1:3]
+    hidden = hidden_keys(kwargs["mask"], B, Hkv, Hq // Hkv, Lq, Lk)[..., None]
+    runs = []
+    for bad_k, bad_v in [(0.0, 0.0), (float("nan"), float("inf"))]:
+        leaves = [x.detach().clone().requires_grad_(backward)
+                  for x in (q, k.masked_fill(hidden, bad_k), v.masked_fill(hidden, bad_v))]
+        res = dotattn.scaled_dot_product_attention(*leaves, engine=engine, return_lse=True, **kwargs)
+        grads = torch.autograd.grad(res.output.sum(), leaves) if backward else ()
+        runs.append([res.output.detach(), res.lse, *grads])
+    return runs

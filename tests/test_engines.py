@@ -14,7 +14,7 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn.testing import assert_matches_oracle, oracle
-from tests.conftest import INTERPRETED, engine_cases, engine_names, qkv
+from tests.conftest import INTERPRETED, clean_and_dirty_runs, engine_cases, engine_names, qkv, random_mask
 
 CASES = engine_cases()
 
@@ -189,26 +189,6 @@ def test_garbage_in_an_allowed_key_shows(engine, dtype):
     assert out[0, 0, 2:].isnan().all()
 
 
-def random_mask(rng: random.Random, B: int, Lq: int, Lk: int) -> masks.Mask:
-    """One to three boolean terms of every kind, ANDed: causal and windows in both alignments,
-    padding on either side (with padded queries), documents, prefix-LM, a dense tensor."""
-    terms = [
-        lambda: masks.causal(align=rng.choice(["top_left", "bottom_right"])),
-        lambda: masks.sliding_window(rng.randint(0, 40), rng.randint(0, 4),
-                                     align=rng.choice(["top_left", "bottom_right"])),
-        lambda: masks.padding([rng.randint(0, Lk) for _ in range(B)],
-                              rng.choice([None, [rng.randint(0, Lq) for _ in range(B)]]),
-                              side=rng.choice(["left", "right"])),
-        lambda: masks.documents(*(torch.arange(L) * rng.randint(1, 3) // L for L in (Lq, Lk))),
-        lambda: masks.prefix_lm(rng.randint(0, Lk)),
-        lambda: masks.dense(torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(rng.randint(0, 99))) < 0.7),
-    ]
-    mask = rng.choice(terms)()
-    for _ in range(rng.randint(0, 2)):
-        mask = mask & rng.choice(terms)()
-    return mask
-
-
 # Seeds whose masks hide keys from every row of a kv head (some draws hide none): documents
 # with causal, left padding with documents, padding & causal & prefix-LM, a mask that hides
 # everything, dense & prefix-LM & padding, a decoding step with a window and a dense term.
@@ -229,17 +209,9 @@ def test_random_masks_garbage_that_no_row_may_see_changes_nothing(engine, dtype,
     Lq, Lk = rng.choice([(1, 300), (3, 129), (17, 64)])
     mask = random_mask(rng, B, Lq, Lk)
     q, k, v = qkv(B, Hkv * G, Lq, 16, Hkv=Hkv, Lk=Lk, dtype=dtype, seed=seed)
-    hidden = ~mask.to_dense(Lq, Lk).expand(B, Hkv * G, Lq, Lk).reshape(B, Hkv, G * Lq, Lk).any(dim=2)
     assert_matches_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True)
-    runs = []
-    for bad_k, bad_v in [(0.0, 0.0), (float("nan"), float("inf"))]:
-        leaves = [q.clone(), k.masked_fill(hidden[..., None], bad_k), v.masked_fill(hidden[..., None], bad_v)]
-        leaves = [x.requires_grad_() for x in leaves]
-        res = dotattn.scaled_dot_product_attention(*leaves, mask=mask, enable_gqa=True, engine=engine,
-                                                   return_lse=True)
-        runs.append([res.output, res.lse, *torch.autograd.grad(res.output.sum(), leaves)])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for clean, dirty in zip(*runs):
+    for clean, dirty in zip(*clean_and_dirty_runs(q, k, v, engine, True, mask=mask, enable_gqa=True)):
         torch.testing.assert_close(dirty, clean, atol=tol, rtol=tol)
 
 
