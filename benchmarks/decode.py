@@ -127,23 +127,41 @@ def bandwidth_table(lengths: list[int], batches: list[int], heads: list[str], dt
                           f"{t_torch / t_ours:>6.2f}x  {engine.engine}", flush=True)
 
 
+def cold(fns: list[Callable[[], object]], runs: int) -> list[float]:
+    """Median seconds of each function over ``runs`` calls, each right after a copy that evicts
+    the caches (code and data), as in a model's decoding step, whose other layers (and the
+    cache read itself) evict them between calls; the functions take turns."""
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, t in zip(fns, times):
+            dst.copy_(src)
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def crossover(repeats: int) -> None:
-    """split_k vs tiled (both forced) over rows per kv head and cache length: where auto should switch."""
+    """split_k vs tiled (both forced) over rows per kv head and cache length, warm (back to back)
+    and cold (each call after a cache-evicting copy): where auto should switch."""
     split_k = engines.get("split_k")
-    print(f"float32, E {E}, B 1, Hkv 8; auto picks split_k for rows <= {split_k.AUTO_MAX_ROWS} and "
-          f"L >= {split_k.AUTO_MIN_KEYS}; ratio = tiled ms / split_k ms (> 1: split_k faster)")
-    print(f"{'rows':>5} {'G':>3} {'Lq':>3} " + " ".join(f"{'L ' + str(L):>8}" for L in (256, 512, 1024, 4096, 16384)))
-    for G, Lq in [(1, 1), (4, 1), (4, 4), (4, 8), (4, 16), (1, 128), (4, 32)]:
+    lengths = (16, 256, 1024, 4096, 16384)
+    print(f"float32, E {E}, B 1, Hkv 8; auto picks split_k for rows <= {split_k.AUTO_MAX_ROWS}; tiled ms / split_k ms "
+          f"(> 1: split_k faster), warm (fastest of {repeats}) / cold (median of {4 * repeats})")
+    print(f"{'rows':>5} {'G':>3} {'Lq':>3} " + " ".join(f"{'L ' + str(L):>11}" for L in lengths))
+    for G, Lq in [(1, 1), (4, 1), (4, 4), (16, 1), (4, 8), (32, 1), (4, 16), (1, 128), (4, 32)]:
         ratios = []
-        for L in (256, 512, 1024, 4096, 16384):
+        for L in lengths:
             q, k, v, _ = decoding_step(1, 8 * G, 8, L, torch.float32)
             q = torch.randn(1, 8 * G, Lq, E)
             mask = masks.causal(align="bottom_right")
             fns = [lambda e=e: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=e)
                    for e in ("split_k", "tiled")]
-            t_split, t_tiled = fastest(fns, repeats)
-            ratios.append(t_tiled / t_split)
-        print(f"{G * Lq:>5} {G:>3} {Lq:>3} " + " ".join(f"{r:>7.2f}x" for r in ratios), flush=True)
+            (w_split, w_tiled), (c_split, c_tiled) = fastest(fns, repeats), cold(fns, 4 * repeats)
+            ratios.append(f"{w_tiled / w_split:.2f}/{c_tiled / c_split:.2f}")
+        print(f"{G * Lq:>5} {G:>3} {Lq:>3} " + " ".join(f"{r:>11}" for r in ratios), flush=True)
 
 
 def kernel_args(B: int, Hkv: int, R: int, L: int, dtype: torch.dtype) -> tuple:
@@ -179,8 +197,7 @@ def one_core(repeats: int) -> None:
 def overhead(repeats: int) -> None:
     """Fixed cost per call: a decoding step against 16 keys (GQA 32/8, B 1, a KVCache's mask), where
     the kernel's work is negligible, through dotattn, the kernel alone, and torch SDPA. Warm: calls
-    back to back. Cold: each call right after a copy that evicts the caches, as in a model's
-    decoding step, whose other layers (and the cache read itself) evict the code between calls."""
+    back to back. Cold: see ``cold``."""
     from dotattn import _tiled_cpu
 
     q, k, v, mask = decoding_step(1, 32, 8, 16, torch.float32)
@@ -197,20 +214,12 @@ def overhead(repeats: int) -> None:
     }
     calls = 200
     warm = fastest([lambda fn=fn: [fn() for _ in range(calls)] for fn in fns.values()], repeats)
-    src = torch.ones(COPY_BYTES // 4)
-    dst = torch.empty_like(src)
-    cold: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(10 * repeats):
-        for name, fn in fns.items():
-            dst.copy_(src)
-            start = time.perf_counter()
-            fn()
-            cold[name].append(time.perf_counter() - start)
+    medians = cold(list(fns.values()), 10 * repeats)
     print(f"microseconds per call, {torch.get_num_threads()} threads; warm: fastest of {repeats} runs of {calls} "
           f"calls; cold: median of {10 * repeats} calls, each after a {COPY_BYTES >> 20} MiB copy")
     print(f"{'':>30}  {'warm':>7} {'cold':>7}")
-    for name, t in zip(fns, warm):
-        print(f"{name:>30}: {t / calls * 1e6:7.1f} {statistics.median(cold[name]) * 1e6:7.1f}")
+    for name, t, c in zip(fns, warm, medians):
+        print(f"{name:>30}: {t / calls * 1e6:7.1f} {c * 1e6:7.1f}")
 
 
 def main() -> None:

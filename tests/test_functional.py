@@ -127,7 +127,7 @@ def test_use_engine_nests_and_explicit_engine_wins(picky):
 
 
 def test_auto_passes_tiled_over_for_tiny_tensor_masked_problems_but_a_forced_tiled_runs_them():
-    tiny = qkv(1, 1, 8, 4)
+    tiny = [x.requires_grad_() for x in qkv(1, 1, 8, 4)]  # training: split_k would hand it to tiled
     dense = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.5
     explanation = dotattn.explain(*tiny, dense)
     assert explanation.engine == "reference"

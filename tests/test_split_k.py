@@ -193,7 +193,7 @@ def test_auto_picks_split_k_only_for_decoding_shapes():
     assert decoding.engine == "split_k" and "split-K kernel" in decoding.detail
     prefill = chosen(128, 4096)
     assert prefill.engine == "tiled" and "query rows per kv head" in prefill.rejected["split_k"][0]
-    assert "fewer than" in chosen(1, 100).rejected["split_k"][0]
+    assert chosen(1, 16).engine == "split_k"  # a short cache too: it is faster at every length
     dropout = chosen(1, 4096, dropout_p=0.1)
     assert dropout.engine == "tiled" and "dropout" in dropout.rejected["split_k"][0]
     forced = dotattn.explain(*qkv(1, 2, 4, 8, Lk=4096), mask=masks.dense(torch.ones(4, 4096, dtype=torch.bool)),

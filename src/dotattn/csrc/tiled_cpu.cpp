@@ -689,8 +689,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 constexpr int kDecodeTile = 128;
 // Keys per step of the scores pass, whose value rows are prefetched as the keys are read.
 constexpr int kDecodeChunk = 2;
-// Keys and values below this many bytes run on one thread (see split_k_impl).
+// Problems below this many bytes of keys and values and this many multiply-adds run on one
+// thread (see split_k_impl).
 constexpr int64_t kDecodeMinParallelBytes = 1 << 20;
+constexpr int64_t kDecodeMinParallelMacs = 1 << 21;
 
 // Asks for rows x n elements of x (leading dim ld) to be brought into the cache.
 //
@@ -1093,9 +1095,12 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool interleaved = std::is_same_v<In, at::BFloat16> && kBf16Interleaved && E % 16 == 0 && Ev % 16 == 0;
   const bool widened = !std::is_same_v<In, T> && !interleaved;
   // Waking the other threads costs tens of microseconds, more than a step against a short
-  // cache takes on one: below kDecodeMinParallelBytes of keys and values, one thread runs it.
-  const int64_t bytes = N * Hkv * Lk * (E + Ev) * static_cast<int64_t>(sizeof(In));
-  const int threads = bytes < kDecodeMinParallelBytes ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  // cache takes on one: below kDecodeMinParallelBytes of keys and values, one thread runs it,
+  // unless the rows make it kDecodeMinParallelMacs of work (many rows per kv head).
+  const int64_t elements = N * Hkv * Lk * (E + Ev);
+  const bool small = elements * static_cast<int64_t>(sizeof(In)) < kDecodeMinParallelBytes &&
+                     elements * R < kDecodeMinParallelMacs;
+  const int threads = small ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
 
 #pragma omp parallel num_threads(threads)
   {
@@ -1160,14 +1165,16 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             tile_scores(qh.data(), E, static_cast<int>(R), kc, ldk, cn, scale, sc, kDecodeTile);
           }
         }
-        // ... then each row keeps only its span: a key outside it, garbage or not, becomes
-        // -inf here and never reaches that row's values.
+        // ... then each row keeps only its span: a key outside it, garbage or not, gets
+        // weight 0 here (its score is never read), so only a value it holds can reach the row.
         bool any = false;
         for (int64_t r = 0; r < R; ++r) {
           T* sr = s.data() + r * kDecodeTile;
           const int a = static_cast<int>(std::clamp<int64_t>(row_lo[r] - j0, 0, cols));
           const int b = static_cast<int>(std::clamp<int64_t>(row_hi[r] - j0, a, cols));
           a_r[r] = a, b_r[r] = b;
+          std::fill(sr, sr + a, T(0));
+          std::fill(sr + b, sr + cols, T(0));
           if (a == b) continue;  // the row sees nothing here: its state stays as it is
           any = true;
           // A NaN or inf among the scores a row sees came from garbage in q or a key it may
@@ -1193,13 +1200,17 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           widen(vals + j0 * ldv_in, ldv_in, cols, Ev, v_tile.data());
           values = v_tile.data();
         }
-        // acc += P~ V, each row over its own keys; four rows with the same keys go together.
+        // acc += P~ V, rows four at a time over the keys any of the four sees (a row's weight
+        // is 0 outside its own span): a decoding step's query heads see the same keys, and
+        // the queries of a causal block nearly so. A value outside a row's span reaches it
+        // only as 0 · value, which is NaN just when the value is garbage: then the output
+        // holds NaN, and Python reruns the problem on the tiled engine, which marks exactly
+        // the rows that saw garbage. Causal, window and padding spans leave no key between
+        // two rows' spans, so there it takes garbage that some row does see.
         for (int64_t r = 0; r < R;) {
-          const int a = a_r[r], b = b_r[r];
-          int rows = 1;
-          if (r + 4 <= R && a_r[r + 1] == a && a_r[r + 2] == a && a_r[r + 3] == a && b_r[r + 1] == b &&
-              b_r[r + 2] == b && b_r[r + 3] == b)
-            rows = 4;
+          const int rows = r + 4 <= R ? 4 : 1;
+          int a = a_r[r], b = b_r[r];
+          for (int i = 1; i < rows; ++i) a = std::min(a, a_r[r + i]), b = std::max(b, b_r[r + i]);
           if (b > a) {
             if constexpr (std::is_same_v<In, at::BFloat16>) {
               if (interleaved) {

@@ -1,6 +1,6 @@
-"""The split-K engine ("flash-decoding"): few queries against a long key/value cache.
+"""The split-K engine ("flash-decoding"): few queries against a key/value cache.
 
-Decoding asks for one query (or a few) per head against thousands of cached keys. The
+Decoding asks for one query (or a few) per head against up to thousands of cached keys. The
 tiled engine gives each query head a task of its own, so every one of them reads its kv
 head's keys and values again (Hq/Hkv times per step), and a GEMM over one or a few query
 rows is mostly call overhead. This engine runs the compiled kernel's ``split_k_attention``
@@ -18,11 +18,12 @@ The mask reaches the kernel as row spans (``Mask.row_spans``: causal in both ali
 left or right padding, windows, and their combinations; a KV cache's decoding mask is
 one). Keys outside every row's span, such as a left-padded row's padding, are never read:
 the parts cover only the keys some row sees, so a part the mask's block map calls EMPTY
-does not exist. Within a part a key outside a row's span meets that row only as a -inf
-score, so garbage there never reaches an output. Garbage that a row may see makes the
-kernel's row NaN, and the problem then reruns on the tiled engine, which marks exactly
-the rows that saw it; no pass over the cache looks for NaN beforehand (it would read the
-cache a second time per step).
+does not exist. Within a part a key outside a row's span meets that row only as weight
+0: its score is never read, and its value (read for the row's block of four) adds
+0 · value, which is NaN only when the value is garbage. Garbage that some row may see, or
+that reaches an output that way, makes the kernel's output NaN, and the problem then
+reruns on the tiled engine, which marks exactly the rows that saw it; no pass over the
+cache looks for NaN beforehand (it would read the cache a second time per step).
 
 CUDA tensors run the same plan as two Triton kernels (``triton/_decode.py``): one program
 per (part, batch x kv head, block of rows), then a merge; garbage shows the same way, and
@@ -63,15 +64,15 @@ _MISSING = _tiled_kernel.MISSING or (
 
 class SplitKEngine(Engine):
     name = "split_k"
-    description = ("flash-decoding for few queries against a long KV cache: keys split into parts run in "
+    description = ("flash-decoding for few queries against a KV cache: keys split into parts run in "
                    "parallel and merged by lse; a kv head's query heads share each key read")
     priority = 20  # tried before tiled; auto_skip hands everything but decoding shapes to it
 
-    # Where auto picks split-K over the tiled engine (benchmarks/decode.py, --crossover):
-    # with more rows per kv head than this, the tiled engine's GEMM tiles win; below this
-    # many keys there is too little to split. CUDA uses the same numbers, untimed there.
+    # Where auto picks split-K over the tiled engine (benchmarks/decode.py --crossover, warm
+    # and cold): with up to this many query rows per kv head it was faster at every cache
+    # length measured, 16 to 16k keys; with more, the tiled engine's GEMM tiles win. CUDA
+    # uses the same number, untimed there.
     AUTO_MAX_ROWS = 32
-    AUTO_MIN_KEYS = 1024
     # Parts per thread (CPU) or per streaming multiprocessor (CUDA), so that the scheduler
     # evens out uneven parts, and the fewest keys worth a part of its own.
     PARTS_PER_THREAD = 4
@@ -142,9 +143,6 @@ class SplitKEngine(Engine):
         if rows > self.AUTO_MAX_ROWS:
             return (f"{rows} query rows per kv head (Hq/Hkv·Lq) is more than {self.AUTO_MAX_ROWS}: "
                     f"the {self.fallback(p).name} engine's GEMM tiles are faster; engine='split_k' forces it")
-        if p.Lk < self.AUTO_MIN_KEYS:
-            return (f"{p.Lk} keys are fewer than {self.AUTO_MIN_KEYS}, too few to split; "
-                    "engine='split_k' forces it")
         return None
 
     def parts(self, problem: Problem) -> int:
