@@ -84,10 +84,9 @@ class Problem:
         selection makes before any engine runs)."""
         if not torch.is_grad_enabled():  # before biases(), which a view computes by cutting
             return False
-        tensors = [self.query, self.key, self.value]
-        if self.mask is not None:
-            tensors += [leaf.tensor for leaf in self.mask.biases()]
-        return any(t.requires_grad for t in tensors)
+        if self.query.requires_grad or self.key.requires_grad or self.value.requires_grad:
+            return True
+        return self.mask is not None and any(leaf.tensor.requires_grad for leaf in self.mask.biases())
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -131,6 +130,8 @@ def _check_scale(scale: object, E: int) -> float:
         if E == 0:
             raise ValueError("query has head dim 0, so the default scale 1/sqrt(E) is infinite; pass scale=")
         return 1.0 / math.sqrt(E)
+    if type(scale) is float and math.isfinite(scale):  # the common case, before the ABC check
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
     if not math.isfinite(float(scale)):
@@ -139,6 +140,8 @@ def _check_scale(scale: object, E: int) -> float:
 
 
 def _check_dropout(dropout_p: object) -> float:
+    if type(dropout_p) in (float, int) and dropout_p == 0:  # the common case, before the ABC check
+        return 0.0
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= float(dropout_p) < 1.0:
@@ -219,8 +222,10 @@ def prepare(
     generator: object = None,
 ) -> Problem:
     """Check a call's arguments and bundle them into a :class:`Problem`."""
+    # Plain statements rather than loops over the three: a decoding step runs this with its
+    # code out of cache, where every generator is one more object to fetch.
     (qs, dtype), (ks, k_dtype), (vs, v_dtype) = (
-        _check_tensor(name, x) for name, x in (("query", query), ("key", key), ("value", value)))
+        _check_tensor("query", query), _check_tensor("key", key), _check_tensor("value", value))
     device = query.device
     for name, x, x_dtype in (("key", key, k_dtype), ("value", value, v_dtype)):
         if x_dtype != dtype:
@@ -234,8 +239,10 @@ def prepare(
                 f"must be on one device (use {name}.to(query.device))"
             )
     squeeze_head = len(qs) == len(ks) == len(vs) == 2
-    q, k, v = (x.unsqueeze(0) if len(shape) == 2 else x for x, shape in ((query, qs), (key, ks), (value, vs)))
-    qs, ks, vs = ((1, *shape) if len(shape) == 2 else shape for shape in (qs, ks, vs))
+    q, k, v = query, key, value
+    if 2 in (len(qs), len(ks), len(vs)):
+        q, k, v = (x.unsqueeze(0) if len(shape) == 2 else x for x, shape in ((query, qs), (key, ks), (value, vs)))
+        qs, ks, vs = ((1, *shape) if len(shape) == 2 else shape for shape in (qs, ks, vs))
 
     if ks[-1] != qs[-1]:
         raise ValueError(
@@ -258,7 +265,7 @@ def prepare(
     Ev = vs[-1]
     _check_heads(Hq, Hkv, enable_gqa)
     try:
-        batch_shape = _broadcast_shapes(batch_q, batch_k, vs[:-3])
+        batch_shape = tuple(qs[:-3]) if qs[:-3] == ks[:-3] == vs[:-3] else _broadcast_shapes(batch_q, batch_k, vs[:-3])
     except ValueError:
         raise ValueError(
             f"the leading (batch) dims of query {tuple(batch_q)}, key {tuple(batch_k)} "
@@ -286,7 +293,7 @@ def prepare(
             _check_mask_fits("mask", leaf, scores_shape)
         mask.check(Lq, Lk)
         parts.append(mask)
-    combined = reduce(lambda a, b: a & b, parts) if parts else None
+    combined = parts[0] if len(parts) == 1 else reduce(lambda a, b: a & b, parts) if parts else None
     # What hides nothing on this problem is left out (Mask.simplified): a decoding step's
     # causal(bottom_right) over one query then costs no engine anything.
     combined = None if combined is None else combined.simplified(Lq, Lk)
