@@ -1081,11 +1081,22 @@ void merge_parts(const T* o, const T* l, int64_t S, int64_t rows, int64_t Ev, T*
   }
 }
 
-// Whether some entry of x[0:n] is NaN or inf.
-template <typename T>
-bool any_garbage(const T* x, int64_t n) {
-  T check = 0;
-  for (int64_t i = 0; i < n; ++i) check += x[i] * T(0);
+// Whether some entry of x[0:n] is NaN or inf: x · 0 is NaN just for those. In vectors, four
+// apart: a scalar sum, which the compiler may not reorder, took 3 cycles an element (perf:
+// 40 us of a B 8 decoding step, half of a small 8-query one).
+inline bool any_garbage(const float* x, int64_t n) {
+  vfloat check[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW)
+    for (int j = 0; j < 4; ++j) check[j] += vload(x + i + j * kW) * 0.0f;
+  float rest = 0;
+  for (; i < n; ++i) rest += x[i] * 0.0f;
+  return std::isnan(hsum(check[0] + check[1] + check[2] + check[3]) + rest);
+}
+
+inline bool any_garbage(const double* x, int64_t n) {  // float64 is for testing
+  double check = 0;
+  for (int64_t i = 0; i < n; ++i) check += x[i] * 0.0;
   return std::isnan(check);
 }
 
