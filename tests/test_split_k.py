@@ -106,6 +106,23 @@ def test_parts_that_do_not_divide_the_keys(engine, split_k, monkeypatch, parts):
                           backward=False)
 
 
+def test_garbage_between_the_spans_of_a_block_of_rows_changes_nothing(engine):
+    """The kernel runs rows four at a time over the union of their spans. Packed documents
+    leave a gap in it: queries 0-1 see keys 0-1, queries 2-3 keys 4-5, and no query keys 2-3.
+    NaN and inf there reach the block only as 0 · garbage, whose NaN sends the problem to the
+    fallback engine, which gives exactly what the clean inputs give."""
+    q, k, v = qkv(1, 1, 4, 16, Lk=6)
+    mask = masks.documents(torch.tensor([0, 0, 2, 2]), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert mask.row_spans(4, 6) is not None  # one span per query: split_k takes it
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[..., 2:4, :] = float("nan")
+    dirty_v[..., 2, :], dirty_v[..., 3, :] = float("inf"), float("nan")
+    clean, dirty = (dotattn.scaled_dot_product_attention(q, kk, vv, mask=mask, engine=engine, return_lse=True)
+                    for kk, vv in ((k, v), (dirty_k, dirty_v)))
+    torch.testing.assert_close(dirty.output, clean.output, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dirty.lse, clean.lse, atol=1e-6, rtol=0)
+
+
 @pytest.mark.usefixtures("never_on_fallback")
 def test_rows_and_parts_that_see_nothing(engine, split_k, monkeypatch):
     monkeypatch.setattr(split_k, "parts", lambda problem: 5)
