@@ -136,8 +136,10 @@ inline vfloat vexp_nonpos(vfloat x) {
   y = y * r + 1.6666783e-1f;
   y = y * r + 4.9998863e-1f;
   y = y * (r * r) + r + 1.0f;
-  const vint bits = (reinterpret_cast<const vint&>(t) + 127) << 23;
-  return tiny ? vfloat{} : y * reinterpret_cast<const vfloat&>(bits);
+  // A cast between vector types of one size reinterprets the bits (GCC's vector extension),
+  // without the aliasing of a reference cast.
+  const vint bits = ((vint)t + 127) << 23;
+  return tiny ? vfloat{} : y * (vfloat)bits;
 }
 
 inline float hsum(vfloat v) {
