@@ -768,13 +768,17 @@ inline void tile_scores(const float* q, int E, int rows, const float* keys, int6
   int r = 0;
   for (; rows >= 8 && blocked && cols % 2 == 0 && r + 4 <= rows; r += 4) {
     const float* q0 = q + static_cast<int64_t>(r) * E;
+    const float* qr[4] = {q0, q0 + E, q0 + 2 * E, q0 + 3 * E};  // as in tile_values
     for (int c = 0; c < cols; c += 2) {
       const float* k0 = keys + c * ldk;
+      const float* k1 = k0 + ldk;
       vfloat a[8] = {};
-      for (int e = 0; e < E; e += kW) {
-        const vfloat y0 = vload(k0 + e), y1 = vload(k0 + ldk + e);
+      for (int64_t e = 0; e < E; e += kW) {
+        vfloat y0 = vload(k0 + e), y1 = vload(k1 + e);
+        asm("" : "+x"(y0), "+x"(y1));  // each load once, in a register (see tile_values)
         for (int i = 0; i < 4; ++i) {
-          const vfloat x = vload(q0 + i * E + e);
+          vfloat x = vload(qr[i] + e);
+          asm("" : "+x"(x));
           a[2 * i] += x * y0;
           a[2 * i + 1] += x * y1;
         }
