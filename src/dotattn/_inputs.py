@@ -293,7 +293,7 @@ def prepare(
             _check_mask_fits("mask", leaf, scores_shape)
         mask.check(Lq, Lk)
         parts.append(mask)
-    combined = parts[0] if len(parts) == 1 else reduce(lambda a, b: a & b, parts) if parts else None
+    combined = reduce(lambda a, b: a & b, parts) if parts else None
     # What hides nothing on this problem is left out (Mask.simplified): a decoding step's
     # causal(bottom_right) over one query then costs no engine anything.
     combined = None if combined is None else combined.simplified(Lq, Lk)

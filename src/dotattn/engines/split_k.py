@@ -66,7 +66,7 @@ class SplitKEngine(Engine):
     name = "split_k"
     description = ("flash-decoding for few queries against a KV cache: keys split into parts run in "
                    "parallel and merged by lse; a kv head's query heads share each key read")
-    priority = 20  # tried before tiled; auto_skip hands everything but decoding shapes to it
+    priority = 20  # tried before tiled; auto_skip hands it what has more rows per kv head than AUTO_MAX_ROWS
 
     # Where auto picks split-K over the tiled engine (benchmarks/decode.py --crossover, warm
     # and cold): with up to this many query rows per kv head it was faster at every cache
