@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import dotattn
-from dotattn.cli.bench import peak_bytes, timed
+from dotattn.benchmarking import peak_bytes, timed
 from dotattn.nn.additive import AdditiveAttention
 
 MiB = 2**20

@@ -26,7 +26,8 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
-from dotattn.cli.bench import gemm_peak, timed  # benchmarks/crossover.py and additive_vs_dot.py import timed from here
+# dotattn bench and every other script in benchmarks/ import these from dotattn.benchmarking too
+from dotattn.benchmarking import gemm_peak, timed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import dotattn
-from benchmarks.cpu import timed
+from dotattn.benchmarking import timed
 from dotattn.engines.tiled import TiledEngine
 
 

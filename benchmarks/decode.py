@@ -34,7 +34,7 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
-from dotattn.cli.bench import gemm_peak
+from dotattn.benchmarking import gemm_peak
 from dotattn.engines.base import dtype_name
 from dotattn.nn import KVCache
 
@@ -48,7 +48,7 @@ def fastest(fns: list[Callable[[], object]], repeats: int, budget_s: float = 2.0
     a function stops repeating once its runs (warm-up included) took ``budget_s``, and a
     warm-up that alone took that long counts as its one run.
 
-    The fastest, not the median (as ``dotattn.cli.bench.gemm_peak`` does): on a shared
+    The fastest (as ``dotattn.benchmarking.gemm_peak`` takes), not the median: on a shared
     machine a neighbour only ever slows a run, and a step that is a few milliseconds of
     two OpenMP threads loses a whole time slice whenever one of them is preempted."""
     best, spent = [float("inf")] * len(fns), [0.0] * len(fns)

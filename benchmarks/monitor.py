@@ -14,7 +14,7 @@ import torch
 
 import dotattn
 from dotattn import diagnostics
-from dotattn.cli.bench import peak_bytes, timed
+from dotattn.benchmarking import peak_bytes, timed
 from benchmarks.cpu import make_mask
 
 

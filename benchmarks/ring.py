@@ -23,7 +23,7 @@ Besides the whole ring, the script times one step's parts alone (one whole block
 compute, giving R; one K/V transfer, giving BW) and prints S* next to the S it ran.
 
 --memory measures what the method is for: each rank's peak bytes (the torch profiler's
-allocations, ``dotattn.cli.bench.peak_bytes``) during one causal zigzag forward+backward,
+allocations, ``dotattn.benchmarking.peak_bytes``) during one causal zigzag forward+backward,
 its inputs, d_out and the gradients' first allocation excluded by a warm-up call, against
 the single-process tiled engine on the whole sequence. Per rank it should fall as 1/W.
 """
@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dotattn
-from dotattn.cli.bench import peak_bytes
+from dotattn.benchmarking import peak_bytes
 from dotattn.distributed import ring as ring_module
 from dotattn.distributed import ring_attention, shard_sequence
 

@@ -9,7 +9,7 @@ import torch
 
 import dotattn
 from dotattn import diagnostics, masks
-from dotattn.cli.bench import peak_bytes
+from dotattn.benchmarking import peak_bytes
 from dotattn.nn import MultiHeadAttention
 from tests.conftest import engine_cases, qkv
 
