@@ -11,7 +11,7 @@ TRITON := triton==3.9.0
 
 # The compiled kernel (src/dotattn/csrc) builds against the installed torch, so torch and
 # the build tools go in first and the package builds without isolation.
-$(VENV)/.installed: pyproject.toml setup.py src/dotattn/csrc/tiled_cpu.cpp
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/dotattn/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(TRITON) setuptools wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,plots]'

@@ -20,7 +20,9 @@ else:
     ext_modules.append(
         CppExtension(
             "dotattn._tiled_cpu",
-            ["src/dotattn/csrc/tiled_cpu.cpp"],
+            ["src/dotattn/csrc/tiled.cpp", "src/dotattn/csrc/split_k.cpp", "src/dotattn/csrc/bindings.cpp"],
+            # the headers they include: an sdist carries them, and a change rebuilds
+            depends=["src/dotattn/csrc/common.h", "src/dotattn/csrc/kernels.h"],
             # Built and run on the same machine, so tune for it; OpenMP resolves to the
             # libgomp torch already loaded (same soname), so there is one thread pool.
             # -ffp-contract=fast: a*b+c becomes one rounding (the exp's reduction relies on it).

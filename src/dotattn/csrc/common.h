@@ -1,0 +1,172 @@
+// What the compiled kernel's two halves share, the tiled forward and backward (tiled.cpp)
+// and split-K decoding (split_k.cpp): the vector row kernels, the register pin, the dropout
+// hash and the compute dtype. All of it is inline, so both inline it into their hot loops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace dotattn {
+
+// Row kernels written with GCC vector extensions, so they vectorise the same way on
+// AVX2 and AVX-512 builds: exp, row max, and exp with the row sum.
+#if defined(__AVX512F__)
+inline constexpr int kW = 16;
+#else
+inline constexpr int kW = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kW * sizeof(float))));
+
+// Keeps a loaded vector in a register. Where one load feeds several FMAs, GCC otherwise
+// folds it into each of them as a memory operand, and the loop loads it again for every
+// use (perf: the values pass loaded 12 times per 8 FMAs). Without AVX a vector spans two
+// registers, which the constraint cannot name; those builds keep the folded loads.
+inline void in_register(vfloat& v) {
+#if defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x) for x <= 0 (softmax arguments are s - max), -inf -> 0: x = n ln2 + r with n
+// rounded to nearest by the 1.5·2^23 trick (which leaves n in t's low mantissa bits, so
+// 2^n is an integer add and shift), r by one fused multiply-add (setup.py compiles with
+// -ffp-contract=fast), then a degree-5 polynomial fitted for relative error on
+// |r| <= ln2/2: at most 6 ulp over [-87, 0], 4 ulp over [-10, 0] (torch's exp_u20: 20).
+inline vfloat vexp_nonpos(vfloat x) {
+  const float lo = -87.33654f;  // ln(FLT_MIN): below it the result is 0
+  const vint tiny = x < lo;
+  const vfloat xc = tiny ? vfloat{} + lo : x;
+  const vfloat t = xc * 1.44269504088896341f + 12582912.0f;
+  const vfloat n = t - 12582912.0f;
+  const vfloat r = xc - n * 0.693147180559945f;
+  vfloat y = r * 8.34644e-3f + 4.192711e-2f;
+  y = y * r + 1.6666783e-1f;
+  y = y * r + 4.9998863e-1f;
+  y = y * (r * r) + r + 1.0f;
+  // A cast between vector types of one size reinterprets the bits (GCC's vector extension),
+  // without the aliasing of a reference cast.
+  const vint bits = ((vint)t + 127) << 23;
+  return tiny ? vfloat{} : y * (vfloat)bits;
+}
+
+inline float hsum(vfloat v) {
+  float s = 0;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+
+// Runs f on x[0:n] a vector at a time; the ragged end goes through a buffer padded with `pad`.
+template <typename F>
+inline void for_vectors(float* x, int n, float pad, F f) {
+  int c = 0;
+  for (; c + kW <= n; c += kW) vstore(x + c, f(vload(x + c)));
+  if (c < n) {
+    float buf[kW];
+    std::fill(buf, buf + kW, pad);
+    std::copy(x + c, x + n, buf);
+    vstore(buf, f(vload(buf)));
+    std::copy(buf, buf + (n - c), x + c);
+  }
+}
+
+inline float row_max(float* x, int n) {
+  vfloat m = vfloat{} - std::numeric_limits<float>::infinity();
+  for_vectors(x, n, -std::numeric_limits<float>::infinity(), [&](vfloat v) {
+    m = v > m ? v : m;
+    return v;
+  });
+  float out = m[0];
+  for (int i = 1; i < kW; ++i) out = m[i] > out ? m[i] : out;
+  return out;
+}
+
+// x = exp(x - sub) in place; returns the sum. Padding is -inf, so it adds 0.
+inline float exp_sum(float* x, int n, float sub) {
+  vfloat acc = {};
+  for_vectors(x, n, -std::numeric_limits<float>::infinity(), [&](vfloat v) {
+    const vfloat e = vexp_nonpos(v - sub);
+    acc += e;
+    return e;
+  });
+  return hsum(acc);
+}
+
+inline float exp_nonpos(float x) {
+  float buf = x;
+  exp_sum(&buf, 1, 0.0f);
+  return buf;
+}
+
+// float64 is for testing: plain loops.
+inline double row_max(double* x, int n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int c = 0; c < n; ++c) m = x[c] > m ? x[c] : m;
+  return m;
+}
+
+inline double exp_sum(double* x, int n, double sub) {
+  double sum = 0;
+  for (int c = 0; c < n; ++c) sum += (x[c] = std::exp(x[c] - sub));
+  return sum;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// The dropout pattern shared with Python (dotattn/_dropout.py): lowbias32 on uint32.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t seed = 0;
+  uint64_t threshold = 0;  // keep when hash >= threshold
+  double inv_keep = 1.0;   // 1 / (1 - p)
+
+  Dropout(double p, int64_t seed_) : on(p > 0), seed(static_cast<uint32_t>(seed_)) {
+    threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
+    inv_keep = on ? 1.0 / (1.0 - p) : 1.0;
+  }
+
+  // Multiply a tile (rows x cols, ld) by keep(bh, i, j) / (1 - p).
+  template <typename T>
+  void apply(T* x, int ld, int64_t bh, int64_t i0, int rows, int64_t j0, int cols) const {
+    const uint32_t head_key = mix32(static_cast<uint32_t>(bh) ^ seed);
+    const T scale = static_cast<T>(inv_keep);
+    for (int r = 0; r < rows; ++r) {
+      const uint32_t row_key = mix32(head_key ^ mix32(static_cast<uint32_t>(i0 + r)));
+      T* xr = x + static_cast<int64_t>(r) * ld;
+      for (int c = 0; c < cols; ++c) {
+        const uint32_t u = mix32(row_key ^ static_cast<uint32_t>(j0 + c));
+        xr[c] = u >= threshold ? xr[c] * scale : T(0);
+      }
+    }
+  }
+};
+
+// float32 for bfloat16 storage, else the storage type itself.
+inline at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 ? at::kFloat : q.scalar_type();
+}
+
+}  // namespace dotattn
