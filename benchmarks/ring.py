@@ -88,9 +88,9 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, re
             t_both = _median_max(both, repeats, True)
             # One step's parts alone: the compute of a whole (unmasked) block, one K/V transfer.
             block = ring_module.prepare(q.detach(), k.detach(), v.detach())
-            tiled = ring_module._BLOCKS["tiled"]
+            tiled = dotattn.engines.get("tiled")
             t_block = _median_max(lambda: tiled.forward(block), repeats, False)
-            plan = ring_module._Ring(None, rank, world, layout, L, L, None, E**-0.5, False, (B,), tiled)
+            plan = ring_module._Ring(None, rank, world, layout, L, L, None, E**-0.5, False, (B,), tiled, False)
             t_comm = _median_max(lambda: ring_module._Transfer(plan, (k.detach(), v.detach()), 1).wait(),
                                  repeats, True)
             # The same transfer started before a block's compute, as the ring does: the wait after it.

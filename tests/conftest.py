@@ -40,6 +40,10 @@ if TRITON_MISSING is None:
     engines.register(_engine)
     INTERPRETED.add(_engine.name)
 
+# A test-only engine written against the engine contract alone; importing it registers it,
+# so it runs every engine-parametrized test, the ring tests and `dotattn check`.
+import tests.chunked_engine  # noqa: E402,F401
+
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 

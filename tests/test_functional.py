@@ -88,7 +88,7 @@ class _Picky(Engine):
 
 @pytest.fixture
 def picky(monkeypatch):
-    monkeypatch.setitem(engines._REGISTRY, "picky", _Picky())
+    monkeypatch.setitem(engines.registry._REGISTRY, "picky", _Picky())
 
 
 def test_forced_engine_lists_every_reason(picky):

@@ -14,7 +14,7 @@ import torch
 
 import dotattn
 from dotattn import engines, masks
-from dotattn.engines._merge import merge_into
+from dotattn._softmax import merge_into
 from dotattn.nn import KVCache, MultiHeadAttention
 from dotattn.testing import assert_matches_oracle, oracle
 from dotattn.engines.triton import MISSING as TRITON_MISSING
@@ -47,8 +47,8 @@ def _refuse(problem):
 @pytest.fixture
 def never_on_fallback(split_k, monkeypatch):
     """Fail a test whose problem would quietly run on the tiled or triton engine instead."""
-    for fallback in (split_k._tiled, split_k._triton):
-        monkeypatch.setattr(fallback, "run", _refuse)
+    for fallback in (engines.get("tiled"), engines.get("triton")):
+        monkeypatch.setattr(fallback, "forward", _refuse)
 
 
 @pytest.mark.usefixtures("never_on_fallback")
@@ -63,7 +63,7 @@ def test_decoding_matches_the_oracle(engine, dtype, Lq, Hq, Hkv):
 
 
 def test_float64_is_exact_to_rounding(monkeypatch):
-    monkeypatch.setattr(engines.get("split_k")._tiled, "run", _refuse)  # the C++ kernel alone takes float64
+    monkeypatch.setattr(engines.get("tiled"), "forward", _refuse)  # the C++ kernel alone takes float64
     q, k, v = qkv(2, 8, 2, 24, Hkv=2, Lk=1500, dtype=torch.float64)
     mask = _decoding_mask([900, 1500])
     res = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine="split_k", return_lse=True)
@@ -144,12 +144,12 @@ def test_inputs_that_require_grad_run_on_the_fallback_engine_forward_and_backwar
     names, and keeps the rule; without grad it runs on the kernel."""
     q, k, v = (x.requires_grad_() for x in qkv(2, 8, 3, 32, Hkv=2, Lk=1500))
     mask = _decoding_mask([900, 1500])
-    fallback = split_k._tiled if engine == "split_k" else split_k._triton
+    fallback = engines.get("tiled" if engine == "split_k" else "triton")
     detail = dotattn.explain(q, k, v, mask=mask, enable_gqa=True, engine=engine).detail
     assert detail.startswith(f"runs on the {fallback.name} engine") and "requires grad" in detail
     ran = []
-    real_run = fallback.run
-    monkeypatch.setattr(fallback, "run", lambda problem: ran.append(problem) or real_run(problem))
+    real_forward = fallback.forward
+    monkeypatch.setattr(fallback, "forward", lambda problem: ran.append(problem) or real_forward(problem))
     assert_matches_oracle(q, k, v, engine=engine, mask=mask, enable_gqa=True)
     assert ran
     with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn._inputs import prepare
+from dotattn import _tiles
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.tiled import _Plan
 from dotattn.testing import assert_matches_oracle, oracle
@@ -175,9 +176,9 @@ def test_tile_maps_of_number_only_masks_are_derived_once_per_size():
     again = _tiled_kernel.TileMask.of(prepare(q, k, v, mask=masks.causal()), 16, 32, torch.float32)
     other = _tiled_kernel.TileMask.of(prepare(q, k, v, is_causal=True), 16, 16, torch.float32)
     assert again is first and other is not first
-    for n in range(_tiled_kernel._TILE_MASKS_KEPT + 5):  # the cache stays bounded
+    for n in range(_tiles.KEPT + 5):  # the cache stays bounded
         _tiled_kernel.TileMask.of(prepare(q, k, v, mask=masks.sliding_window(n)), 16, 32, torch.float32)
-    assert len(_tiled_kernel._TILE_MASKS) <= _tiled_kernel._TILE_MASKS_KEPT
+    assert len(_tiles._CACHE) <= _tiles.KEPT
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -16,7 +16,9 @@ pytest.importorskip("triton")
 import dotattn  # noqa: E402
 from dotattn import engines, masks  # noqa: E402
 from dotattn._inputs import prepare  # noqa: E402
-from dotattn.engines import triton as triton_engine  # noqa: E402
+from dotattn import _tiles  # noqa: E402
+from dotattn.engines.triton import launch  # noqa: E402
+from dotattn.engines.triton.mask_args import MaskParts  # noqa: E402
 from dotattn.testing import assert_matches_oracle, compare_to_oracle, oracle  # noqa: E402
 from tests.conftest import qkv  # noqa: E402
 from tests.test_engines import _mask_cases  # noqa: E402
@@ -131,28 +133,28 @@ def test_the_gpu_rounding_of_p_and_ds_stays_near_torch(tiles_16x32, monkeypatch)
 )
 def test_only_non_empty_tiles_are_listed_and_only_partial_ones_masked(kwargs, full, partial):
     problem = prepare(*qkv(1, 1, 1024, 8), **kwargs)
-    full_count, full_idx, part_count, part_idx = triton_engine._tile_lists(problem, 64, 64, transposed=False)
+    full_count, full_idx, part_count, part_idx = _tiles.tile_lists(problem, 64, 64, transposed=False)
     assert int(full_count.sum()) == full and int(part_count.sum()) == partial
     if kwargs.get("is_causal"):  # query block 3 sees key tiles 0..2 unmasked, then the diagonal
         assert full_idx[0, 0, 3, :3].tolist() == [0, 1, 2] and part_idx[0, 0, 3, 0] == 3
-    t_full, _, t_part, _ = triton_engine._tile_lists(problem, 64, 64, transposed=True)
+    t_full, _, t_part, _ = _tiles.tile_lists(problem, 64, 64, transposed=True)
     assert int(t_full.sum()) == full and int(t_part.sum()) == partial
 
 
 def test_masks_reach_the_kernel_as_spans_or_in_place_tensors():
     q, k, v = qkv(2, 3, 40, 8, Lk=50)
-    parts = triton_engine._MaskParts.of(prepare(q, k, v, is_causal=True, mask=masks.padding([50, 20])))
+    parts = MaskParts.of(prepare(q, k, v, is_causal=True, mask=masks.padding([50, 20])))
     assert parts.lo.shape == (2, 1, 40) and parts.allowed is None and parts.bias is None
     keep = torch.rand(40, 50, generator=torch.Generator().manual_seed(0)) > 0.5
-    parts = triton_engine._MaskParts.of(prepare(q, k, v, keep, is_causal=True))
+    parts = MaskParts.of(prepare(q, k, v, keep, is_causal=True))
     assert parts.lo is not None and parts.allowed.data_ptr() == keep.data_ptr()  # read in place
     bias = torch.randn(3, 1, 50)
-    parts = triton_engine._MaskParts.of(prepare(q, k, v, bias))
+    parts = MaskParts.of(prepare(q, k, v, bias))
     assert parts.bias.data_ptr() == bias.data_ptr() and parts.lo is None
     sparse = masks.block_sparse(torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) > 0.5, 8)
-    parts = triton_engine._MaskParts.of(prepare(q, k, v, mask=sparse & masks.causal()))
+    parts = MaskParts.of(prepare(q, k, v, mask=sparse & masks.causal()))
     assert parts.lo is not None and parts.layout.data_ptr() == sparse.layout.data_ptr() and parts.allowed is None
-    parts = triton_engine._MaskParts.of(prepare(q, k, v, keep, mask=sparse | masks.causal()))
+    parts = MaskParts.of(prepare(q, k, v, keep, mask=sparse | masks.causal()))
     assert parts.lo is None and parts.layout is None and parts.allowed.shape == (1, 1, 40, 50)  # materialised
 
 
@@ -167,7 +169,7 @@ def test_auto_never_picks_it_for_cpu_tensors_and_a_cpu_problem_needs_the_interpr
 
 
 def test_a_missing_triton_is_a_reason(monkeypatch):
-    monkeypatch.setattr(triton_engine, "MISSING", "triton is not installed (pip install triton)")
+    monkeypatch.setattr(launch, "MISSING", "triton is not installed (pip install triton)")
     q, k, v = qkv(1, 2, 8, 16)
     with pytest.raises(engines.EngineNotSupportedError, match=r"triton is not installed \(pip install triton\)"):
         dotattn.scaled_dot_product_attention(q, k, v, engine="triton")

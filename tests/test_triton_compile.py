@@ -135,8 +135,9 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
 
     from dotattn._inputs import prepare
     from dotattn.engines import triton as engine_module
+    from dotattn.engines.triton import launch
 
-    assert not engine_module._interpreting()
+    assert not launch.interpreting()
     from dotattn.engines.triton import _bwd, _decode, _fwd
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -184,16 +185,16 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
             return Launcher(getattr(self.module, name))
 
     seen, failures = set(), []
-    fake = engine_module._Kernels(Module(_fwd), Module(_bwd), Module(_decode), interpreted=False)
-    engine_module._kernels = lambda: fake
+    fake = launch._Kernels(Module(_fwd), Module(_bwd), Module(_decode), interpreted=False)
+    launch.kernels = lambda: fake
 
     def tuned(key, configs, launch):  # the configs that fit: every one, or the smallest (fast to compile)
         for config in configs if every_config else configs[-1:]:
             launch(config)
         return configs[-1]
 
-    engine_module._tuned_config = tuned
-    post_init = getattr(engine_module._Call.__post_init__, "engine_s", engine_module._Call.__post_init__)
+    launch.tuned_config = tuned
+    post_init = getattr(launch.Call.__post_init__, "engine_s", launch.Call.__post_init__)
 
     def as_on_cuda(call):  # the engine takes TF32 from torch's flag for CUDA tensors only; these are CPU ones
         post_init(call)
@@ -201,7 +202,7 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
             call.precision = "tf32"
 
     as_on_cuda.engine_s = post_init
-    engine_module._Call.__post_init__ = as_on_cuda
+    launch.Call.__post_init__ = as_on_cuda
     for name, dtype, E, tf32, options, extra in _variants():
         if subset and name not in ("none", "everything"):
             continue
@@ -222,7 +223,7 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
         k, v = (torch.randn(2, Hkv, 4096, E, generator=g).to(dtype) for _ in range(2))
         mask = masks.padding(torch.tensor([4096, 3000]), side="left") & masks.causal(align="bottom_right")
         problem = prepare(q, k, v, mask=mask if masked else None, enable_gqa=True)
-        engine_module.TritonEngine().plan(problem).decode(q, k, v, parts=4)
+        launch.split_k_decode(problem, parts=4)
     print(f"DONE\tsm_{arch}\t{len(seen)} kernels\t{len(failures)} failures", flush=True)
 
 

@@ -18,6 +18,17 @@ from dotattn import masks
 from dotattn._dropout import draw_seed
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an engine computes in: half precisions in float32 (as torch's math
+    backend does on CPU), others as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lse's dtype for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class Problem:
     """One validated attention call.
@@ -49,6 +60,12 @@ class Problem:
     Lk: int
     E: int
     Ev: int
+
+    @cached_property
+    def derived(self) -> dict:
+        """What engines derive from this problem once and reuse (a tile plan, by engine), so a
+        backward, or a second question from the dispatcher, does not derive it again."""
+        return {}
 
     @cached_property
     def dropout_seed(self) -> int:

@@ -44,18 +44,18 @@ import torch
 
 from dotattn import masks
 from dotattn._inputs import Problem
+from dotattn._text import table
 from dotattn.engines.base import AttentionResult
+from dotattn.functional import OBSERVER
 
 __all__ = ["AttentionStats", "Flag", "Monitor", "active"]
 
 BLOCK = 256  # query and key tile of the statistics pass
 
-_ACTIVE: contextvars.ContextVar[Monitor | None] = contextvars.ContextVar("dotattn_monitor", default=None)
-
-
 def active() -> Monitor | None:
     """The monitor recording attention calls in this context, or None."""
-    return _ACTIVE.get()
+    observer = OBSERVER.get()
+    return observer if isinstance(observer, Monitor) else None
 
 
 @dataclass
@@ -158,7 +158,7 @@ class Monitor:
     def __enter__(self) -> Monitor:
         if self._token is not None:
             raise RuntimeError("this Monitor is already active; create a new one to nest")
-        self._token = _ACTIVE.set(self)
+        self._token = OBSERVER.set(self)
         if self.model is not None:
             for name, module in self.model.named_modules():
                 self._hooks.append(module.register_forward_pre_hook(self._entering(name or "model")))
@@ -170,7 +170,7 @@ class Monitor:
             hook.remove()
         self._hooks.clear()
         self._running.clear()
-        _ACTIVE.reset(self._token)
+        OBSERVER.reset(self._token)
         self._token = None
 
     def _entering(self, name: str):
@@ -206,8 +206,6 @@ class Monitor:
 
     def table(self) -> str:
         """One line per layer and head."""
-        from dotattn.cli.engines import table
-
         flagged: dict[tuple[str, int], list[str]] = {}
         for f in self.flags():
             flagged.setdefault((f.layer, f.head), []).append(f.what)

@@ -6,24 +6,38 @@ Lq query length, Lk key length, E head dim of query and key, Ev head dim of valu
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+from typing import Protocol
 
 import torch
 
-from dotattn import diagnostics, engines
+from dotattn import engines
 from dotattn._inputs import Problem, prepare
 from dotattn.engines import AttentionResult, Explanation
 from dotattn.masks import Mask
 
 
+class Observer(Protocol):
+    """What watches every call in a context (``dotattn.diagnostics.Monitor`` is one)."""
+
+    def record(self, problem: Problem, result: AttentionResult) -> None:
+        """One call's problem and result, which carries the lse."""
+
+
+# The observer of the calls in this context, or None; a Monitor sets itself here on entering,
+# so this module never imports the layers above it.
+OBSERVER: contextvars.ContextVar[Observer | None] = contextvars.ContextVar("dotattn_observer", default=None)
+
+
 def _run(problem: Problem, engine: str) -> AttentionResult:
-    monitor = diagnostics.active()
-    if monitor is None:
+    observer = OBSERVER.get()
+    if observer is None:
         result = engines.select(problem, engine).run(problem)
-    else:  # the monitor needs the lse, which every engine has at hand
-        measured = dataclasses.replace(problem, return_lse=True)
-        result = engines.select(measured, engine).run(measured)
-        monitor.record(measured, result)
+    else:  # observers get the lse, which every engine has at hand
+        observed = dataclasses.replace(problem, return_lse=True)
+        result = engines.select(observed, engine).run(observed)
+        observer.record(observed, result)
         if not problem.return_lse:
             result = result._replace(lse=None)
     if problem.squeeze_head:

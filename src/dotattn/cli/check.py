@@ -19,7 +19,8 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn._inputs import prepare
-from dotattn.cli.engines import runs_on_cpu, table
+from dotattn._text import table
+from dotattn.cli.engines import runs_on_cpu
 from dotattn.engines.base import dtype_name
 from dotattn.testing import compare_to_oracle
 

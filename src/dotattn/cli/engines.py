@@ -12,6 +12,7 @@ import torch
 import dotattn
 from dotattn import engines
 from dotattn.engines import Engine
+from dotattn._text import table
 from dotattn.engines.base import dtype_name
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -55,14 +56,6 @@ def _row(engine: Engine) -> list[str]:
         _yes(s.weights),
         "any" if s.max_head_dim is None else str(s.max_head_dim),
     ]
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned columns under a header and a rule of dashes."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _detail(engine: Engine, dtype: torch.dtype) -> str:

@@ -7,13 +7,15 @@ key, so the K/V shards travel round the ring: at step t, rank r holds the K/V of
 transfer for step t+1 is started before step t's computation, so the two overlap.
 
     step t:  start send K/V(t) -> r+1, recv K/V(t+1) <- r-1
-             attend my queries to K/V(t)         (an engine's plan, on a mask view)
+             attend my queries to K/V(t)         (an engine's forward, on a mask view)
              merge the partial output through its lse
              wait for K/V(t+1)
 
-Every block runs an engine's plan, the tiled engine's on CPU tensors, the triton
-engine's on CUDA tensors (gloo or NCCL carry them alike), on ``masks.view`` of the whole
-problem's mask, so causal, window, document, padding and prefix masks are evaluated at global
+Every block runs one engine's ``forward`` and ``backward`` (the engine contract,
+``dotattn.engines.base``): the one the registry picks for the whole problem, among the
+engines that keep O(L) memory (the tiled engine on CPU tensors, triton on CUDA tensors;
+gloo or NCCL carry them alike), or the one the caller names. Each block is a problem on
+``masks.view`` of the whole problem's mask, so causal, window, document, padding and prefix masks are evaluated at global
 positions, and a shard pair whose block map is EMPTY is never computed (with the
 zigzag layout, its chunk pairs are: an EMPTY pair of chunks is left out of the block).
 Partial outputs merge through their log-sum-exp in float32 (float64 for float64):
@@ -21,8 +23,8 @@ Partial outputs merge through their log-sum-exp in float32 (float64 for float64)
     lse = log(exp(lse_a) + exp(lse_b)),  out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)
 
 Backward (one autograd node, as in FlashAttention-2) recomputes each block's P from the
-merged lse and delta = rowsum(dO·O), which both engines' backwards already do when
-handed the merged output and lse. dQ stays home; K/V go round the ring again, each
+merged lse and delta = rowsum(dO·O), which the contract's ``backward`` does when handed
+the merged output and lse. dQ stays home; K/V go round the ring again, each
 followed by the dK/dV partial that the ranks it visited have added to, which finally
 arrives back at its owner.
 
@@ -39,107 +41,14 @@ import torch
 import torch.distributed as dist
 
 from dotattn import engines, masks
-from dotattn._inputs import Problem, prepare
+from dotattn._inputs import Problem, compute_dtype, prepare
+from dotattn._softmax import merge_into
 from dotattn.distributed.shard import check_layout, rank_and_world, same_on_every_rank, shard_ranges
-from dotattn.engines import _tiled_kernel
-from dotattn.engines import triton as triton_engine
-from dotattn.engines._merge import merge_into
-from dotattn.engines.base import compute_dtype
-from dotattn.engines.tiled import _Plan
 
 _NEG_INF = float("-inf")
 # Tags keep apart the messages between the same two ranks: K/V, and backward's dK/dV,
 # one tag per tensor (base + index).
 _TAG_KV, _TAG_DKV = 10, 20
-
-
-# ---------------------------------------------------------------------------
-# One block: an engine's plan on a view of the whole mask
-# ---------------------------------------------------------------------------
-
-
-def _canonical_heads(x: torch.Tensor, problem: Problem, heads: tuple[int, ...], trailing: int) -> torch.Tensor:
-    """(*batch, Hq, ...) -> (N, *heads, ...), contiguous; heads multiply to Hq."""
-    N = math.prod(problem.batch_shape)
-    return x.reshape(N, *heads, *x.shape[x.dim() - trailing:]).contiguous()
-
-
-class _TiledBlocks:
-    """Blocks on the tiled engine (CPU), which takes q, k, v in the compute dtype (so its
-    bfloat16 GEMMs never apply: a block's inputs arrive in float32)."""
-
-    @staticmethod
-    def input_dtype(dtype: torch.dtype) -> torch.dtype:
-        return compute_dtype(dtype)
-
-    @staticmethod
-    def _plan(problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
-        return engines.get("tiled").plan(problem)
-
-    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block's output (*batch, Hq, nq, Ev) and lse (*batch, Hq, nq), in the compute dtype."""
-        p = problem
-        out, lse = self._plan(p).forward(p.query, p.key, p.value)
-        return out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev), lse.reshape(*p.batch_shape, p.Hq, p.Lq)
-
-    def backward(
-        self, problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, bias_grads: bool
-    ) -> tuple[torch.Tensor | None, ...]:
-        """A block's share of dq, dk, dv (shapes of its q, k, v), then one gradient per float bias
-        of its mask view (the shape of the view's cut; None each unless ``bias_grads``), given
-        the MERGED output, lse and dO of its query rows: P = exp(S - lse) and delta = rowsum(dO·O)
-        are then the global ones."""
-        p = problem
-        plan = self._plan(p)
-        # the kernel's layout is (N, Hq, ...), the torch-ops plan's (N, Hkv, G, ...)
-        heads = (p.Hq,) if isinstance(plan, _tiled_kernel.KernelCall) else (p.Hkv, p.Hq // p.Hkv)
-        return plan.gradients(
-            p.query, p.key, p.value, _canonical_heads(out, p, heads, 2), _canonical_heads(lse, p, heads, 1),
-            _canonical_heads(d_out, p, heads, 2), bias_grads,
-        )
-
-
-class _TritonBlocks:
-    """Blocks on the triton engine (CUDA, or CPU in Triton's interpreter), which takes q, k, v
-    as they are (16-bit operands enter its MMAs) and works in log2 units for the lse."""
-
-    @staticmethod
-    def input_dtype(dtype: torch.dtype) -> torch.dtype:
-        return dtype
-
-    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        p = problem
-        call = engines.get("triton").plan(p)
-        with triton_engine._on_device(p.device):
-            out, lse2 = call.forward(p.query, p.key, p.value, call.parts.bias)
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
-        lse = triton_engine.natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
-        if not p.inputs_finite:  # the kernels ran on zeroed copies: mark what may see garbage
-            out, lse = triton_engine._visible_garbage(p, out, lse)
-        return out, lse
-
-    def backward(
-        self, problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, bias_grads: bool
-    ) -> tuple[torch.Tensor | None, ...]:
-        p = problem
-        call = engines.get("triton").plan(p)
-        heads = (p.Hq,)
-        with triton_engine._on_device(p.device):
-            dq, dk, dv, d_bias = call.backward(
-                p.query, p.key, p.value, call.parts.bias, _canonical_heads(out, p, heads, 2),
-                _canonical_heads(triton_engine.kernel_lse(lse), p, heads, 1), _canonical_heads(d_out, p, heads, 2),
-                bias_grads and call.parts.bias is not None,
-            )
-        if not bias_grads:
-            return dq, dk, dv
-        # The kernels took the view's float part as one dense bias (Nm, Hm, nq, nk): its
-        # gradient is dS, which each float leaf's cut takes summed over its broadcast dims.
-        batch = p.batch_shape
-        return dq, dk, dv, *(_tiled_kernel.heads_uncanonical(d_bias, batch, leaf.tensor.shape)
-                             for leaf in p.mask.biases())
-
-
-_BLOCKS = {"tiled": _TiledBlocks(), "triton": _TritonBlocks()}
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +119,8 @@ class _Ring:
     scale: float
     enable_gqa: bool
     batch_shape: tuple[int, ...]  # q, k and v's leading dims, broadcast
-    engine: _TiledBlocks | _TritonBlocks  # what computes each block
+    engine: engines.Engine  # what computes each block
+    needs_grad: bool  # whether the call's gradients are wanted (its blocks run as such)
     blocks: dict[int, _Block | None] = field(default_factory=dict, repr=False)  # by source rank, for backward
 
     @property
@@ -254,26 +164,37 @@ class _Ring:
 
     def problem(self, block: _Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Problem:
         n = self.n_chunks
-        return prepare(
+        problem = prepare(
             _take(q, block.q_chunks, n), _take(k, block.k_chunks, n), _take(v, block.k_chunks, n),
             scale=self.scale, enable_gqa=self.enable_gqa, mask=block.mask,
         )
+        # Decided by the whole call, not by this step's tensors (a K/V that arrived needs no grad,
+        # and autograd is off inside the ring's node): an engine that runs a problem that needs
+        # gradients one way (split_k hands it to its fallback) then runs forward and backward alike.
+        problem.__dict__["requires_grad"] = self.needs_grad
+        return problem
+
+    def run_forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's output (*batch, Hq, nq, Ev) and lse (*batch, Hq, nq), in the compute dtype."""
+        p = problem
+        out, lse = self.engine.forward(p)
+        compute = compute_dtype(p.dtype)
+        return (out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(compute),
+                lse.reshape(*p.batch_shape, p.Hq, p.Lq).to(compute))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (*batch, Hq, Sq, Ev) and lse (*batch, Hq, Sq), in the compute dtype."""
-        compute, given = compute_dtype(q.dtype), self.engine.input_dtype(q.dtype)
+        compute = compute_dtype(q.dtype)
         Sq = q.shape[-2]
         out = q.new_zeros(*self.batch_shape, q.shape[-3], Sq, v.shape[-1], dtype=compute)
         lse = q.new_full((*self.batch_shape, q.shape[-3], Sq), _NEG_INF, dtype=compute)
-        q = q.to(given)
         kv = (k, v)
         merged: set[int] = set()  # the query chunks some block has reached
         for step in range(self.world):
             pending = _Transfer(self, kv, _TAG_KV) if step + 1 < self.world else None
             block = self.block((self.rank - step) % self.world)
             if block is not None:
-                out_b, lse_b = self.engine.forward(self.problem(block, q, kv[0].to(given), kv[1].to(given)))
-                out_b, lse_b = out_b.to(compute), lse_b.to(compute)
+                out_b, lse_b = self.run_forward(self.problem(block, q, *kv))
                 for chunk, (offset, rows) in zip(block.q_chunks, _chunk_slices(block.q_chunks, self.n_chunks, Sq)):
                     part = slice(offset, offset + rows.stop - rows.start)
                     if chunk in merged:
@@ -293,10 +214,9 @@ class _Ring:
         """dq, dk, dv in the compute dtype and the shapes of q, k, v; then, for each tensor of
         ``biases`` (the whole mask's float leaves whose gradient is wanted, else empty), its
         gradient from MY query rows: the sum over ranks is the single-process gradient."""
-        compute, given = compute_dtype(q.dtype), self.engine.input_dtype(q.dtype)
+        compute = compute_dtype(q.dtype)
         Sq, Sk = q.shape[-2], k.shape[-2]
         dq = q.new_zeros(q.shape, dtype=compute)
-        q, d_out = q.to(given), d_out.to(given)
         d_biases = [torch.zeros(b.shape, dtype=compute, device=b.device) for b in biases]
         kv = (k, v)
         d_kv: _Transfer | None = None  # the partials of the K/V now held, on their way here
@@ -308,12 +228,13 @@ class _Ring:
             block = self.block((self.rank - step) % self.world)
             block_dkv = None
             if block is not None:
-                problem = self.problem(block, q, kv[0].to(given), kv[1].to(given))
+                problem = self.problem(block, q, *kv)
                 n = self.n_chunks
+                N, rows = math.prod(problem.batch_shape), (problem.Hq, problem.Lq)
                 rows_lse = _take(lse.unsqueeze(-1), block.q_chunks, n).squeeze(-1)  # chunks run along dim -2
-                block_dq, block_dk, block_dv, *block_dbiases = self.engine.backward(
-                    problem, _take(out, block.q_chunks, n), rows_lse, _take(d_out, block.q_chunks, n),
-                    bool(biases),
+                block_dq, block_dk, block_dv, block_dbiases = self.engine.backward(
+                    problem, _take(out, block.q_chunks, n).reshape(N, *rows, -1), rows_lse.reshape(N, *rows),
+                    _take(d_out, block.q_chunks, n).reshape(N, *rows, -1), bias_grads=bool(biases),
                 )
                 block_dkv = (block_dk, block_dv)
                 for offset, rows in _chunk_slices(block.q_chunks, n, Sq):
@@ -372,7 +293,7 @@ def _whole_problem_meta(query: object, key: object, value: object, world: int) -
             return x
         shape = list(x.shape)
         shape[-2] *= world
-        return x.new_zeros(()).expand(shape)
+        return x.new_zeros((), requires_grad=x.requires_grad).expand(shape)
 
     return whole(query), whole(key), whole(value)
 
@@ -413,9 +334,10 @@ def ring_attention(
     layout "contiguous" (rank r holds positions r·L/W onward) or "zigzag" (chunks r and
     2W-1-r of 2W: every rank does the same causal work).
 
-    engine computes each block: "tiled" (CPU tensors; gloo), "triton" (CUDA tensors, over
-    NCCL say; CPU tensors in Triton's interpreter, for tests), or "auto": triton for CUDA
-    tensors, else tiled.
+    engine computes each block: a registered engine's name (any engine that implements the
+    contract of ``dotattn.engines.base``), or "auto": the registry's choice for the whole
+    problem among the engines that keep O(L) memory (triton for CUDA tensors, over NCCL say;
+    tiled for CPU tensors, over gloo).
     """
     rank, world = rank_and_world(group)
     # Before any check that could fail on some ranks only: a rank that raised alone would
@@ -428,11 +350,9 @@ def ring_attention(
         (shapes, layout, is_causal, repr(mask), mask_shape, scale, enable_gqa, engine),
     )
     check_layout(layout)
-    if engine not in ("auto", *_BLOCKS):
-        raise ValueError(f'engine must be "auto", "tiled" or "triton", got {engine!r}')
-    if engine == "auto":
-        cuda = isinstance(query, torch.Tensor) and query.device.type == "cuda"
-        engine = "triton" if cuda else "tiled"
+    if engine != "auto" and engine not in {e.name for e in engines.available()}:
+        known = ", ".join(repr(e.name) for e in engines.available())
+        raise ValueError(f'engine must be "auto" or a registered engine ({known}), got {engine!r}')
     if all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in (query, key)):
         if layout == "zigzag" and (query.shape[-2] % 2 or key.shape[-2] % 2):
             raise ValueError(
@@ -448,13 +368,16 @@ def ring_attention(
             f"{error} (ring_attention checks its arguments against the whole sequence of {world} shards: "
             "attn_mask and mask describe every position, not this rank's shard)"
         ) from error
-    reasons = engines.get(engine).reasons(whole)
-    if reasons:
-        raise ValueError(f"ring_attention computes its blocks with the {engine} engine, which cannot run this: "
-                         + "; ".join(reasons))
+    # A ring exists for sequences that outgrow one machine: auto leaves out engines that
+    # materialise the scores.
+    quadratic = tuple(e.name for e in engines.available() if e.support.quadratic_memory) if engine == "auto" else ()
+    chosen = engines.explain_problem(whole, engine, exclude=quadratic)
+    if chosen.engine is None:
+        raise ValueError("ring_attention computes its blocks with one engine, and none can run this: " + "; ".join(
+            f"the {name} engine, which cannot run this: " + "; ".join(reasons) for name, reasons in chosen.rejected.items()))
     biases = [] if whole.mask is None else [leaf.tensor for leaf in whole.mask.biases()]
     ring = _Ring(group, rank, world, layout, whole.Lq, whole.Lk, whole.mask, whole.scale, enable_gqa,
-                 whole.batch_shape, _BLOCKS[engine])
+                 whole.batch_shape, engines.get(chosen.engine), whole.requires_grad)
     squeeze = query.dim() == key.dim() == value.dim() == 2  # (S, E) inputs, as prepare allows
     q, k, v = (x.unsqueeze(0) if squeeze else x for x in (query, key, value))
     out = _RingAttention.apply(ring, q, k, v, *biases)

@@ -1,28 +1,25 @@
-"""The engine registry and the dispatcher that explains itself.
+"""The engines, and the registry that picks one per problem and explains why.
 
-Every engine registers here. ``engine="auto"`` runs the highest-priority engine that
-reports no reason against the problem and does not ask auto to pass it over (an
-engine may, where a lower-ranked one is faster at that size; ``explain`` shows why),
-while a forced engine runs whenever it can. A forced engine that cannot run raises
-:class:`EngineNotSupportedError` listing every reason. ``use_engine`` scopes a
-default through a context variable, so it is safe across threads and async tasks.
+Each engine module registers its engine when imported; this package imports them all, in
+the order of registration (``auto`` ties break by it), and re-exports the registry.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass
-
-from dotattn._inputs import Problem
 from dotattn.engines.base import AttentionResult, Engine, EngineNotSupportedError, Support
-from dotattn.engines.reference import ReferenceEngine
-from dotattn.engines.split_k import SplitKEngine
-from dotattn.engines.tiled import TiledEngine
-# imports without triton: the kernels load on the first run, and the engine reports
-# "triton is not installed (pip install triton)" when it is missing
-from dotattn.engines.triton import TritonEngine
+from dotattn.engines.registry import (
+    Explanation,
+    available,
+    explain_problem,
+    get,
+    register,
+    select,
+    use_engine,
+)
+
+# The engine modules register themselves. triton imports without triton installed: its
+# kernels load on the first run, and it reports "triton is not installed" when missing.
+from dotattn.engines import reference, tiled, triton, split_k  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "AttentionResult",
@@ -37,117 +34,3 @@ __all__ = [
     "select",
     "use_engine",
 ]
-
-_REGISTRY: dict[str, Engine] = {}
-_SCOPED: contextvars.ContextVar[str] = contextvars.ContextVar("dotattn_engine", default="auto")
-
-
-def register(engine: Engine) -> Engine:
-    """Add an engine to the registry (by its ``name``); returns it."""
-    _REGISTRY[engine.name] = engine
-    return engine
-
-
-def available() -> list[Engine]:
-    """The registered engines, in the order ``auto`` tries them."""
-    return sorted(_REGISTRY.values(), key=lambda e: -e.priority)
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
-        known = ", ".join(repr(n) for n in ["auto", *_REGISTRY])
-        raise ValueError(f"unknown engine {name!r}; choose one of {known}")
-    return name
-
-
-def get(name: str) -> Engine:
-    """The engine called ``name``; ValueError listing the known names if there is none."""
-    if _check_name(name) == "auto":
-        raise ValueError("'auto' is a choice, not an engine; use select() to resolve it")
-    return _REGISTRY[name]
-
-
-@contextlib.contextmanager
-def use_engine(name: str) -> Iterator[None]:
-    """Within the block, ``engine="auto"`` means ``name`` (or "auto" to undo an outer scope)."""
-    token = _SCOPED.set(_check_name(name))
-    try:
-        yield
-    finally:
-        _SCOPED.reset(token)
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Which engine runs a problem, and why each other engine does not.
-
-    engine:    the chosen engine's name, or None when the requested engine cannot run
-    requested: what the caller asked for ("auto" or a name), after ``use_engine``
-    rejected:  engine name -> reasons, for every other engine considered
-    detail:    how the chosen engine will run it (e.g. "compiled kernel"), or None
-    """
-
-    engine: str | None
-    requested: str
-    rejected: dict[str, list[str]]
-    detail: str | None = None
-
-    def __str__(self) -> str:
-        if self.engine is None:
-            lines = [f"{self.requested} cannot run this problem"]
-        else:
-            how = "chosen by auto" if self.requested == "auto" else "requested"
-            lines = [f"engine: {self.engine} ({how})" + (f": {self.detail}" if self.detail else "")]
-        lines += [f"  {name}: " + "; ".join(reasons) for name, reasons in self.rejected.items()]
-        return "\n".join(lines)
-
-
-def explain_problem(problem: Problem, engine: str = "auto") -> Explanation:
-    """Resolve ``engine`` for ``problem`` without running it, with how the chosen engine runs it."""
-    chosen, requested, rejected = _resolve(problem, engine)
-    detail = None if chosen is None else _REGISTRY[chosen].detail(problem)
-    return Explanation(chosen, requested, rejected, detail)
-
-
-def _resolve(problem: Problem, engine: str, every_reason: bool = True) -> tuple[str | None, str, dict[str, list[str]]]:
-    """The chosen engine's name (None if none can run), the resolved request, and why each other was
-    not used; without ``every_reason``, the engines after the chosen one are not asked (a call
-    needs only the choice, and a decoding step pays for every question)."""
-    requested = _check_name(engine)
-    if requested == "auto":
-        requested = _SCOPED.get()
-    candidates = available() if requested == "auto" else [_REGISTRY[requested]]
-    chosen = None
-    rejected: dict[str, list[str]] = {}
-    for candidate in candidates:
-        if chosen is not None and not every_reason:
-            break
-        reasons = candidate.reasons(problem)
-        skip = candidate.auto_skip(problem) if requested == "auto" and chosen is None else None
-        if reasons:
-            rejected[candidate.name] = reasons
-        elif skip is not None:
-            rejected[candidate.name] = [skip]
-        elif chosen is None:
-            chosen = candidate.name
-        else:
-            rejected[candidate.name] = [f"could run it, but {chosen} ranks higher"]
-    return chosen, requested, rejected
-
-
-def select(problem: Problem, engine: str = "auto") -> Engine:
-    """The engine that will run ``problem``; EngineNotSupportedError with every reason if none."""
-    chosen, _, rejected = _resolve(problem, engine, every_reason=False)  # no detail: the engine works it out
-    if chosen is None:
-        message = "; ".join(
-            f"{name} cannot run this: " + "; ".join(reasons)
-            for name, reasons in rejected.items()
-        )
-        raise EngineNotSupportedError(message)
-    return _REGISTRY[chosen]
-
-
-register(ReferenceEngine())
-register(TiledEngine())
-register(TritonEngine())
-register(SplitKEngine())

@@ -1,6 +1,6 @@
-"""The tiled engine's compiled path: the C++ kernel in ``dotattn/csrc/tiled_cpu.cpp``.
+"""The tiled engine's compiled path: the C++ kernel in ``dotattn/csrc/tiled.cpp``.
 
-The kernel computes scores, softmax and accumulators in float32 (float64 for float64
+The kernel (``dotattn/csrc``) computes scores, softmax and accumulators in float32 (float64 for float64
 inputs). For bfloat16 inputs the GEMMs run either in bfloat16 with float32
 accumulation (MKL's gemm_bf16bf16f32; P rounded to bfloat16 on the way in, as torch's
 own CPU kernel does, and dS split into two bfloat16 parts, hi + lo, for twice the
@@ -22,57 +22,27 @@ dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from dotattn import masks
-from dotattn._inputs import Problem
-from dotattn.engines.base import compute_dtype
+from dotattn import _tiles, masks
+from dotattn._inputs import Problem, compute_dtype
+from dotattn._layout import heads_canonical
+from dotattn._nonfinite import zeroed
 
 try:
-    from dotattn import _tiled_cpu as _ext
+    from dotattn import _tiled_cpu as ext
 except ImportError as error:  # built without the extension: the torch-ops path runs
-    _ext = None
+    ext = None
     MISSING = (
         f"the compiled kernel dotattn._tiled_cpu is not built ({error}); reinstall with torch "
         "already installed: pip install --no-build-isolation -e ."
     )
 else:
-    MISSING = None if _ext.has_blas() else "this torch exports no BLAS (SGEMM) for the compiled kernel"
-
-
-def garbage_is_masked(problem: Problem) -> bool:
-    """Whether every NaN/inf in q, k, v sits where the mask hides it: in a query row that
-    sees no key, or in a key that no row of its kv head's query heads sees. Then the kernel
-    can run on the inputs with those entries zeroed (padding buffers full of garbage are the
-    usual case). Decided from row spans, so a mask without them answers False.
-    """
-    p = problem
-    spans = p.row_spans
-    if spans is None:
-        return False
-    N, G = math.prod(p.batch_shape), p.Hq // p.Hkv
-    lo, hi = _spans_canonical(spans, p)
-    sees = lo < hi  # (Nm, Hm, Lq)
-
-    def bad_rows(x: torch.Tensor, H: int, L: int) -> torch.Tensor:  # (N, H, L)
-        bad = ~torch.isfinite(x).all(-1)
-        return bad.expand(*p.batch_shape, H, L).reshape(N, H, L)
-
-    if bool((bad_rows(p.query, p.Hq, p.Lq) & sees).any()):
-        return False
-    # How many rows see each key: +1 at lo, -1 at hi, summed along the keys.
-    steps = torch.zeros(*sees.shape[:2], p.Lk + 1, dtype=torch.int32)
-    steps.scatter_add_(-1, lo.clamp(max=p.Lk) * sees, sees.to(torch.int32))
-    steps.scatter_add_(-1, hi.clamp(max=p.Lk) * sees, -sees.to(torch.int32))
-    seen = steps.cumsum(-1)[..., : p.Lk] > 0  # (Nm, Hm, Lk)
-    bad_keys = bad_rows(p.key, p.Hkv, p.Lk) | bad_rows(p.value, p.Hkv, p.Lk)
-    return not bool((bad_keys.repeat_interleave(G, dim=1) & seen).any())
+    MISSING = None if ext.has_blas() else "this torch exports no BLAS (SGEMM) for the compiled kernel"
 
 
 # bfloat16 GEMMs must beat float32 by this much to pay for rounding P and splitting dS each tile:
@@ -84,7 +54,7 @@ BF16_MIN_SPEEDUP = 1.5
 @functools.lru_cache(maxsize=None)
 def bf16_gemms(E: int, block_q: int, block_k: int) -> tuple[bool, str]:
     """Whether bfloat16 problems of head dim E run their GEMMs in bfloat16, and why."""
-    f32, *bf16 = _ext.tile_gemm_seconds(block_q, block_k, E, 30)
+    f32, *bf16 = ext.tile_gemm_seconds(block_q, block_k, E, 30)
     if not bf16:
         return False, "bfloat16 computed in float32 GEMMs (this torch's MKL has no bf16 GEMM)"
     speedup = f32 / bf16[0]
@@ -92,41 +62,6 @@ def bf16_gemms(E: int, block_q: int, block_k: int) -> tuple[bool, str]:
         return True, f"bfloat16 GEMMs (measured {speedup:.2f}x float32 on this machine)"
     return False, (f"bfloat16 computed in float32 GEMMs (bf16 GEMMs measured {speedup:.2f}x float32 on "
                    f"this machine, below {BF16_MIN_SPEEDUP}x)")
-
-
-def heads_canonical(t: torch.Tensor, batch: tuple[int, ...], Hq: int) -> torch.Tensor:
-    """(*lead, R, C) broadcastable to (*batch, Hq, R, C) -> (Nm, Hm, R, C), Nm in {1, N}, Hm in {1, Hq}.
-
-    Copies only when a batch lead is partly broadcast."""
-    R, C = t.shape[-2:]
-    lead = (1,) * (len(batch) + 1 - (t.dim() - 2)) + tuple(t.shape[:-2])
-    t = t.reshape(*lead, R, C)
-    Hm = lead[-1]
-    if any(b != 1 for b in lead[:-1]):
-        return t.expand(*batch, Hm, R, C).reshape(math.prod(batch), Hm, R, C)
-    return t.reshape(1, Hm, R, C)
-
-
-def heads_uncanonical(grad: torch.Tensor, batch: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
-    """The inverse of ``heads_canonical`` for a gradient: (Nm, Hm, R, C), Nm in {1, N}, summed
-    to ``shape`` (..., R or 1, C or 1), which broadcasts to (*batch, Hq, R, C)."""
-    Nm, Hm, R, C = grad.shape
-    grad = grad.reshape(*(batch if Nm != 1 else (1,) * len(batch)), Hm, R, C)
-    if len(shape) > grad.dim():
-        grad = grad.reshape((1,) * (len(shape) - grad.dim()) + tuple(grad.shape))
-    return grad.sum_to_size((1,) * (grad.dim() - len(shape)) + tuple(shape)).reshape(shape)
-
-
-def _spans_canonical(spans: tuple[torch.Tensor, torch.Tensor], p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row spans broadcastable to (*lead, Lq) (a padding mask's are (B, 1, 1)) as (Nm, Hm, Lq),
-    through a trailing dim of 1."""
-    return tuple(heads_canonical(x.expand(*x.shape[:-1], p.Lq)[..., None], p.batch_shape, p.Hq)[..., 0]
-                 for x in torch.broadcast_tensors(*spans))
-
-
-# The most recently used tile masks of number-only masks; the kernel only reads them.
-_TILE_MASKS: collections.OrderedDict[tuple, TileMask] = collections.OrderedDict()
-_TILE_MASKS_KEPT = 64
 
 
 @dataclass
@@ -155,31 +90,20 @@ class TileMask:
         if p.mask is None:
             return cls()
         key = p.mask.value_key
-        if key is None:
-            return cls._derive(p, block_q, block_k, dtype)
-        key = (key, p.Lq, p.Lk, block_q, block_k)  # such masks have no lead dims
-        found = _TILE_MASKS.get(key)
-        if found is None:  # derive; a thread racing on the same key derives the same thing
-            found = _TILE_MASKS[key] = cls._derive(p, block_q, block_k, dtype)
-            while len(_TILE_MASKS) > _TILE_MASKS_KEPT:
-                _TILE_MASKS.popitem(last=False)
-        else:
-            with contextlib.suppress(KeyError):  # another thread may have just evicted it
-                _TILE_MASKS.move_to_end(key)
-        return found
+        key = None if key is None else (key, p.Lq, p.Lk, "kernel", block_q, block_k)
+        return _tiles.cached(key, lambda: cls._derive(p, block_q, block_k, dtype))
 
     @classmethod
     def _derive(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
         p = problem
-        codes = heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
-        index = torch.full(codes.shape, _ext.FULL_TILE, dtype=torch.int32)
-        index[codes == masks.EMPTY] = _ext.EMPTY_TILE
+        codes = _tiles.block_codes(p, block_q, block_k)
+        index = torch.full(codes.shape, ext.FULL_TILE, dtype=torch.int32)
+        index[codes == masks.EMPTY] = ext.EMPTY_TILE
         partial = codes == masks.PARTIAL
-        spans = p.row_spans
+        spans = _tiles.row_spans(p)
         if spans is not None:
             index[partial] = 0
-            lo, hi = (x.to(torch.int32).contiguous() for x in _spans_canonical(spans, p))
-            return cls(index, lo=lo, hi=hi)
+            return cls(index, lo=spans[0], hi=spans[1])
         if isinstance(p.mask, masks.Dense) and p.mask.is_additive:  # the kernel reads it where it lies
             index[partial] = 0
             bias = heads_canonical(p.mask.tensor.to(dtype), p.batch_shape, p.Hq)
@@ -225,7 +149,7 @@ class KernelCall:
         H, L, D = x.shape[-3:]
         x = x.expand(*self.problem.batch_shape, H, L, D).reshape(self.N, H, L, D).to(self.storage)
         if not self.problem.inputs_finite:  # the garbage sits where the mask hides it: zero it
-            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            x = zeroed(x)
         return x if x.stride(-1) == 1 else x.contiguous()
 
     def _extra(self) -> tuple:
@@ -236,14 +160,15 @@ class KernelCall:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype."""
-        return tuple(_ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra()))
+        return tuple(ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra()))
 
     def gradients(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         d_out: torch.Tensor, bias_grads: bool,
     ) -> tuple[torch.Tensor | None, ...]:
-        """dq, dk, dv in the shapes and dtypes of q, k, v (broadcast dims summed), then one
-        gradient per float bias leaf when ``bias_grads`` (else None each)."""
+        """dq, dk, dv in the shapes of q, k, v (broadcast dims summed; compute dtype), then one
+        gradient per float bias leaf when ``bias_grads`` (else None each).
+        out, lse, d_out: (N, Hq, Lq, ·)."""
         p = self.problem
         d_out = d_out.to(self.storage).contiguous()
         delta = (d_out.to(self.dtype) * out.to(self.dtype)).sum(-1)  # (N, Hq, Lq)
@@ -254,12 +179,12 @@ class KernelCall:
             ds_index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
             # every slot's part inside Lq x Lk is written by the kernel
             ds_tiles = torch.empty(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
-        grads = _ext.backward(
+        grads = ext.backward(
             self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse, delta, *self._extra(),
             ds_index, ds_tiles,
         )
         dqkv = tuple(
-            g.reshape(*p.batch_shape, *g.shape[1:]).sum_to_size(x.shape).to(x.dtype)
+            g.reshape(*p.batch_shape, *g.shape[1:]).sum_to_size(x.shape)
             for g, x in zip(grads, (q, k, v))
         )
         if not bias_grads:
@@ -289,4 +214,4 @@ class KernelCall:
             cols = slice(k0, k1) if C != 1 else slice(0, 1)
             target = grad[..., rows, cols]
             target += tile.sum_to_size(target.shape)
-        return grad.to(bias.dtype)
+        return grad

@@ -1,9 +1,26 @@
-"""What an engine declares and implements.
+"""The engine contract: what an engine declares and implements.
 
 An engine is one way of computing attention (the literal reference, a tiled CPU
-kernel, a GPU kernel). It declares what it supports in a :class:`Support` record
-and implements :meth:`Engine.run`. The dispatcher asks every engine for the
-reasons it cannot run a problem; an engine with no reasons can run it.
+kernel, a GPU kernel). It declares what it supports in a :class:`Support` record, says
+why it cannot run a problem (:meth:`Engine.reasons`; an engine with no reasons can run
+it), and implements two methods in one canonical layout (``dotattn._layout``):
+
+    forward(problem)                      -> out (N, Hq, Lq, Ev), lse (N, Hq, Lq)
+    backward(problem, out, lse, d_out)    -> dq, dk, dv, d_bias
+
+N is the problem's batch dims flattened; lse is the natural log of each row's softmax
+denominator (-inf for a row with no allowed key). dq, dk, dv have the shapes of the
+problem's query, key and value (broadcast dims summed); d_bias holds one gradient per
+float leaf of the mask (``Mask.biases()``), in that leaf's shape, or None each when not
+asked for. Outputs and gradients may be in the compute dtype or the input dtype; the
+caller casts.
+
+Everything else is shared: :meth:`Engine.run` drives every engine through one autograd
+node (:class:`_Attention`, which saves q, k, v, the output and the lse; backward hands
+them back), and the weights, when asked for, are rebuilt from the lse
+(``dotattn._softmax.weights_from_lse``). Ring attention, the split-K engine's fallback,
+diagnostics and the CLI reach engines only through this contract and the registry, so an
+engine is one file that registers itself.
 """
 
 from __future__ import annotations
@@ -13,9 +30,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from dotattn._inputs import compute_dtype, lse_dtype
+from dotattn._softmax import weights_from_lse
+
 if TYPE_CHECKING:
     from dotattn._inputs import Problem
     from dotattn.masks import Mask
+
+__all__ = ["AttentionResult", "Engine", "EngineNotSupportedError", "Support", "compute_dtype", "dtype_name",
+           "lse_dtype"]
 
 
 class AttentionResult(NamedTuple):
@@ -37,17 +60,6 @@ class EngineNotSupportedError(ValueError):
     """A forced engine cannot run the problem; the message lists every reason."""
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype an engine computes in: half precisions in float32 (as torch's math
-    backend does on CPU), others as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The lse's dtype for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -65,6 +77,8 @@ class Support:
     weights: bool = True
     # device -> the dtypes it takes, for an engine whose devices take different ones
     dtypes_on: dict[str, tuple[torch.dtype, ...]] | None = None
+    # materialises the (Lq, Lk) scores: O(L²) memory (ring attention's auto never picks it)
+    quadratic_memory: bool = False
 
     def reasons(self, problem: Problem) -> list[str]:
         """Every declared limit the problem breaks, as sentences that say how to avoid it."""
@@ -95,7 +109,8 @@ class Support:
 
 
 class Engine:
-    """One way of computing attention. Subclasses set ``name``, ``support`` and ``run``.
+    """One way of computing attention. Subclasses set ``name``, ``description``, ``support``
+    and ``priority`` and implement ``forward`` and ``backward`` (see the module docstring).
 
     ``priority`` orders the engines for ``engine="auto"``: the highest-priority engine
     with no reasons runs the problem.
@@ -114,10 +129,12 @@ class Engine:
         """Limits that the :class:`Support` record cannot express (e.g. a missing extension)."""
         return []
 
-    def auto_skip(self, problem: Problem) -> str | None:
+    def auto_skip(self, problem: Problem, after: tuple[str, ...] | None = None) -> str | None:
         """Why ``engine="auto"`` should pass over this engine although it can run ``problem``
         (e.g. a lower-ranked engine is faster at this size); None when it should not.
-        A forced engine ignores it."""
+        ``after`` names the engines auto would try next, in order: a skip in favour of one
+        that is not among them does not apply (None: every registered engine may follow). A forced
+        engine ignores it."""
         return None
 
     def detail(self, problem: Problem) -> str | None:
@@ -125,12 +142,77 @@ class Engine:
         kernel or its fallback), for ``explain``; None when there is only one."""
         return None
 
-    def run(self, problem: Problem) -> AttentionResult:
-        """Compute attention for a validated problem.
+    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq), natural log, -inf for a row that sees no key.
 
-        Inputs keep their layout: query (*batch, Hq, Lq, E), key (*batch, Hkv, Lk, E),
-        value (*batch, Hkv, Lk, Ev), where *batch broadcasts. Returns output
-        (*batch, Hq, Lq, Ev) and, when asked, lse (*batch, Hq, Lq) and weights
-        (*batch, Hq, Lq, Lk).
+        Reads problem.query (*batch, Hq, Lq, E), key (*batch, Hkv, Lk, E) and value
+        (*batch, Hkv, Lk, Ev), whose *batch broadcasts (N = prod(batch)). Runs with autograd
+        off; saves nothing: ``backward`` gets the output and lse back.
         """
         raise NotImplementedError
+
+    def backward(
+        self, problem: Problem, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, *,
+        bias_grads: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """dq, dk, dv (the shapes of problem.query, key, value) and d_bias, from ``forward``'s
+        out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) and the output's gradient d_out (N, Hq, Lq, Ev).
+
+        d_bias: one gradient per ``problem.mask.biases()`` leaf, in its shape, when
+        ``bias_grads``; else None each. Ring attention hands in the output and lse merged over
+        every rank's keys, so P = exp(S - lse) and delta = rowsum(dO·O) must come from them,
+        never from a forward of this engine's own.
+        """
+        raise NotImplementedError
+
+    def run(self, problem: Problem) -> AttentionResult:
+        """Compute attention for a validated problem: the output (*batch, Hq, Lq, Ev) in the
+        input dtype and, when asked, the lse (*batch, Hq, Lq) and the weights (*batch, Hq, Lq, Lk).
+        Differentiable when the problem requires grad; otherwise ``forward`` runs alone."""
+        p = problem
+        if p.requires_grad:
+            biases = () if p.mask is None else tuple(leaf.tensor for leaf in p.mask.biases())
+            out, lse = _Attention.apply(self, p, p.query, p.key, p.value, *biases)
+        else:
+            out, lse = self.forward(p)
+        # Each op costs a decoding step microseconds when its code is out of cache, so the
+        # no-op ones are left out: out is (N, ...) already for one batch dim.
+        if len(p.batch_shape) != 1:
+            out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev) if out.is_contiguous() else \
+                out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
+            lse = lse.reshape(*p.batch_shape, p.Hq, p.Lq)
+        if out.dtype != p.dtype:
+            out = out.to(p.dtype)
+        weights = self.weights(p, lse).to(p.dtype) if p.return_weights else None
+        lse = lse.detach().to(lse_dtype(p.dtype)) if p.return_lse else None
+        return AttentionResult(out, lse, weights)
+
+    def weights(self, problem: Problem, lse: torch.Tensor) -> torch.Tensor:
+        """The softmax weights (*batch, Hq, Lq, Lk) before dropout, from ``forward``'s lse."""
+        return weights_from_lse(problem, lse.detach())
+
+
+class _Attention(torch.autograd.Function):
+    """Every engine as one autograd node: forward saves q, k, v, the output and the lse;
+    backward hands them to the engine's ``backward``. The mask's float leaves are inputs
+    too, so that autograd hands their gradients back."""
+
+    @staticmethod
+    def forward(ctx, engine: Engine, problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                *biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = engine.forward(problem)
+        # The problem holds q, k and v too; saving them as well lets autograd check that
+        # nothing modified them in place before backward.
+        ctx.engine, ctx.problem = engine, problem
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, d_biases = ctx.engine.backward(
+            ctx.problem, out, lse, d_out, bias_grads=any(ctx.needs_input_grad[5:]))
+        biases = () if ctx.problem.mask is None else ctx.problem.mask.biases()
+        d_biases = tuple(None if g is None else g.to(b.tensor.dtype) for g, b in zip(d_biases, biases))
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_biases

@@ -4,7 +4,7 @@ Decoding asks for one query (or a few) per head against up to thousands of cache
 tiled engine gives each query head a task of its own, so every one of them reads its kv
 head's keys and values again (Hq/Hkv times per step), and a GEMM over one or a few query
 rows is mostly call overhead. This engine runs the compiled kernel's ``split_k_attention``
-(``csrc/tiled_cpu.cpp``) instead, one call per step from stacking to merge, so a step
+(``csrc/split_k.cpp``) instead, one call per step from stacking to merge, so a step
 against a short cache pays little Python:
 
     rows     the G = Hq/Hkv query heads of a kv head stacked into G·Lq rows, so each key
@@ -24,14 +24,16 @@ does not exist. Within a part a key outside a row's span meets that row only as 
 that reaches an output that way, makes the kernel's output NaN, and the problem then
 reruns on the tiled engine, which marks exactly the rows that saw it; no pass over the
 cache looks for NaN beforehand (it would read the cache a second time per step).
+The engine that reruns it, like every fallback below, is the one the registry would pick
+with the split-K engines left out (``select(problem, exclude=...)``): tiled on CPU, triton on CUDA.
 
 CUDA tensors run the same plan as two Triton kernels (``triton/_decode.py``): one program
 per (part, batch x kv head, block of rows), then a merge; garbage shows the same way, and
-reruns on the triton engine. Not yet run on a GPU: tested in Triton's interpreter and
+reruns on the fallback. Not yet run on a GPU: tested in Triton's interpreter and
 compiled for sm_90/sm_80 (tests/test_triton_compile.py).
 
 The split-K kernels are forward only. A problem whose inputs require grad runs on the
-tiled engine on CPU, the triton engine on CUDA, forward and backward: a flash-style
+fallback engine, forward and backward: a flash-style
 backward recomputes P = exp(s - lse) from its own scores, and scores rounded in other
 ways than the forward's lse was (split-K's own dot products) doubled its dq error at a
 peaked softmax (benchmarks/numerics.py --peaked). So do the problems the kernels do not
@@ -50,13 +52,14 @@ import torch
 
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
-from dotattn.engines import triton as triton_engine
-from dotattn.engines.base import AttentionResult, Engine, Support, lse_dtype
-from dotattn.engines.tiled import TiledEngine
+from dotattn.engines.base import Engine, Support
+from dotattn.engines.registry import available, register, select
+from dotattn.engines.triton import configs as triton_configs
+from dotattn.engines.triton import launch as triton_kernels
 
 # Why this build cannot run the split-K kernel (None when it can), decided once.
 _MISSING = _tiled_kernel.MISSING or (
-    None if hasattr(_tiled_kernel._ext, "split_k_attention") else
+    None if hasattr(_tiled_kernel.ext, "split_k_attention") else
     "the compiled kernel dotattn._tiled_cpu predates split_k_attention; rebuild it: "
     "pip install --no-build-isolation -e ."
 )
@@ -85,18 +88,16 @@ class SplitKEngine(Engine):
         if kernel not in ("auto", "triton"):
             raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")
         self.kernel = kernel
-        self._tiled = TiledEngine()
-        self._triton = triton_engine.TritonEngine()
         # CPU tensors run the C++ kernel, CUDA tensors the Triton ones, each in its dtypes
         self._both = Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
                              dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
-                                        "cuda": self._triton.support.dtypes})
+                                        "cuda": triton_kernels.support().dtypes})
 
     @property
     def support(self) -> Support:
         """Both kernels' (``kernel="auto"``), or the Triton kernels' alone, which in Triton's
         interpreter take CPU tensors too."""
-        return self._triton.support if self.kernel == "triton" else self._both
+        return triton_kernels.support() if self.kernel == "triton" else self._both
 
     def _on_triton(self, problem: Problem) -> bool:
         return self.kernel == "triton" or problem.device.type == "cuda"
@@ -105,15 +106,18 @@ class SplitKEngine(Engine):
         p = problem
         if not self._on_triton(p):
             return []
-        reasons = self._triton.extra_reasons(p)  # triton missing, or compiled for the GPU in a test
-        limit = self._triton.support.max_head_dim
+        reasons = triton_kernels.unavailable(p)  # triton missing, or compiled for the GPU in a test
+        limit = triton_kernels.support().max_head_dim
         if self.kernel == "auto" and max(p.E, p.Ev) > limit:
             reasons.append(f"head dim {max(p.E, p.Ev)} is above the Triton kernels' limit {limit}")
         return reasons
 
     def fallback(self, problem: Problem) -> Engine:
-        """The engine that runs what the kernels do not take: tiled on CPU, triton on CUDA."""
-        return self._triton if self._on_triton(problem) else self._tiled
+        """The engine that runs what the kernels do not take: the registry's choice with the
+        split-K engines left out (tiled on CPU, triton on CUDA), or the triton engine for
+        ``kernel="triton"``, whose kernels it shares (in Triton's interpreter, for tests)."""
+        split_k = tuple(e.name for e in available() if isinstance(e, SplitKEngine))  # this one, and any variant
+        return select(problem, "triton" if self.kernel == "triton" else "auto", exclude=split_k)
 
     def fallback_reason(self, problem: Problem) -> str | None:
         """Why ``problem`` runs on ``fallback`` rather than a split-K kernel; None when it does not."""
@@ -134,8 +138,10 @@ class SplitKEngine(Engine):
             return "the mask is not one span of keys per query (a float, dense or block mask)"
         return None
 
-    def auto_skip(self, problem: Problem) -> str | None:
+    def auto_skip(self, problem: Problem, after: tuple[str, ...] | None = None) -> str | None:
         p = problem
+        if after == ():  # nothing else would run it
+            return None
         why = self.fallback_reason(p)
         if why is not None:
             return f"it would run on the {self.fallback(p).name} engine anyway, because {why}"
@@ -152,7 +158,7 @@ class SplitKEngine(Engine):
         if p.device.type == "cuda":
             slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.device).multi_processor_count
             rows = p.Hq // p.Hkv * p.Lq
-            tasks *= -(-rows // triton_engine.decode_rows(rows))  # blocks of rows
+            tasks *= -(-rows // triton_configs.decode_rows(rows))  # blocks of rows
         else:
             slots = self.PARTS_PER_THREAD * torch.get_num_threads()
         return max(1, min(-(-slots // tasks), p.Lk // self.MIN_PART_KEYS))
@@ -165,36 +171,25 @@ class SplitKEngine(Engine):
         kernel = "split-K Triton kernels" if self._on_triton(p) else "split-K kernel"
         return f"{kernel}, {self.parts(p)} part(s) per (batch, kv head), {p.Hq // p.Hkv * p.Lq} query rows per kv head"
 
-    def run(self, problem: Problem) -> AttentionResult:
+    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         p = problem
         if self.fallback_reason(p) is not None:
-            return self.fallback(p).run(p)
+            return self.fallback(p).forward(p)
         if self._on_triton(p):
-            return self._run_triton(p)
-        spans = p.row_spans or (None, None)  # no mask: every row sees every key
-        # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd
-        out, lse, garbage = _tiled_kernel._ext.split_k_attention(p.query, p.key, p.value, *spans, p.scale, self.parts(p))
-        if garbage:  # garbage a row may see: the tiled engine marks exactly those rows
-            return self._tiled.run(p)
-        # Each torch op costs a decoding step tens of microseconds when its code is out of
-        # cache, so the no-op ones are left out: out is (N, ...) already for one batch dim.
-        if len(p.batch_shape) != 1:
-            out = out.view(*p.batch_shape, p.Hq, p.Lq, p.Ev)
-        if out.dtype != p.dtype:
-            out = out.to(p.dtype)
-        lse = lse.view(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.dtype)) if p.return_lse else None
-        return AttentionResult(out, lse, None)
+            out, lse = triton_kernels.split_k_decode(p, self.parts(p))
+            garbage = not bool(torch.isfinite(out).all())
+        else:
+            spans = p.row_spans or (None, None)  # no mask: every row sees every key
+            # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd
+            out, lse, garbage = _tiled_kernel.ext.split_k_attention(
+                p.query, p.key, p.value, *spans, p.scale, self.parts(p))
+        if garbage:  # garbage a row may see: the fallback marks exactly those rows
+            return self.fallback(p).forward(p)
+        return out, lse
 
-    def _run_triton(self, problem: Problem) -> AttentionResult:
-        p = problem
-        call = self._triton.plan(p)
-        with triton_engine._on_device(p.device):
-            out, lse2 = call.decode(p.query, p.key, p.value, self.parts(p))
-            if not bool(torch.isfinite(out).all()):  # garbage a row may see: the triton engine marks those rows
-                return self._triton.run(p)
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.dtype)
-        lse = None
-        if p.return_lse:
-            lse = triton_engine.natural_lse(lse2.reshape(*p.batch_shape, p.Hq, p.Lq))
-            lse = lse.to(lse_dtype(p.dtype))
-        return AttentionResult(out, lse, None)
+    def backward(self, problem, out, lse, d_out, *, bias_grads=False):
+        """Problems that require grad run forward and backward on the fallback (``fallback_reason``)."""
+        return self.fallback(problem).backward(problem, out, lse, d_out, bias_grads=bias_grads)
+
+
+register(SplitKEngine())

@@ -1,10 +1,11 @@
 """The tiled CPU engine: flash-style online softmax, forward and backward.
 
 It has two paths with one semantics. The compiled kernel (``_tiled_kernel.py`` and
-``csrc/tiled_cpu.cpp``) runs whenever it is built and the inputs are finite and
-non-empty; this file's torch-ops path runs otherwise (``TiledEngine.torch_ops_reason``
-says why, and ``dotattn.explain`` prints it). Both paths share the autograd node
-``_TiledAttention`` and the tile sizes; the torch-ops path is described below.
+``csrc/``) runs whenever it is built and the inputs are finite (or their garbage is
+where the mask hides it) and non-empty; this file's torch-ops path runs otherwise
+(``TiledEngine.torch_ops_reason`` says why, and ``dotattn.explain`` prints it). Both paths share
+the engine contract's ``forward``/``backward`` and the tile sizes; the torch-ops path is
+described below.
 
 Queries are cut into chunks of ``block_q`` positions and keys into tiles of
 ``block_k``; every step is one batched matmul over (batch x kv heads), with the
@@ -32,27 +33,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dotattn import masks
+from dotattn import _tiles, masks
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
+from dotattn._layout import grouped, heads_uncanonical
+from dotattn._nonfinite import finite_part, garbage_is_masked
 from dotattn.engines import _tiled_kernel
-from dotattn.engines._nonfinite import finite_part
-from dotattn.engines.base import AttentionResult, Engine, Support, compute_dtype, lse_dtype
+from dotattn.engines.base import Engine, Support, compute_dtype
+from dotattn.engines.registry import register
 
 BLOCK_Q = 128
 BLOCK_K = 256
 _NEG_INF = float("-inf")
-
-
-def _canonical(t: torch.Tensor, batch: tuple[int, ...], Hkv: int, G: int) -> torch.Tensor:
-    """A tensor (*lead, R, C) whose lead broadcasts to (*batch, Hq), as (Nb, h, g, R, C).
-
-    Nb is N when the lead varies over the batch, else 1; (h, g) is (Hkv, G) when it
-    varies over heads, else (1, 1). Copies only when a batch lead is partly broadcast.
-    """
-    t = _tiled_kernel.heads_canonical(t, batch, Hkv * G)  # (Nb, Hq or 1, R, C)
-    Nb, Hm, R, C = t.shape
-    return t.reshape(Nb, Hkv, G, R, C) if Hm != 1 else t.reshape(Nb, 1, 1, R, C)
 
 
 def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,23 +110,15 @@ class _Plan:
         self.N = math.prod(p.batch_shape)
         self.G = p.Hq // p.Hkv
         self.biases = [] if p.mask is None else p.mask.biases()
-        if p.mask is None:
-            self.groups = [slice(0, self.N)]
-            self.phases = [torch.full((self._n(p.Lq, self.block_q), self._n(p.Lk, self.block_k)), masks.FULL)]
-            return
-        codes = _canonical(
-            p.mask.block_map(p.Lq, p.Lk, self.block_q, self.block_k), p.batch_shape, p.Hkv, self.G
-        )
+        codes = _tiles.block_codes(p, self.block_q, self.block_k)  # (Nm, Hq or 1, nQ, nK)
+        codes = codes.reshape(codes.shape[0], p.Hkv, self.G, *codes.shape[2:]) if codes.shape[1] != 1 else \
+            codes.unsqueeze(2)  # (Nm, h, g, nQ, nK)
         if codes.shape[0] == 1:
             self.groups = [slice(0, self.N)]
             self.phases = [_phase(codes)]
         else:  # the mask differs per batch row (padding, documents): skip per row
             self.groups = [slice(n, n + 1) for n in range(self.N)]
             self.phases = [_phase(codes[n : n + 1]) for n in range(self.N)]
-
-    @staticmethod
-    def _n(L: int, block: int) -> int:
-        return -(-L // block)
 
     def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Inputs:
         p = self.problem
@@ -178,7 +162,7 @@ class _Plan:
             s.masked_fill_(bad, float("nan"))
         if code == masks.FULL:
             return s, None
-        t = _canonical(p.mask.tile(p.Lq, p.Lk, q0, q1, k0, k1, device=s.device), p.batch_shape, p.Hkv, self.G)
+        t = grouped(p.mask.tile(p.Lq, p.Lk, q0, q1, k0, k1, device=s.device), p.batch_shape, p.Hkv, self.G)
         t = t[rows] if t.shape[0] > 1 else t
         if p.mask.is_additive:
             s.add_(t)
@@ -237,20 +221,6 @@ class _Plan:
     def _allowed(self, t: torch.Tensor) -> torch.Tensor:
         return t != _NEG_INF if self.problem.mask.is_additive else t
 
-    def weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        """P = exp(S - lse) for every non-empty tile: (N, Hkv, G, Lq, Lk), zeros elsewhere."""
-        p = self.problem
-        x = self.inputs(q, k, v)
-        w = x.q.new_zeros(self.N, p.Hkv, self.G, p.Lq, p.Lk)
-        lse_safe = torch.where(lse == _NEG_INF, 0.0, lse).unsqueeze(-1)
-        for g, rows in enumerate(self.groups):
-            for qi, q0 in enumerate(range(0, p.Lq, self.block_q)):
-                q1 = min(q0 + self.block_q, p.Lq)
-                for _, k0, k1, code in self.tiles(g, qi):
-                    s, _ = self.scores(x, rows, q0, q1, k0, k1, code)
-                    w[rows, :, :, q0:q1, k0:k1] = torch.exp(s - lse_safe[rows, :, :, q0:q1])
-        return w
-
     def backward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         d_out: torch.Tensor,
@@ -264,7 +234,7 @@ class _Plan:
         dq = torch.zeros_like(x.q)
         dk = torch.zeros_like(x.k)
         dv = torch.zeros_like(x.v)
-        bias_grads = [torch.zeros_like(_canonical(b.tensor, p.batch_shape, p.Hkv, self.G), dtype=x.q.dtype)
+        bias_grads = [torch.zeros_like(grouped(b.tensor, p.batch_shape, p.Hkv, self.G), dtype=x.q.dtype)
                       for b in self.biases]
         for g, rows in enumerate(self.groups):
             for qi, q0 in enumerate(range(0, p.Lq, self.block_q)):
@@ -293,14 +263,15 @@ class _Plan:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         d_out: torch.Tensor, bias_grads: bool,
     ) -> tuple[torch.Tensor, ...]:
-        """dq, dk, dv in the shapes and dtypes of q, k, v, then one gradient per float bias leaf
-        (computed whether or not ``bias_grads``: the score gradient is at hand anyway)."""
+        """dq, dk, dv in the shapes of q, k, v (compute dtype), then one gradient per float bias
+        leaf (computed whether or not ``bias_grads``: the score gradient is at hand anyway).
+        out, lse, d_out: (N, Hkv, G, Lq, ·)."""
         p = self.problem
         dq, dk, dv, grads = self.backward(q, k, v, out, lse, d_out)
         batch = p.batch_shape
-        dq = dq.reshape(*batch, p.Hq, p.Lq, p.E).sum_to_size(q.shape).to(q.dtype)
-        dk = dk.reshape(*batch, p.Hkv, p.Lk, p.E).sum_to_size(k.shape).to(k.dtype)
-        dv = dv.reshape(*batch, p.Hkv, p.Lk, p.Ev).sum_to_size(v.shape).to(v.dtype)
+        dq = dq.reshape(*batch, p.Hq, p.Lq, p.E).sum_to_size(q.shape)
+        dk = dk.reshape(*batch, p.Hkv, p.Lk, p.E).sum_to_size(k.shape)
+        dv = dv.reshape(*batch, p.Hkv, p.Lk, p.Ev).sum_to_size(v.shape)
         return (dq, dk, dv, *(_uncanonical(g, b.tensor, batch) for b, g in zip(self.biases, grads)))
 
     def _add_bias_grad(
@@ -325,28 +296,10 @@ class _Plan:
         target[..., r, c] += part
 
 
-class _TiledAttention(torch.autograd.Function):
-    """Either path's plan (_Plan in torch ops, _tiled_kernel.KernelCall compiled) as one autograd
-    node: saves q, k, v, the output and the lse; backward recomputes P tile by tile."""
-
-    @staticmethod
-    def forward(ctx, plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *biases: torch.Tensor):
-        out, lse = plan.forward(q, k, v)
-        ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (None, *ctx.plan.gradients(q, k, v, out, lse, d_out, any(ctx.needs_input_grad[4:])))
-
-
 def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of _canonical for a gradient: (Nb, h, g, R, C) -> like.shape, summing broadcast dims."""
+    """Inverse of ``grouped`` for a gradient: (Nb, h, g, R, C) -> like.shape, summing broadcast dims."""
     Nb, h, g, R, C = grad.shape
-    return _tiled_kernel.heads_uncanonical(grad.reshape(Nb, h * g, R, C), batch, like.shape).to(like.dtype)
+    return heads_uncanonical(grad.reshape(Nb, h * g, R, C), batch, like.shape)
 
 
 class TiledEngine(Engine):
@@ -375,9 +328,9 @@ class TiledEngine(Engine):
         return self.bf16_gemms, ("bfloat16 GEMMs" if self.bf16_gemms else "bfloat16 computed in float32 GEMMs") + (
             " (set on this engine)")
 
-    def auto_skip(self, problem: Problem) -> str | None:
+    def auto_skip(self, problem: Problem, after: tuple[str, ...] | None = None) -> str | None:
         p = problem
-        if p.mask is None or p.mask.value_key is not None:
+        if p.mask is None or p.mask.value_key is not None or (after is not None and "reference" not in after):
             return None
         scores = math.prod(p.batch_shape) * p.Hq * p.Lq * p.Lk
         if scores < self.AUTO_MIN_SCORES:
@@ -395,7 +348,7 @@ class TiledEngine(Engine):
             return _tiled_kernel.MISSING
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
-        if not p.inputs_finite and not _tiled_kernel.garbage_is_masked(p):
+        if not p.inputs_finite and not garbage_is_masked(p):
             return ("query, key or value hold NaN or inf that the mask lets a query see (or a mask without "
                     "row spans hides), which the torch-ops path marks exactly")
         return None
@@ -409,25 +362,33 @@ class TiledEngine(Engine):
         return "compiled kernel"
 
     def plan(self, problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
-        """How this engine runs ``problem``: the compiled kernel's call, else the torch-ops plan.
-        Both have ``forward`` (out, lse) and ``gradients`` from a given out and lse, which
-        ``dotattn.distributed`` uses to run the blocks of a ring."""
+        """How this engine runs ``problem``: the compiled kernel's call, else the torch-ops plan,
+        derived once per problem (backward reuses it)."""
         p = problem
-        if self.torch_ops_reason(p) is None:
-            bf16 = p.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
-            return _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
-        return _Plan(p, self.block_q, self.block_k)
+        plan = p.derived.get(self)
+        if plan is None:
+            if self.torch_ops_reason(p) is None:
+                bf16 = p.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
+                plan = _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
+            else:
+                plan = _Plan(p, self.block_q, self.block_k)
+            p.derived[self] = plan
+        return plan
 
-    def run(self, problem: Problem) -> AttentionResult:
+    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        p = problem
+        out, lse = self.plan(p).forward(p.query, p.key, p.value)
+        N = math.prod(p.batch_shape)
+        return out.reshape(N, p.Hq, p.Lq, p.Ev), lse.reshape(N, p.Hq, p.Lq)
+
+    def backward(self, problem, out, lse, d_out, *, bias_grads=False):
         p = problem
         plan = self.plan(p)
-        out, lse = _TiledAttention.apply(plan, p.query, p.key, p.value, *(b.tensor for b in plan.biases))
-        out = out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev)
-        lse = lse.detach().reshape(*p.batch_shape, p.Hq, p.Lq)
-        weights = None
-        if p.return_weights:  # a second pass over the tiles, in torch ops
-            plan = plan if isinstance(plan, _Plan) else _Plan(p, self.block_q, self.block_k)
-            with torch.no_grad():
-                w = plan.weights(p.query, p.key, p.value, lse.reshape(plan.N, p.Hkv, plan.G, p.Lq))
-            weights = w.reshape(*p.batch_shape, p.Hq, p.Lq, p.Lk).to(p.dtype)
-        return AttentionResult(out.to(p.dtype), lse.to(lse_dtype(p.dtype)) if p.return_lse else None, weights)
+        if isinstance(plan, _Plan):  # its layout splits the heads: (N, Hkv, G, ...)
+            out, d_out = (x.reshape(plan.N, p.Hkv, plan.G, p.Lq, p.Ev) for x in (out, d_out))
+            lse = lse.reshape(plan.N, p.Hkv, plan.G, p.Lq)
+        dq, dk, dv, *d_biases = plan.gradients(p.query, p.key, p.value, out, lse, d_out, bias_grads)
+        return dq, dk, dv, tuple(d_biases) if bias_grads else tuple(None for _ in d_biases)
+
+
+register(TiledEngine())

@@ -36,9 +36,9 @@ from torch.autograd.function import once_differentiable
 
 from dotattn import masks
 from dotattn._inputs import _check_tensor
-from dotattn.engines._nonfinite import finite_part, nan_scores, nan_where_seen
+from dotattn._nonfinite import finite_part, nan_scores, nan_where_seen
 from dotattn.engines.base import compute_dtype
-from dotattn.engines.reference import stable_softmax
+from dotattn._softmax import stable_softmax
 
 __all__ = ["AdditiveAttention"]
 

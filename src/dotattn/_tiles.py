@@ -1,0 +1,111 @@
+"""The mask as tiles: block codes, row spans and tile lists, derived once per mask and size.
+
+Engines that skip work tile by tile ask here how the mask meets their tiles:
+
+    ``block_codes``   EMPTY / FULL / PARTIAL per (bq x bk) tile, int8 (Nm, Hm, nQ, nK)
+    ``row_spans``     lo, hi int32 (Nm, Hm, Lq): query i may attend keys lo <= j < hi
+    ``tile_lists``    per query tile, its FULL tiles then its PARTIAL tiles (EMPTY ones are
+                      not listed), or per key tile when transposed, for GPU kernels
+
+A mask made of plain numbers (``Mask.value_key``: causal, windows, prefix-LM with an int,
+and their combinations) answers the same for every call of a size, so its answers are kept
+in one bounded cache shared by every engine; a mask that holds tensors (padding lengths,
+document ids, a dense tensor) is derived anew per call.
+
+Shape legend: Nm in {1, N} (the mask varies over the batch or not), Hm in {1, Hq},
+nQ/nK tile counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dotattn import masks
+from dotattn._inputs import Problem
+from dotattn._layout import heads_canonical, spans_canonical
+
+# The answers for the most recently used number-only masks; callers only read them.
+_CACHE: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+KEPT = 256
+
+
+def cached(key: tuple | None, make: Callable[[], Any]) -> Any:
+    """make(), kept under ``key`` (None: not kept) among the KEPT most recently used."""
+    if key is None:
+        return make()
+    found = _CACHE.get(key)
+    if found is None:  # a thread racing on the same key derives the same thing
+        found = _CACHE[key] = make()
+        while len(_CACHE) > KEPT:
+            with contextlib.suppress(KeyError):  # another thread may have just evicted it
+                _CACHE.popitem(last=False)
+    else:
+        with contextlib.suppress(KeyError):
+            _CACHE.move_to_end(key)
+    return found
+
+
+def _key(mask: masks.Mask | None, problem: Problem, *rest: object) -> tuple | None:
+    """The cache key of ``mask``'s answers for this problem's size, None if it holds tensors.
+    Number-only masks have no lead dims, so the size is (Lq, Lk)."""
+    value = ("none",) if mask is None else mask.value_key
+    return None if value is None else (value, problem.Lq, problem.Lk, *rest)
+
+
+def block_codes(problem: Problem, block_q: int, block_k: int) -> torch.Tensor:
+    """The tile codes of ``problem``'s mask (all FULL without one): int8 (Nm, Hm, nQ, nK) on the CPU."""
+    p = problem
+
+    def make() -> torch.Tensor:
+        if p.mask is None:
+            return torch.full((1, 1, -(-p.Lq // block_q), -(-p.Lk // block_k)), masks.FULL, dtype=torch.int8)
+        return heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
+
+    return cached(_key(p.mask, p, "codes", block_q, block_k), make)
+
+
+def row_spans(problem: Problem, mask: masks.Mask | None = None,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The row spans of ``mask`` (default: the problem's whole mask) as contiguous int32
+    (Nm, Hm, Lq) lo, hi on ``device`` (default: the CPU); None when some row's keys are not
+    one interval, or for a float mask."""
+    p = problem
+    mask = p.mask if mask is None else mask
+    device = torch.device("cpu") if device is None else device
+
+    def make() -> tuple[torch.Tensor, torch.Tensor] | None:
+        spans = p.row_spans if mask is p.mask else mask.row_spans(p.Lq, p.Lk)
+        if spans is None:
+            return None
+        return tuple(x.to(device=device, dtype=torch.int32).contiguous()
+                     for x in spans_canonical(spans, p.batch_shape, p.Hq, p.Lq))
+
+    if mask is None or mask.is_additive:
+        return None
+    return cached(_key(mask, p, "spans", str(device)), make)
+
+
+def tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) -> tuple[torch.Tensor, ...]:
+    """The block codes as tile lists on the problem's device: full_count, full_idx, part_count,
+    part_idx. Counts int32 (Nm, Hm, nQ), indices int32 (Nm, Hm, nQ, nK) whose first count
+    entries are the tiles of that kind, in order; transposed, query tiles per key tile (nK, nQ)."""
+    p = problem
+
+    def make() -> tuple[torch.Tensor, ...]:
+        codes = block_codes(p, block_m, block_n).to(p.device)
+        if transposed:
+            codes = codes.transpose(-1, -2)
+        out = []
+        for kind in (masks.FULL, masks.PARTIAL):
+            chosen = codes == kind
+            # a stable sort puts the chosen tiles first, in order
+            idx = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            out += [chosen.sum(-1, dtype=torch.int32).contiguous(), idx.contiguous()]
+        return tuple(out)
+
+    return cached(_key(p.mask, p, "lists", block_m, block_n, transposed, str(p.device)), make)
