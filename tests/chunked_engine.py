@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem, compute_dtype
 from dotattn._layout import flat_batch, heads_canonical, heads_uncanonical
 from dotattn._nonfinite import finite_part, nan_scores, nan_where_seen
@@ -26,7 +27,7 @@ _NEG_INF = float("-inf")
 class ChunkedEngine(Engine):
     name = "chunked"
     description = "test-only: keys in chunks of 16 in torch ops, partial softmaxes merged by lse"
-    support = Support(devices=("cpu",), dtypes=(torch.float64, torch.float32, torch.bfloat16), dropout=False)
+    support = Support(devices=("cpu",), dtypes=(torch.float64, torch.float32, torch.bfloat16))
     priority = -1  # auto never prefers it
 
     @staticmethod
@@ -52,6 +53,15 @@ class ChunkedEngine(Engine):
         s = s + t.to(s.dtype) if p.mask.is_additive else s
         return s.masked_fill(~allowed, _NEG_INF), allowed
 
+    @staticmethod
+    def _dropped(p: Problem, w: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+        """w (N, Hq, Lq, c) with the shared dropout pattern of keys k0:k1 applied, rescaled."""
+        if p.dropout_p == 0:
+            return w
+        bh = torch.arange(w.shape[0] * p.Hq).reshape(w.shape[0], p.Hq, 1, 1)
+        keep = keep_mask(p.dropout_seed, p.dropout_p, bh, torch.arange(p.Lq)[:, None], torch.arange(k0, k1))
+        return w * keep / (1.0 - p.dropout_p)
+
     def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         p = problem
         x = self._inputs(p)
@@ -62,7 +72,7 @@ class ChunkedEngine(Engine):
             k1 = min(k0 + CHUNK, p.Lk)
             s, allowed = self._scores(p, x, k0, k1)
             w, m, denom = stable_softmax(s)
-            part = nan_where_seen(w @ x[2][..., k0:k1, :], None if v_bad is None else v_bad[..., k0:k1, :],
+            part = nan_where_seen(self._dropped(p, w, k0, k1) @ x[2][..., k0:k1, :], None if v_bad is None else v_bad[..., k0:k1, :],
                                   allowed, s.shape)
             merge_into(out, lse, part, (m + torch.log(denom)).squeeze(-1))
         return out, lse
@@ -78,8 +88,8 @@ class ChunkedEngine(Engine):
         for k0 in range(0, p.Lk, CHUNK):
             k1 = min(k0 + CHUNK, p.Lk)
             prob = torch.exp(self._scores(p, x, k0, k1)[0] - lse)  # P, 0 where masked
-            dv[..., k0:k1, :] = prob.transpose(-2, -1) @ do
-            ds = prob * (do @ v[..., k0:k1, :].transpose(-2, -1) - delta)
+            dv[..., k0:k1, :] = self._dropped(p, prob, k0, k1).transpose(-2, -1) @ do
+            ds = prob * (self._dropped(p, do @ v[..., k0:k1, :].transpose(-2, -1), k0, k1) - delta)
             dq += (ds @ k[..., k0:k1, :]) * p.scale
             dk[..., k0:k1, :] = (ds.transpose(-2, -1) @ q) * p.scale
             ds_all.append(ds)

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import benchmarks.ring
 import dotattn
+import tests.chunked_engine  # noqa: F401  registers the test-only "chunked" engine, in the workers too
 from dotattn import masks as M
 from dotattn.distributed import gather_sequence, ring, ring_attention, shard_ranges, shard_sequence
 from dotattn.engines.triton import MISSING as TRITON_MISSING
@@ -160,28 +161,31 @@ def _run_low_precision(dtype: torch.dtype, layout: str, rank: int, world: int) -
     }
 
 
+# Engines the ring runs besides auto's choice: triton (the GPU path, in Triton's interpreter) and
+# the test-only engine written against the engine contract alone.
+ENGINES = ["chunked"] + (["triton"] if TRITON_MISSING is None else [])
 TRITON_CASES = [("causal", "zigzag"), ("documents", "contiguous"), ("gqa", "zigzag"), ("padding", "contiguous"),
                 ("dense_bool", "zigzag"), ("dense_float", "zigzag"), ("key_bias_causal", "contiguous")]
 
 
-def _run_triton(case: str, layout: str, rank: int, world: int) -> dict:
-    """The ring on the triton engine (Triton's interpreter, float32): {name: (ring error,
-    single-process triton error)} against the float64 function, for the output and each
-    gradient of this rank's shard (a float bias's: summed over the ranks, whole)."""
+def _run_on_engine(engine: str, case: str, layout: str, rank: int, world: int) -> dict:
+    """The ring with its blocks on ``engine`` (float32; triton in Triton's interpreter): {name:
+    (ring error, single-process error of the engine)} against the float64 function, for the
+    output and each gradient of this rank's shard (a float bias's: summed over the ranks, whole)."""
     x = _inputs(case, world)
     shard = dict(rank=rank, world=world, layout=layout)
     grads = {}
     for name, dt in (("oracle", torch.float64), ("single", torch.float32)):
         q, k, v = (x[n].to(dt, copy=True).requires_grad_() for n in "qkv")
         kwargs = _inputs(case, world, bias_dtype=dt)["kwargs"]
-        out = dotattn.scaled_dot_product_attention(q, k, v, engine="reference" if name == "oracle" else "triton",
+        out = dotattn.scaled_dot_product_attention(q, k, v, engine="reference" if name == "oracle" else engine,
                                                    **kwargs)
         _backward(out, x["d_out"].to(dt))
         grads[name] = [shard_sequence(t.detach().double(), **shard) for t in (out, q.grad, k.grad, v.grad)]
         grads[name] += [b.grad.double() for b in _biases(kwargs)]
     qs, ks, vs = (shard_sequence(x[n], **shard).float().requires_grad_() for n in "qkv")
     kwargs = _inputs(case, world, bias_dtype=torch.float32)["kwargs"]
-    out = ring_attention(qs, ks, vs, layout=layout, engine="triton", **kwargs)
+    out = ring_attention(qs, ks, vs, layout=layout, engine=engine, **kwargs)
     _backward(out, shard_sequence(x["d_out"], **shard).float())
     grads["ring"] = [t.detach().double() for t in (out, qs.grad, ks.grad, vs.grad)]
     for b in _biases(kwargs):
@@ -235,10 +239,10 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             for layout in LAYOUTS:
                 key = ("low_precision", dtype, layout)
                 results.put((rank, key, _run_low_precision(dtype, layout, rank, world)))
-        if TRITON_MISSING is None:
+        for engine in ENGINES:
             for case, layout in TRITON_CASES:
-                key = ("triton", case, layout)
-                results.put((rank, key, _run_triton(case, layout, rank, world)))
+                key = (engine, case, layout)
+                results.put((rank, key, _run_on_engine(engine, case, layout, rank, world)))
         key = "errors"
         results.put((rank, key, _error_cases(rank, world)))
         key = "memory"
@@ -277,8 +281,7 @@ def _results(world: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, results)) for r in range(world)]
     for p in procs:
         p.start()
-    triton_cases = len(TRITON_CASES) if TRITON_MISSING is None else 0
-    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + triton_cases + 3)
+    expected = world * ((len(CASES) + len(LOW_PRECISION)) * len(LAYOUTS) + len(ENGINES) * len(TRITON_CASES) + 3)
     out: dict = {}
     try:
         for _ in range(expected):
@@ -335,6 +338,17 @@ def test_ring_on_the_triton_engine_is_as_accurate_as_the_engine(case, layout, wo
         assert ("dbias0" in result) == (case in ("dense_float", "key_bias_causal"))
         for name, (ring_err, single_err) in result.items():
             assert ring_err <= 2 * single_err + 1e-6, f"rank {rank} {name}: ring {ring_err:.2e}, triton {single_err:.2e}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case,layout", TRITON_CASES, ids=[f"{c}-{lay}" for c, lay in TRITON_CASES])
+def test_ring_on_an_engine_registered_by_a_test_is_as_accurate_as_the_engine(case, layout, world):
+    """A new engine runs in the ring with no edit there: the test-only "chunked" engine, the 2x
+    rule against the float64 function with the single-process engine as the yardstick."""
+    for rank, result in enumerate(_results(world)[("chunked", case, layout)]):
+        assert ("dbias0" in result) == (case in ("dense_float", "key_bias_causal"))
+        for name, (ring_err, single_err) in result.items():
+            assert ring_err <= 2 * single_err + 1e-6, f"rank {rank} {name}: ring {ring_err:.2e}, chunked {single_err:.2e}"
 
 
 @pytest.mark.parametrize("world", WORLDS)

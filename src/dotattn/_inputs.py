@@ -63,8 +63,10 @@ class Problem:
 
     @cached_property
     def derived(self) -> dict:
-        """What engines derive from this problem once and reuse (a tile plan, by engine), so a
-        backward, or a second question from the dispatcher, does not derive it again."""
+        """Data engines derive from this problem once and reuse (a mask's tile codes, spans and
+        packed tiles), so a backward does not derive it again. Data only: an object that holds
+        the problem would make a cycle, which keeps its tensors alive until the garbage
+        collector runs (a ring's blocks would pile up)."""
         return {}
 
     @cached_property
@@ -196,33 +198,6 @@ def _check_mask_fits(name: str, leaf: masks.Mask, scores_shape: tuple[int, ...])
         )
 
 
-def _attn_mask_as_mask(
-    attn_mask: object, device: torch.device, scores_shape: tuple[int, ...]
-) -> masks.Mask:
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(
-            f"attn_mask has dtype {attn_mask.dtype}; use a bool mask (True = may attend) "
-            "or a float mask that is added to the scores"
-        )
-    if attn_mask.device != device:
-        raise ValueError(
-            f"attn_mask is on {attn_mask.device} but query is on {device}; "
-            f"move it with attn_mask.to({str(device)!r})"
-        )
-    try:
-        fits = _broadcast_shapes(tuple(attn_mask.shape), tuple(scores_shape)) == tuple(scores_shape)
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"attn_mask has shape {tuple(attn_mask.shape)}, which does not broadcast to the "
-            f"scores' shape {tuple(scores_shape)} (*batch, Hq, Lq, Lk)"
-        )
-    return masks.dense(attn_mask)
-
-
 def prepare(
     query: object,
     key: object,
@@ -297,7 +272,9 @@ def prepare(
 
     parts: list[masks.Mask] = []
     if attn_mask is not None:
-        parts.append(_attn_mask_as_mask(attn_mask, device, scores_shape))
+        parts.append(masks.dense(masks.check_mask_tensor(
+            attn_mask, "attn_mask", device=device, shape=scores_shape, shape_legend=" (*batch, Hq, Lq, Lk)",
+            optional=True)))
     if _check_flag("is_causal", is_causal):
         parts.append(masks.causal())
     if mask is not None:

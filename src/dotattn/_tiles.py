@@ -9,8 +9,9 @@ Engines that skip work tile by tile ask here how the mask meets their tiles:
 
 A mask made of plain numbers (``Mask.value_key``: causal, windows, prefix-LM with an int,
 and their combinations) answers the same for every call of a size, so its answers are kept
-in one bounded cache shared by every engine; a mask that holds tensors (padding lengths,
-document ids, a dense tensor) is derived anew per call.
+in one bounded cache shared by every engine (``derived``); a mask that holds tensors
+(padding lengths, document ids, a dense tensor) is derived once per call, kept on the
+problem for its backward.
 
 Shape legend: Nm in {1, N} (the mask varies over the batch or not), Hm in {1, Hq},
 nQ/nK tile counts.
@@ -50,11 +51,22 @@ def cached(key: tuple | None, make: Callable[[], Any]) -> Any:
     return found
 
 
-def _key(mask: masks.Mask | None, problem: Problem, *rest: object) -> tuple | None:
-    """The cache key of ``mask``'s answers for this problem's size, None if it holds tensors.
-    Number-only masks have no lead dims, so the size is (Lq, Lk)."""
+def derived(problem: Problem, what: tuple, make: Callable[[], Any], mask: masks.Mask | None = None) -> Any:
+    """make(): ``what`` about ``mask`` (default: the problem's) for this problem. A number-only
+    mask's answer is kept in the shared cache by its value and the size (such masks have no
+    lead dims, so the size is (Lq, Lk)); a tensor mask's on the problem (``Problem.derived``),
+    so forward and backward derive it once; a tensor mask that is only part of the problem's
+    is derived anew."""
+    mask = problem.mask if mask is None else mask
     value = ("none",) if mask is None else mask.value_key
-    return None if value is None else (value, problem.Lq, problem.Lk, *rest)
+    if value is not None:
+        return cached((value, problem.Lq, problem.Lk, *what), make)
+    if mask is not problem.mask:
+        return make()
+    found = problem.derived.get(what)
+    if found is None:
+        found = problem.derived[what] = make()
+    return found
 
 
 def block_codes(problem: Problem, block_q: int, block_k: int) -> torch.Tensor:
@@ -66,7 +78,7 @@ def block_codes(problem: Problem, block_q: int, block_k: int) -> torch.Tensor:
             return torch.full((1, 1, -(-p.Lq // block_q), -(-p.Lk // block_k)), masks.FULL, dtype=torch.int8)
         return heads_canonical(p.mask.block_map(p.Lq, p.Lk, block_q, block_k), p.batch_shape, p.Hq)
 
-    return cached(_key(p.mask, p, "codes", block_q, block_k), make)
+    return derived(p, ("codes", block_q, block_k), make)
 
 
 def row_spans(problem: Problem, mask: masks.Mask | None = None,
@@ -87,7 +99,7 @@ def row_spans(problem: Problem, mask: masks.Mask | None = None,
 
     if mask is None or mask.is_additive:
         return None
-    return cached(_key(mask, p, "spans", str(device)), make)
+    return derived(p, ("spans", str(device)), make, mask)
 
 
 def tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) -> tuple[torch.Tensor, ...]:
@@ -108,4 +120,4 @@ def tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) -
             out += [chosen.sum(-1, dtype=torch.int32).contiguous(), idx.contiguous()]
         return tuple(out)
 
-    return cached(_key(p.mask, p, "lists", block_m, block_n, transposed, str(p.device)), make)
+    return derived(p, ("lists", block_m, block_n, transposed, str(p.device)), make)

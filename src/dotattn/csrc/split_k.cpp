@@ -1,13 +1,15 @@
 // The split-K engine's compiled CPU kernel: the decoding forward ("flash-decoding"), few
 // query rows against a long KV cache.
 //
-//   q: (N, Hkv, R, E) compute type, contiguous; R = G·Lq, the query heads that share a kv
-//      head stacked into rows, so each key and value is read once per kv head
-//   k: (N, Hkv, Lk, E)  v: (N, Hkv, Lk, Ev) storage type (float, double, bfloat16), any
-//      strides with the last dim contiguous (a KV cache's views are read in place)
-//   lo, hi: int32 (N, Hkv, R) contiguous, row r may attend keys lo <= j < hi
-//   out: (S, N, Hkv, R, Ev), lse: (S, N, Hkv, R) compute type: the softmax of each part of
-//      the keys on its own, which Python merges by lse.
+//   q: (*B, Hq, Lq, E)  k: (*B, Hkv, Lk, E)  v: (*B, Hkv, Lk, Ev), one storage type (float,
+//      double, bfloat16), leading dims broadcast, any strides with k and v's last dim
+//      contiguous (a KV cache's views are read in place). The G = Hq/Hkv query heads of a kv
+//      head are stacked into R = G·Lq rows, so each key and value is read once per kv head.
+//   lo, hi: int64 row spans that broadcast to (*B, Hq, Lq) (or none: every key), row r may
+//      attend keys lo <= j < hi
+//   returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute type: each part of the
+//      keys' softmax, merged by lse here (merge_parts), and whether some output is not finite
+//      (garbage a row saw: the caller reruns the problem on an engine that marks it exactly).
 //
 // Task (n, hk, s) takes the s-th of S equal parts of [min lo, max hi), the keys some row of
 // (n, hk) may attend: keys that no row sees (left padding) are never read and no part sits

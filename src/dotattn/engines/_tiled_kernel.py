@@ -85,13 +85,12 @@ class TileMask:
     @classmethod
     def of(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
         """The mask of ``problem`` for tiles block_q x block_k. Masks made of plain numbers
-        (``Mask.value_key``: causal, windows, ...) are derived once per size and reused."""
+        (``Mask.value_key``: causal, windows, ...) are derived once per size and reused, others
+        once per problem (``_tiles.derived``)."""
         p = problem
         if p.mask is None:
             return cls()
-        key = p.mask.value_key
-        key = None if key is None else (key, p.Lq, p.Lk, "kernel", block_q, block_k)
-        return _tiles.cached(key, lambda: cls._derive(p, block_q, block_k, dtype))
+        return _tiles.derived(p, ("kernel", block_q, block_k), lambda: cls._derive(p, block_q, block_k, dtype))
 
     @classmethod
     def _derive(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
@@ -180,7 +179,7 @@ class KernelCall:
             # every slot's part inside Lq x Lk is written by the kernel
             ds_tiles = torch.empty(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
         grads = ext.backward(
-            self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse, delta, *self._extra(),
+            self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse.contiguous(), delta, *self._extra(),
             ds_index, ds_tiles,
         )
         dqkv = tuple(

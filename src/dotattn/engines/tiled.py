@@ -362,18 +362,13 @@ class TiledEngine(Engine):
         return "compiled kernel"
 
     def plan(self, problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
-        """How this engine runs ``problem``: the compiled kernel's call, else the torch-ops plan,
-        derived once per problem (backward reuses it)."""
+        """How this engine runs ``problem``: the compiled kernel's call, else the torch-ops plan
+        (their mask tiles are derived once per problem, ``_tiles.derived``)."""
         p = problem
-        plan = p.derived.get(self)
-        if plan is None:
-            if self.torch_ops_reason(p) is None:
-                bf16 = p.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
-                plan = _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
-            else:
-                plan = _Plan(p, self.block_q, self.block_k)
-            p.derived[self] = plan
-        return plan
+        if self.torch_ops_reason(p) is None:
+            bf16 = p.dtype == torch.bfloat16 and self._bf16_gemms(p.E)[0]
+            return _tiled_kernel.KernelCall(p, self.block_q, self.block_k, bf16)
+        return _Plan(p, self.block_q, self.block_k)
 
     def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         p = problem

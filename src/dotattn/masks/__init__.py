@@ -56,12 +56,13 @@ from dotattn.masks.positional import (
     prefix_lm,
     sliding_window,
 )
-from dotattn.masks.tensor import BlockSparse, Dense, Documents, block_sparse, dense, documents
+from dotattn.masks.tensor import BlockSparse, Dense, Documents, block_sparse, check_mask_tensor, dense, documents
 # The function rebinds the name the submodule got: dotattn.masks.view is the function,
 # and the module stays reachable as sys.modules["dotattn.masks.view"] (which pickle uses).
 from dotattn.masks.view import View, view
 
 __all__ = [
+    "check_mask_tensor",
     "EMPTY",
     "PARTIAL",
     "FULL",

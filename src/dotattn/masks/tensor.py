@@ -211,17 +211,40 @@ class BlockSparse(Mask):
         return _codes(count == blocks, count > 0, (*self.lead_shape, len(q_first), len(k_first)))
 
 
+def check_mask_tensor(
+    tensor: object, name: str, *, where: str = "", device: torch.device | None = None,
+    shape: tuple[int, ...] | None = None, shape_legend: str = "", optional: bool = False,
+) -> torch.Tensor:
+    """``tensor`` once checked as a mask given as a tensor: bool (True = may attend) or float
+    (added to the scores, -inf = masked), on ``device`` and broadcastable to ``shape`` without
+    growing it, when given. Errors name it as ``where + name`` and say how to fix it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{where}{name} must be a torch.Tensor{' or None' if optional else ''}, "
+                        f"got {type(tensor).__name__}")
+    if tensor.dtype != torch.bool and not tensor.is_floating_point():
+        raise TypeError(
+            f"{where}{name} has dtype {tensor.dtype}; use a bool tensor (True = may attend, e.g. tensor != 0) "
+            "or a floating bias added to the scores (-inf = masked, e.g. tensor.float())"
+        )
+    if device is not None and tensor.device != device:
+        raise ValueError(
+            f"{where}{name} is on {tensor.device} but query is on {device}; move it with {name}.to({str(device)!r})"
+        )
+    if shape is not None and not (
+        tensor.dim() <= len(shape) and all(s in (1, t) for s, t in zip(reversed(tensor.shape), reversed(shape)))
+    ):
+        raise ValueError(
+            f"{where}{name} has shape {tuple(tensor.shape)}, which does not broadcast to the scores' shape "
+            f"{tuple(shape)}{shape_legend}"
+        )
+    return tensor
+
+
 class Dense(Mask):
     """A given tensor (..., Lq or 1, Lk or 1): bool (True = may attend) or float (additive bias)."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"dense: tensor must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != torch.bool and not tensor.is_floating_point():
-            raise TypeError(
-                f"dense: tensor has dtype {tensor.dtype}; use a bool tensor (True = may attend, e.g. tensor != 0) "
-                "or a floating bias (-inf = masked, e.g. tensor.float())"
-            )
+        check_mask_tensor(tensor, "tensor", where="dense: ")
         if tensor.dim() < 2:
             raise ValueError(
                 f"dense: tensor has shape {tuple(tensor.shape)}; it needs at least 2 dims (..., Lq, Lk) "

@@ -269,22 +269,9 @@ class AdditiveAttention(nn.Module):
                                     ("key_padding_mask", key_padding_mask, (*batch_shape, Lk))):
             if tensor is None:
                 continue
-            if not isinstance(tensor, torch.Tensor) or not (tensor.dtype == torch.bool or tensor.is_floating_point()):
-                raise TypeError(
-                    f"AdditiveAttention: {name} must be a bool or float tensor, got "
-                    f"{getattr(tensor, 'dtype', type(tensor).__name__)}"
-                )
-            if tensor.device != device:
-                raise ValueError(
-                    f"AdditiveAttention: {name} is on {tensor.device} but query is on {device}; "
-                    f"move it with {name}.to({str(device)!r})"
-                )
-            if not _broadcasts_to(tuple(tensor.shape), shape):
-                want = "(*batch, Lq, Lk)" if name == "attn_mask" else "(*batch, Lk), (B, Lk) for (B, L, D) inputs"
-                raise ValueError(
-                    f"AdditiveAttention: {name} has shape {tuple(tensor.shape)}, which does not broadcast "
-                    f"to {shape} = {want}"
-                )
+            legend = " (*batch, Lq, Lk)" if name == "attn_mask" else " (*batch, Lk), (B, Lk) for (B, L, D) inputs"
+            masks.check_mask_tensor(tensor, name, where="AdditiveAttention: ", device=device, shape=shape,
+                                    shape_legend=legend, optional=True)
             if name == "key_padding_mask":
                 # torch's convention: True = ignore this key; one row shared by every query
                 tensor = (~tensor if tensor.dtype == torch.bool else tensor).unsqueeze(-2)

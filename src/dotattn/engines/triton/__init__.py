@@ -121,16 +121,16 @@ class TritonEngine(Engine):
         return how + (", partial tiles masked by " + " and ".join(masked) if masked else "")
 
     def plan(self, problem: Problem) -> Call:
-        """How this engine runs ``problem``: the kernels' call, derived once per problem."""
+        """How this engine runs ``problem``: the kernels' call (the mask's parts derived once per problem)."""
         p = problem
-        call = p.derived.get(self)
-        if call is None:
-            blocks = None if self.block_m is None else (self.block_m, self.block_n or self.block_m)
-            deterministic = self.deterministic
-            if deterministic is None:
-                deterministic = torch.are_deterministic_algorithms_enabled()
-            call = p.derived[self] = Call(p, blocks, MaskParts.of(p), self._split(p), deterministic)
-        return call
+        blocks = None if self.block_m is None else (self.block_m, self.block_n or self.block_m)
+        deterministic = self.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        parts = p.derived.get(MaskParts)
+        if parts is None:
+            parts = p.derived[MaskParts] = MaskParts.of(p)
+        return Call(p, blocks, parts, self._split(p), deterministic)
 
     def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         p = problem
