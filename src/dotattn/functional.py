@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
+import operator
 from typing import Protocol
 
 import torch
 
-from dotattn import engines
+from dotattn import _ops, engines, masks
 from dotattn._inputs import Problem, prepare
 from dotattn.engines import AttentionResult, Explanation
 from dotattn.masks import Mask
@@ -91,6 +93,9 @@ def scaled_dot_product_attention(
     Gradients flow to query, key, value and a float attn_mask (the score gradient);
     lse and weights carry none.
     """
+    if torch.compiler.is_compiling():
+        return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
+                       return_lse, return_weights, generator)
     problem = prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator,
@@ -99,6 +104,31 @@ def scaled_dot_product_attention(
     if return_lse or return_weights:
         return result
     return result.output
+
+
+def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
+            return_lse, return_weights, generator) -> torch.Tensor | AttentionResult:
+    """The call under torch.compile or torch.export: one ``dotattn::attention`` operator
+    (``dotattn._ops``), which checks the arguments and picks the engine when it runs."""
+    if return_weights:
+        raise ValueError(
+            "return_weights=True is not supported under torch.compile or torch.export (the weights are an "
+            "(Lq, Lk) tensor the fused engines never form); compute them eagerly, e.g. in a function "
+            "wrapped with torch.compiler.disable")
+    parts = []
+    if attn_mask is not None:
+        parts.append(masks.dense(attn_mask))
+    if is_causal:
+        parts.append(masks.causal())
+    if mask is not None:
+        parts.append(mask)
+    combined = functools.reduce(operator.and_, parts) if parts else None
+    squeeze = query.dim() == key.dim() == value.dim() == 2
+    q, k, v = (x.unsqueeze(0) if x.dim() == 2 else x for x in (query, key, value))  # as prepare() does
+    out, lse = _ops.attention(q, k, v, combined, dropout_p, scale, enable_gqa, engine, generator)
+    if squeeze:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return AttentionResult(out, lse) if return_lse else out
 
 
 def explain(

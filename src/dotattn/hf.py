@@ -192,7 +192,11 @@ def _causal(q_length: int, kv_length: int, q_offset: int | torch.Tensor, kv_offs
 
 
 def _padding(real: torch.Tensor) -> masks.Mask | None:
-    """Which keys hold real tokens, real (B, Lk) bool, as a dotattn mask; None when all do."""
+    """Which keys hold real tokens, real (B, Lk) bool, as a dotattn mask; None when all do.
+    Under torch.compile the pattern is not read (that would break the graph): the keys then
+    arrive as a (B, 1, 1, Lk) tensor mask, exact for any pattern, without padding's spans."""
+    if torch.compiler.is_compiling():
+        return masks.dense(real[:, None, None, :])
     if bool(real.all()):
         return None
     lengths = real.sum(dim=-1)

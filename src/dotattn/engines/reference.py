@@ -13,7 +13,9 @@ same steps, recomputed. In float64 it is the oracle every other engine is tested
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -76,6 +78,18 @@ def four_steps(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out, (m + torch.log(denom)).squeeze(-1)
 
 
+@contextlib.contextmanager
+def _autograd_on() -> Iterator[None]:
+    """Autograd on, also inside a PyTorch operator (``dotattn._ops``), whose implementation runs
+    with the autograd dispatch keys excluded (autograd is the operator's own registration)."""
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (K.AutogradFunctionality, K.AutogradOther, K.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
 class ReferenceEngine(Engine):
     name = "reference"
     description = "the four steps written literally; O(L²) memory; the float64 oracle"
@@ -100,7 +114,7 @@ class ReferenceEngine(Engine):
         offset = None
         if bias_grads and biases:
             offset = torch.zeros(p.scores_shape, dtype=compute_dtype(p.dtype), device=p.device, requires_grad=True)
-        with torch.enable_grad():
+        with _autograd_on():
             again, _ = four_steps(p, *leaves, offset)
         wanted = leaves if offset is None else [*leaves, offset]
         grads = torch.autograd.grad(again, wanted, d_out.reshape(again.shape).to(again.dtype), allow_unused=True)

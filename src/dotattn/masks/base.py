@@ -50,6 +50,12 @@ def _codes(full: torch.Tensor, any_: torch.Tensor, shape: Sequence[int]) -> torc
     return codes.expand(*shape).contiguous()
 
 
+def _placeholder(tensor: torch.Tensor, tensors: list[torch.Tensor]) -> str:
+    """``T[i]``: ``tensor`` appended to ``tensors`` (a spec's tensor, see Mask.spec)."""
+    tensors.append(tensor)
+    return f"T[{len(tensors) - 1}]"
+
+
 def _is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -154,6 +160,13 @@ class Mask(abc.ABC):
 
     def _row_spans(self, Lq: int, Lk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
+
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        """This mask as an expression over ``dotattn.masks`` (``masks.causal('top_left')``) whose
+        tensors are ``T[i]``, appended to ``tensors``: how a mask crosses into a PyTorch
+        operator (``dotattn._ops``), which takes strings and tensors. Structure only: no tensor
+        data is read, so it traces under torch.compile."""
+        raise NotImplementedError(f"{self!r} cannot cross into an operator (it has no spec)")
 
     @property
     def value_key(self) -> tuple | None:

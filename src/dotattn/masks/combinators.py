@@ -46,6 +46,9 @@ class _Combination(Mask):
     def _child_repr(self, child: Mask) -> str:
         return repr(child)
 
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        return f" {self._symbol} ".join(f"({c.spec(tensors)})" for c in self.children)
+
     @property
     def lead_shape(self) -> tuple[int, ...]:
         return self._lead

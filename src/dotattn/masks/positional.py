@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dotattn.masks.base import Mask, _codes, _is_integer, _positions, _summary, _tile_bounds
+from dotattn.masks.base import Mask, _codes, _is_integer, _placeholder, _positions, _summary, _tile_bounds
 
 
 _ALIGNS = ("top_left", "bottom_right")
@@ -49,14 +49,17 @@ def _lengths_tensor(value: object, where: str, name: str) -> tuple[torch.Tensor,
         )
     if not value.numel():
         return value, 0
+    if torch.compiler.is_compiling():  # reading the values would break the graph: check() skips them
+        return value, None
     low, high = (int(x) for x in torch.aminmax(value))
     if low < 0:
         raise ValueError(f"{where}: {name} holds {low}; lengths must be non-negative")
     return value, high
 
 
-def _check_at_most(longest: int, limit: int, mask: Mask, name: str, dim: str) -> None:
-    if longest > limit:
+def _check_at_most(longest: int | None, limit: int, mask: Mask, name: str, dim: str) -> None:
+    """``longest`` is None for lengths given while tracing: the operator's run checks them."""
+    if longest is not None and longest > limit:
         raise ValueError(
             f"{mask!r}: {name} holds {longest} but {dim} is {limit}; "
             f"a length counts a row's real positions, so it must be at most {dim}"
@@ -116,6 +119,9 @@ class Causal(_Positional):
     def __repr__(self) -> str:
         return f"causal({self.align})"
 
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        return f"masks.causal({self.align!r})"
+
     @property
     def value_key(self) -> tuple:
         return ("causal", self.align)
@@ -161,6 +167,9 @@ class SlidingWindow(_Positional):
         if self.after == 0 and self.align == "top_left":
             return f"sliding_window({self.before})"
         return f"sliding_window({self.before}, {self.after}, {self.align})"
+
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        return f"masks.sliding_window({self.before}, {self.after}, align={self.align!r})"
 
     def _allowed(self, i, j, Lq, Lk, device):
         centre = i + _align_offset(self.align, Lq, Lk)
@@ -212,6 +221,10 @@ class Padding(_Positional):
         q = "" if self.q_lengths is None else f", q_lengths={_summary(self.q_lengths)}"
         side = "" if self.side == "right" else f", side={self.side!r}"
         return f"padding(kv_lengths={_summary(self.kv_lengths)}{q}{side})"
+
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        q = "None" if self.q_lengths is None else _placeholder(self.q_lengths, tensors)
+        return f"masks.padding({_placeholder(self.kv_lengths, tensors)}, {q}, side={self.side!r})"
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
@@ -270,6 +283,10 @@ class PrefixLM(_Positional):
     def __repr__(self) -> str:
         p = self.prefix_lengths
         return f"prefix_lm({p if isinstance(p, int) else _summary(p)})"
+
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        p = self.prefix_lengths
+        return f"masks.prefix_lm({p if isinstance(p, int) else _placeholder(p, tensors)})"
 
     @property
     def value_key(self) -> tuple | None:

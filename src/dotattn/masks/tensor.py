@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from dotattn.masks.base import _NEG_INF, PARTIAL, Mask, _cdiv, _codes, _is_integer, _positions, _summary, _tile_bounds
+from dotattn.masks.base import (
+    _NEG_INF, PARTIAL, Mask, _cdiv, _codes, _is_integer, _placeholder, _positions, _summary, _tile_bounds,
+)
 
 
 def _any_per_tile(x: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
@@ -60,6 +62,10 @@ class Documents(Mask):
     def __repr__(self) -> str:
         kv = "" if self.kv_defaulted else f", kv_doc_ids={_summary(self.kv_doc_ids)}"
         return f"documents(q_doc_ids={_summary(self.q_doc_ids)}{kv})"
+
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        kv = "None" if self.kv_defaulted else _placeholder(self.kv_doc_ids, tensors)
+        return f"masks.documents({_placeholder(self.q_doc_ids, tensors)}, {kv})"
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
@@ -169,6 +175,9 @@ class BlockSparse(Mask):
         size = bq if bq == bk else self.block_size
         return f"block_sparse({_summary(self.layout)}, block_size={size})"
 
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        return f"masks.block_sparse({_placeholder(self.layout, tensors)}, {self.block_size})"
+
     @property
     def lead_shape(self) -> tuple[int, ...]:
         return tuple(self.layout.shape[:-2])
@@ -255,6 +264,9 @@ class Dense(Mask):
 
     def __repr__(self) -> str:
         return f"dense({_summary(self.tensor)})"
+
+    def spec(self, tensors: list[torch.Tensor]) -> str:
+        return f"masks.dense({_placeholder(self.tensor, tensors)})"
 
     @property
     def lead_shape(self) -> tuple[int, ...]:

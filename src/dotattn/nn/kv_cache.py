@@ -66,7 +66,11 @@ class KVCache:
         if lengths is None:
             return torch.full((B,), T, dtype=torch.long, device=self.lengths.device)
         new = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
-        if new.shape != (B,) or bool(((new < 0) | (new > T)).any()):
+        if new.shape != (B,):
+            raise ValueError(f"KVCache: lengths must be {B} ints in [0, {T}], got shape {tuple(new.shape)}")
+        if torch.compiler.is_compiling():  # reading the values would break the graph: unchecked
+            return new
+        if bool(((new < 0) | (new > T)).any()):
             raise ValueError(f"KVCache: lengths must be {B} ints in [0, {T}], got {new.tolist()}")
         if bool(((new < T) & (self.lengths > 0)).any()):
             raise ValueError(
@@ -96,7 +100,9 @@ class KVCache:
             raise ValueError(f"KVCache.append: {T} more positions overflow the capacity {self.capacity} "
                              f"({self.filled} filled); build the cache with a larger capacity or reset() it")
         new = T if lengths is None else self._new_lengths(T, lengths)  # real tokens per row in this step
-        self.padded = self.padded or (lengths is not None and bool((new < T).any()))
+        # Under torch.compile, given lengths count as padding (reading them would break the graph):
+        # the padding term then allows what it does not hide.
+        self.padded = self.padded or (lengths is not None and (torch.compiler.is_compiling() or bool((new < T).any())))
         self.k[:, :, self.filled:self.filled + T] = key
         self.v[:, :, self.filled:self.filled + T] = value
         self.filled += T

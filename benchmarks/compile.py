@@ -1,0 +1,147 @@
+"""dotattn and torch SDPA, eager and under torch.compile (Inductor), side by side in one run.
+
+    python -m benchmarks.compile            # B1 H8 L1024 E64 float32, a decoding step, a small Llama step
+    python -m benchmarks.compile --quick    # fewer repeats, L 512
+
+Under torch.compile, dotattn is one ``dotattn::attention`` operator (``dotattn._ops``) that
+Inductor leaves whole, with Inductor compiling what surrounds it; torch's SDPA is lowered
+by Inductor itself. Each case times four functions interleaved (``dotattn.benchmarking.timed``:
+median seconds per call): dotattn eager, dotattn compiled, torch eager, torch compiled, and
+reports compile time (the first call of each compiled function, warm-up included). The
+rows:
+
+    full / causal / window256   one attention call, forward, and forward+backward
+    decode                      one query per head against a 2k-key KV cache (KVCache mask)
+    llama step                  a 2-layer Llama (hidden 256, 8 heads / 2 kv heads) forward, L as above
+
+GFLOP/s counts 4·B·H·Lq·Lk·E for a forward (2.5x that for forward+backward), all pairs,
+so masked cases show the useful rate of a dense call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import dotattn
+from dotattn import masks
+from dotattn.benchmarking import timed
+from dotattn.nn import KVCache
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True)
+
+
+def _first_call_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _row(name: str, flops: float, fns: dict, repeats: int) -> None:
+    compile_s = {label: _first_call_seconds(fn) for label, fn in fns.items() if "compiled" in label}
+    seconds = dict(zip(fns, timed(list(fns.values()), repeats)))
+    base = seconds["torch eager"]
+    cells = "  ".join(f"{label} {1e3 * s:8.2f} ms ({base / s:4.2f}x)" for label, s in seconds.items())
+    rate = f"{flops / seconds['dotattn compiled'] / 1e9:6.1f} GFLOP/s compiled" if flops else ""
+    print(f"{name:22s} {cells}  {rate}")
+    print(f"{'':22s} compile: " + ", ".join(f"{label} {s:.1f} s" for label, s in compile_s.items()))
+
+
+def attention_cases(L: int, repeats: int) -> None:
+    B, H, E = 1, 8, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, E, generator=g) for _ in range(3))
+    flops = 4 * B * H * L * L * E
+    for name, ours_kwargs, torch_kwargs in [
+        ("full", {}, {}),
+        ("causal", {"is_causal": True}, {"is_causal": True}),
+        ("window256", {"mask": masks.causal() & masks.sliding_window(256)},
+         {"attn_mask": (masks.causal() & masks.sliding_window(256)).to_dense(L, L)}),
+    ]:
+        def ours(q, k, v, kw=ours_kwargs):
+            return dotattn.scaled_dot_product_attention(q, k, v, **kw)
+
+        def theirs(q, k, v, kw=torch_kwargs):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+        ours_c, theirs_c = _compiled(ours), _compiled(theirs)
+        with torch.no_grad():
+            _row(f"{name} forward", flops, {
+                "dotattn eager": lambda: ours(q, k, v), "dotattn compiled": lambda: ours_c(q, k, v),
+                "torch eager": lambda: theirs(q, k, v), "torch compiled": lambda: theirs_c(q, k, v)}, repeats)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+
+        def step(fn):
+            return lambda: fn(*leaves).sum().backward()
+
+        _row(f"{name} fwd+bwd", 2.5 * flops, {
+            "dotattn eager": step(ours), "dotattn compiled": step(_compiled(ours)),
+            "torch eager": step(theirs), "torch compiled": step(_compiled(theirs))}, repeats)
+
+
+def decode_case(repeats: int) -> None:
+    B, Hq, Hkv, E, L = 1, 32, 8, 128, 2048
+    cache = KVCache(B, Hkv, capacity=L + 1, head_dim=E)
+    g = torch.Generator().manual_seed(0)
+    cache.append(torch.randn(B, Hkv, L, E, generator=g), torch.randn(B, Hkv, L, E, generator=g))
+    keys, values, mask = cache.append(torch.randn(B, Hkv, 1, E, generator=g), torch.randn(B, Hkv, 1, E, generator=g))
+    q = torch.randn(B, Hq, 1, E, generator=g)
+
+    def ours(q, k, v):
+        return dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True)
+
+    def theirs(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    ours_c, theirs_c = _compiled(ours), _compiled(theirs)
+    with torch.no_grad():
+        _row("decode 2k keys", 0.0, {
+            "dotattn eager": lambda: ours(q, keys, values), "dotattn compiled": lambda: ours_c(q, keys, values),
+            "torch eager": lambda: theirs(q, keys, values), "torch compiled": lambda: theirs_c(q, keys, values)},
+            repeats)
+
+
+def llama_case(L: int, repeats: int) -> None:
+    try:
+        import transformers
+    except ImportError:
+        print("llama step: transformers is not installed (pip install dotattn[hf])")
+        return
+    import dotattn.hf
+
+    dotattn.hf.register()
+    torch.manual_seed(0)
+    models = {}
+    for impl in ("dotattn", "sdpa"):
+        config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                          num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
+                                          max_position_embeddings=L, attn_implementation=impl)
+        models[impl] = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 1024, (1, L))
+    compiled = {impl: torch.compile(m) for impl, m in models.items()}
+    with torch.no_grad():
+        _row(f"llama step L {L}", 0.0, {
+            "dotattn eager": lambda: models["dotattn"](input_ids=ids, use_cache=False),
+            "dotattn compiled": lambda: compiled["dotattn"](input_ids=ids, use_cache=False),
+            "torch eager": lambda: models["sdpa"](input_ids=ids, use_cache=False),
+            "torch compiled": lambda: compiled["sdpa"](input_ids=ids, use_cache=False)}, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    L, repeats = (512, 5) if args.quick else (1024, 10)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratios are torch eager / each")
+    attention_cases(L, repeats)
+    decode_case(repeats * 20)
+    llama_case(L, repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""dotattn as PyTorch operators, so that torch.compile and torch.export keep it whole.
+
+Under ``torch.compile`` (``fullgraph=True`` included) and ``torch.export``,
+``scaled_dot_product_attention`` is one call of an operator in the ``dotattn`` namespace,
+with a fake implementation that gives exact shapes and dtypes, and a backward operator:
+
+    torch.ops.dotattn.attention(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed,
+                                enable_gqa, engine, needs_grad)
+        -> out (*batch, Hq, Lq, Ev) in q's dtype, lse (*batch, Hq, Lq) float32 (float64 for float64)
+    torch.ops.dotattn.attention_backward(d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale,
+                                         dropout_p, seed, enable_gqa, engine)
+        -> dq, dk, dv (shapes of q, k, v), and one gradient per float mask tensor
+
+The traced code reads no tensor data: the mask reaches the operator as its structure, a
+string (``Mask.spec``), and its tensors; the dropout seed as a tensor drawn in the graph.
+Everything that reads data runs inside the operator, eagerly, on the real tensors: the
+argument checks, the engine choice (``engine``, "auto" included, with ``needs_grad`` standing
+in for the inputs' requires_grad, so forward and backward choose alike), the mask's tile
+classification, the NaN/inf policy and split_k's fallback. A bad argument therefore raises
+when the compiled function first runs, not while it is traced.
+
+Limits under compile: ``return_weights`` (an O(Lq·Lk) result, the eager path computes it)
+and a dropout ``generator`` (the seed is drawn from torch's default generator in the graph)
+raise; ``masks.view`` is not supported (ring attention runs eagerly).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from dotattn import engines, masks
+from dotattn._inputs import lse_dtype, prepare
+
+__all__ = ["attention"]
+
+
+@functools.lru_cache(maxsize=256)
+def _template(spec: str):
+    """The mask a spec describes, as a function of its tensors (specs are made by Mask.spec)."""
+    code = compile(spec, "<dotattn mask spec>", "eval")
+    return lambda tensors: eval(code, {"__builtins__": {}, "masks": masks, "T": tensors})
+
+
+def _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, needs_grad):
+    mask = _template(mask_spec)(list(mask_tensors)) if mask_spec else None
+    p = prepare(q, k, v, None, dropout_p, False, None if scale < 0 else scale, enable_gqa, mask=mask,
+                return_lse=True)
+    # What the traced call decided stands in for what these tensors (which need no grad
+    # inside an operator) would say, and the seed drawn in the graph for the generator.
+    p.__dict__["requires_grad"] = needs_grad
+    p.__dict__["dropout_seed"] = int(seed)
+    return p
+
+
+@torch.library.custom_op("dotattn::attention", mutates_args=())
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_tensors: list[torch.Tensor], mask_spec: str,
+    scale: float, dropout_p: float, seed: torch.Tensor, enable_gqa: bool, engine: str, needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, needs_grad)
+    out, lse = engines.select(p, engine).forward(p)
+    return (out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.dtype),
+            lse.reshape(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.dtype)))
+
+
+def _batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    return tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+
+
+@_attention.register_fake
+def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, needs_grad):
+    batch = _batch(q, k, v)
+    Hq, Lq, Ev = q.shape[-3], q.shape[-2], v.shape[-1]
+    return q.new_empty(*batch, Hq, Lq, Ev), q.new_empty(*batch, Hq, Lq, dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("dotattn::attention_backward", mutates_args=())
+def _attention_backward(
+    d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    mask_tensors: list[torch.Tensor], mask_spec: str, scale: float, dropout_p: float, seed: torch.Tensor,
+    enable_gqa: bool, engine: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    p = _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, True)
+    N = math.prod(p.batch_shape)
+    floats = [t for t in mask_tensors if t.is_floating_point()]
+    dq, dk, dv, d_biases = engines.select(p, engine).backward(
+        p, out.reshape(N, p.Hq, p.Lq, p.Ev), lse.reshape(N, p.Hq, p.Lq), d_out.reshape(N, p.Hq, p.Lq, p.Ev),
+        bias_grads=bool(floats))
+    # one gradient per float mask tensor: the float tensors are the mask's bias leaves
+    leaves = [] if p.mask is None else p.mask.biases()
+    by_tensor = {id(leaf.tensor): g for leaf, g in zip(leaves, d_biases) if g is not None}
+    d_floats = [by_tensor[id(t)].to(t.dtype) if id(t) in by_tensor else torch.zeros_like(t) for t in floats]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_floats
+
+
+@_attention_backward.register_fake
+def _(d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine):
+    floats = [torch.empty_like(t) for t in mask_tensors if t.is_floating_point()]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), floats
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, _ = inputs
+    ctx.save_for_backward(q, k, v, *output, seed, *mask_tensors)
+    ctx.args = (mask_spec, scale, dropout_p, enable_gqa, engine)
+    ctx.floats = [t.is_floating_point() for t in mask_tensors]
+
+
+def _backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
+    q, k, v, out, lse, seed, *mask_tensors = ctx.saved_tensors
+    mask_spec, scale, dropout_p, enable_gqa, engine = ctx.args
+    dq, dk, dv, d_floats = torch.ops.dotattn.attention_backward(
+        d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine)
+    d_floats = iter(d_floats)
+    d_mask = [next(d_floats) if is_float else None for is_float in ctx.floats]
+    return dq, dk, dv, d_mask, None, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: masks.Mask | None, dropout_p: float,
+    scale: float | None, enable_gqa: bool, engine: str, generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call as the operator: out (*batch, Hq, Lq, Ev) and lse (*batch, Hq, Lq). Reads no
+    tensor data, so it traces as one node; ``mask`` is everything ANDed (attn_mask, is_causal, mask)."""
+    if generator is not None and dropout_p > 0:
+        raise ValueError(
+            "dropout with a generator= is not supported under torch.compile or torch.export (the "
+            "generator's state cannot be read while tracing); leave generator=None and seed torch's "
+            "default generator with torch.manual_seed(...) instead")
+    tensors: list[torch.Tensor] = []
+    spec = "" if mask is None else mask.spec(tensors)
+    seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
+            else torch.zeros((), dtype=torch.int64))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
+    return torch.ops.dotattn.attention(query, key, value, tensors, spec, -1.0 if scale is None else float(scale),
+                                       float(dropout_p), seed, enable_gqa, engine, needs_grad)
