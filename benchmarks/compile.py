@@ -7,11 +7,12 @@ Under torch.compile, dotattn is one ``dotattn::attention`` operator (``dotattn._
 Inductor leaves whole, with Inductor compiling what surrounds it; torch's SDPA is lowered
 by Inductor itself. Each case times four functions interleaved (``dotattn.benchmarking.timed``:
 median seconds per call): dotattn eager, dotattn compiled, torch eager, torch compiled, and
-reports compile time (the first call of each compiled function, warm-up included). The
-rows:
+reports compile time (the first call of each compiled function, with Inductor's FX graph
+cache off; its C++ kernel cache on disk may still hold code from an earlier run). The rows:
 
     full / causal / window256   one attention call, forward, and forward+backward
-    decode                      one query per head against a 2k-key KV cache (KVCache mask)
+    decode                      one query per head (32 heads, 8 kv heads, E 128) against a KV cache
+                                of 16 and 2048 keys (its mask), as a generation step makes it
     llama step                  a 2-layer Llama (hidden 256, 8 heads / 2 kv heads) forward, L as above
 
 GFLOP/s counts 4·B·H·Lq·Lk·E for a forward (2.5x that for forward+backward), all pairs,
@@ -46,7 +47,7 @@ def _row(name: str, flops: float, fns: dict, repeats: int) -> None:
     compile_s = {label: _first_call_seconds(fn) for label, fn in fns.items() if "compiled" in label}
     seconds = dict(zip(fns, timed(list(fns.values()), repeats)))
     base = seconds["torch eager"]
-    cells = "  ".join(f"{label} {1e3 * s:8.2f} ms ({base / s:4.2f}x)" for label, s in seconds.items())
+    cells = "  ".join(f"{label} {1e3 * s:8.3f} ms ({base / s:4.2f}x)" for label, s in seconds.items())
     rate = f"{flops / seconds['dotattn compiled'] / 1e9:6.1f} GFLOP/s compiled" if flops else ""
     print(f"{name:22s} {cells}  {rate}")
     print(f"{'':22s} compile: " + ", ".join(f"{label} {s:.1f} s" for label, s in compile_s.items()))
@@ -84,8 +85,8 @@ def attention_cases(L: int, repeats: int) -> None:
             "torch eager": step(theirs), "torch compiled": step(_compiled(theirs))}, repeats)
 
 
-def decode_case(repeats: int) -> None:
-    B, Hq, Hkv, E, L = 1, 32, 8, 128, 2048
+def decode_case(L: int, repeats: int) -> None:
+    B, Hq, Hkv, E = 1, 32, 8, 128
     cache = KVCache(B, Hkv, capacity=L + 1, head_dim=E)
     g = torch.Generator().manual_seed(0)
     cache.append(torch.randn(B, Hkv, L, E, generator=g), torch.randn(B, Hkv, L, E, generator=g))
@@ -100,7 +101,7 @@ def decode_case(repeats: int) -> None:
 
     ours_c, theirs_c = _compiled(ours), _compiled(theirs)
     with torch.no_grad():
-        _row("decode 2k keys", 0.0, {
+        _row(f"decode {L} keys", 0.0, {
             "dotattn eager": lambda: ours(q, keys, values), "dotattn compiled": lambda: ours_c(q, keys, values),
             "torch eager": lambda: theirs(q, keys, values), "torch compiled": lambda: theirs_c(q, keys, values)},
             repeats)
@@ -137,9 +138,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     L, repeats = (512, 5) if args.quick else (1024, 10)
+    torch._inductor.config.fx_graph_cache = False  # compile times from scratch, every run
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratios are torch eager / each")
     attention_cases(L, repeats)
-    decode_case(repeats * 20)
+    for keys in (16, 2048):
+        decode_case(keys, repeats * 20)
     llama_case(L, repeats)
 
 
