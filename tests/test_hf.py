@@ -20,9 +20,17 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Mist
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     AttentionMaskInterface,
+    and_masks,
     bidirectional_mask_function,
+    blockwise_overlay,
     causal_mask_function,
+    chunked_causal_mask_function,
+    find_packed_sequence_indices,
+    or_masks,
+    packed_sequence_mask_function,
+    remap_positions_for_packed_sequence,
     sdpa_mask,
+    sliding_window_bidirectional_mask_function,
     sliding_window_causal_mask_function,
 )
 
@@ -237,7 +245,7 @@ def test_llama_left_padded_generate_matches_sdpa(llama, left_padded, monkeypatch
     assert repr(spy.calls[-1]["mask"]) == "causal(bottom_right) & padding(kv_lengths=[12, 15, 16], side='left')"
 
 
-def test_sliding_window_model_falls_back_to_sdpas_mask(monkeypatch):
+def test_sliding_window_model_gets_a_structured_window(monkeypatch):
     torch.manual_seed(0)
     config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=128, sliding_window=3, initializer_range=0.2)
@@ -251,8 +259,9 @@ def test_sliding_window_model_falls_back_to_sdpas_mask(monkeypatch):
     err = max_error(ours, ref, attention_mask.bool())
     print(f"\nMistral sliding window 3, dotattn vs sdpa: max abs error {err:.2e}")
     assert err <= TOL
-    dense = spy.calls[0]["attn_mask"]
-    assert spy.calls[0]["mask"] is None and dense.dtype == torch.bool and dense.shape == (2, 1, 8, 8)
+    # the window as a band the tiled engine skips by, not transformers' (B, 1, L, L) tensor
+    assert spy.calls[0]["attn_mask"] is None
+    assert repr(spy.calls[0]["mask"]) == "sliding_window(2) & padding(kv_lengths=[8, 6], side='left')"
 
 
 # ---------------------------------------------------------------------------
@@ -287,6 +296,43 @@ STRUCTURED = {
     "bidirectional, cross-attention": dict(batch_size=2, q_length=2, kv_length=5, mask_function=bidirectional_mask_function,
                                            attention_mask=padding_2d([[1, 1, 1, 0, 0], [1] * 5]),
                                            allow_is_bidirectional_skip=True),
+    # as create_sliding_window_causal_mask passes them
+    "sliding window": dict(batch_size=1, q_length=6, kv_length=6, mask_function=sliding_window_causal_mask_function(2),
+                           local_size=2, allow_is_causal_skip=False),
+    "sliding window, left padding": dict(batch_size=2, q_length=7, kv_length=7, local_size=3,
+                                         mask_function=sliding_window_causal_mask_function(3),
+                                         attention_mask=padding_2d([[0, 0, 1, 1, 1, 1, 1], [1] * 7])),
+    "sliding window, decoding against a window cache": dict(
+        batch_size=2, q_length=1, kv_length=4, q_offset=9, kv_offset=6, local_size=4,
+        mask_function=sliding_window_causal_mask_function(4), attention_mask=padding_2d([[0] * 3 + [1] * 7, [1] * 10])),
+    "sliding window, bidirectional (ModernBERT)": dict(
+        batch_size=2, q_length=9, kv_length=9, mask_function=sliding_window_bidirectional_mask_function(2),
+        attention_mask=padding_2d([[1] * 9, [1] * 6 + [0] * 3])),
+    "chunked causal (Llama 4), left padding": dict(
+        batch_size=2, q_length=10, kv_length=10, mask_function=chunked_causal_mask_function(4, torch.tensor([3, 0])),
+        attention_mask=padding_2d([[0, 0, 0] + [1] * 7, [1] * 10])),
+    "packed sequences": dict(
+        batch_size=2, q_length=9, kv_length=9, allow_is_causal_skip=False,
+        mask_function=and_masks(
+            remap_positions_for_packed_sequence(causal_mask_function, torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3],
+                                                                                     [0, 1, 2, 3, 4, 5, 0, 1, 2]])),
+            packed_sequence_mask_function(find_packed_sequence_indices(
+                torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]]))))),
+    "packed sequences, sliding window": dict(
+        batch_size=1, q_length=8, kv_length=8, allow_is_causal_skip=False,
+        mask_function=and_masks(
+            remap_positions_for_packed_sequence(sliding_window_causal_mask_function(2),
+                                                torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])),
+            packed_sequence_mask_function(find_packed_sequence_indices(torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]]))))),
+    "image blocks over causal (Gemma 3)": dict(
+        batch_size=2, q_length=8, kv_length=8, allow_is_causal_skip=False,
+        mask_function=or_masks(causal_mask_function, blockwise_overlay(torch.tensor([[-1, 0, 0, 0, -1, 1, 1, -1],
+                                                                                     [-1] * 8]))),
+        attention_mask=padding_2d([[1] * 8, [0] + [1] * 7])),
+    "sliding window with image blocks": dict(
+        batch_size=1, q_length=8, kv_length=8, allow_is_causal_skip=False,
+        mask_function=or_masks(sliding_window_causal_mask_function(2),
+                               blockwise_overlay(torch.tensor([[-1, 0, 0, 0, 0, -1, -1, -1]])))),
 }
 
 
@@ -319,8 +365,6 @@ def test_build_mask_bidirectional_without_padding_is_no_mask():
 
 
 FALLBACK = {
-    "sliding window": dict(batch_size=1, q_length=6, kv_length=6, mask_function=sliding_window_causal_mask_function(2),
-                           local_size=2),  # as create_sliding_window_causal_mask passes it
     "caller wants a tensor": dict(batch_size=2, q_length=4, kv_length=4, allow_is_causal_skip=False,
                                   attention_mask=padding_2d([[0, 1, 1, 1], [1] * 4])),
     "bidirectional, caller wants a tensor": dict(batch_size=1, q_length=3, kv_length=3,

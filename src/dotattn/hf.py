@@ -38,7 +38,9 @@ never NaN; dropout uses dotattn's own reproducible pattern, not torch's.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 from collections.abc import Callable
 
 import torch
@@ -153,15 +155,17 @@ def build_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
     )
-    # A caller that forbids skipping the mask wants a tensor it may edit (Falcon adds ALiBi to it,
-    # Longformer slices it back to 2-D), so it gets the one "sdpa" would get.
-    if mask_function is causal_mask_function and kwargs.get("allow_is_causal_skip", True):
-        base = _causal(q_length, kv_length, q_offset, kv_offset)
-        if base is None:
-            return sdpa_mask(**args)
-    elif mask_function is bidirectional_mask_function and kwargs.get("allow_is_bidirectional_skip", False):
-        base = None  # every key
-    else:
+    # A caller that forbids skipping a plain causal or bidirectional mask wants a tensor it may
+    # edit (Falcon adds ALiBi to it, Longformer slices it back to 2-D), so it gets the one "sdpa"
+    # would get. transformers itself forbids it for the composite masks (windows, chunks,
+    # packing, overlays), which are recognised below whatever the flag says.
+    if mask_function is causal_mask_function and not kwargs.get("allow_is_causal_skip", True):
+        return sdpa_mask(**args)
+    if mask_function is bidirectional_mask_function and not kwargs.get("allow_is_bidirectional_skip", False):
+        return sdpa_mask(**args)
+    try:
+        base = _structured(mask_function, q_length, kv_length, q_offset, kv_offset)
+    except _Unrecognised:
         return sdpa_mask(**args)
 
     padding = None
@@ -173,22 +177,92 @@ def build_mask(
     return base if padding is None else base & padding
 
 
-def _causal(q_length: int, kv_length: int, q_offset: int | torch.Tensor, kv_offset: int) -> masks.Causal | None:
-    """Causal by position (kv_offset + j <= q_offset + i) as a dotattn mask, or None if no alignment fits.
+class _Unrecognised(Exception):
+    """A mask function that has no dotattn structure here: transformers' own tensor is used."""
 
-    That is j <= i + (q_offset - kv_offset): top_left when the offsets are equal (no cache),
-    bottom_right when the queries are the last positions of the keys (a DynamicCache).
+
+def _closure(fn: Callable) -> dict:
+    """The variables a transformers mask function closes over, by name."""
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _structured(fn: Callable, Lq: int, Lk: int, q_offset: int | torch.Tensor, kv_offset: int) -> masks.Mask | None:
+    """transformers' mask function over query positions q_offset + i and key positions
+    kv_offset + j as a dotattn mask on (Lq, Lk); None when it allows every pair.
+
+    Recognised: causal and bidirectional, the sliding-window overlays (causal and
+    bidirectional), the chunked overlay, packed sequences (with their position remapping),
+    blockwise overlays (image blocks), and and_masks / or_masks of those. Positional patterns
+    depend on q position - kv position = i - j + (q_offset - kv_offset), which is dotattn's
+    top_left alignment when the offsets are equal (no cache) and bottom_right when the queries
+    are the last keys (a DynamicCache, a sliding-window cache); other offsets raise
+    _Unrecognised, as does anything else.
     """
     if isinstance(q_offset, torch.Tensor):
         # Static caches give the offset as a tensor so that compiled graphs do not depend on
         # its value; reading it here would break that.
-        return None
+        raise _Unrecognised
     shift = q_offset - kv_offset
-    if shift == 0:
-        return masks.causal()
-    if shift == kv_length - q_length:
-        return masks.causal(align="bottom_right")
-    return None
+
+    def align() -> str:
+        if shift == 0:
+            return "top_left"
+        if shift == Lk - Lq:
+            return "bottom_right"
+        raise _Unrecognised
+
+    def ids(t: torch.Tensor, offset: int, L: int) -> torch.Tensor:  # (B, >= offset + L) by position
+        if t.shape[-1] < offset + L:
+            raise _Unrecognised
+        return t[:, offset:offset + L]
+
+    name = getattr(fn, "__qualname__", "")
+    if fn is causal_mask_function:
+        return masks.causal(align=align())
+    if fn is bidirectional_mask_function:
+        return None
+    cells = _closure(fn) if hasattr(fn, "__code__") else {}
+    if name.startswith("sliding_window_overlay."):  # kv > q - w: up to w - 1 keys back, any ahead
+        return masks.sliding_window(cells["sliding_window"] - 1, max(Lq, Lk), align=align())
+    if name.startswith("sliding_window_bidirectional_overlay."):  # |q - kv| <= w
+        w = cells["sliding_window"]
+        return masks.sliding_window(w, w, align=align())
+    if name.startswith("chunked_overlay."):  # the same chunk of chunk_size, counted from a row's first real token
+        size, left = cells["chunk_size"], cells["left_padding"]
+        q_pos = torch.arange(q_offset, q_offset + Lq, device=left.device)
+        kv_pos = torch.arange(kv_offset, kv_offset + Lk, device=left.device)
+        # Positions before a row's first token fall in negative chunks, which dotattn's documents
+        # hide; they are that row's left padding, which the padding mask hides anyway.
+        return masks.documents((q_pos - left[:, None]) // size, (kv_pos - left[:, None]) // size)
+    if name.startswith("blockwise_overlay."):  # the same block, and a block id >= 0
+        block = cells["block_sequence_ids"]
+        return masks.documents(ids(block, q_offset, Lq), ids(block, kv_offset, Lk))
+    if name.startswith("packed_sequence_mask_function."):  # the same packed sequence (ids >= 0)
+        packed = cells["packed_sequence_mask"]
+        return masks.documents(ids(packed, q_offset, Lq), ids(packed, kv_offset, Lk))
+    if name.startswith(("and_masks.", "or_masks.")):
+        parts = list(cells["mask_functions"])
+        if name.startswith("and_masks."):
+            # Packed sequences remap positions to each sequence's own, which moves every pair of
+            # one sequence by the same amount (a sequence's positions count up by 1): a pattern
+            # of position differences is unchanged on the pairs the packing mask allows.
+            packed = any(getattr(f, "__qualname__", "").startswith("packed_sequence_mask_function.") for f in parts)
+            parts = [_closure(f)["mask_function"] if packed and getattr(f, "__qualname__", "").startswith(
+                "remap_positions_for_packed_sequence.") else f for f in parts]
+        terms = [_structured(f, Lq, Lk, q_offset, kv_offset) for f in parts]
+        if name.startswith("and_masks."):
+            kept = [t for t in terms if t is not None]
+            window = next((t for t in kept if isinstance(t, masks.SlidingWindow) and t.after >= max(Lq, Lk)), None)
+            causal = next((t for t in kept if isinstance(t, masks.Causal)), None)
+            if window is not None and causal is not None and window.align == causal.align:
+                # Mistral's window: the overlay and causal as one band, before keys back and none ahead
+                kept = [masks.sliding_window(window.before, 0, align=window.align)] + [
+                    t for t in kept if t is not window and t is not causal]
+            return functools.reduce(operator.and_, kept) if kept else None
+        if any(t is None for t in terms):
+            return None
+        return functools.reduce(operator.or_, terms)
+    raise _Unrecognised
 
 
 def _padding(real: torch.Tensor) -> masks.Mask | None:
