@@ -444,3 +444,19 @@ def test_attention_forward_refuses_softcap():
     q, k, v = qkv(3, 3)
     with pytest.raises(ValueError, match="softcap"):
         dotattn.hf.attention_forward(FakeAttention(True, 2), q, k, v, None, softcap=30.0)
+
+
+def test_explain_names_each_layers_mask_and_engine(capsys):
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, sliding_window=3, attn_implementation=NAME)
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, :2] = 0
+    calls = dotattn.hf.explain(model, input_ids=ids, attention_mask=attention_mask)
+    assert [c.layer for c in calls] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(c.mask == "sliding_window(2) & padding(kv_lengths=[8, 6], side='left')" for c in calls)
+    assert all(c.explanation.engine is not None for c in calls)
+    out = capsys.readouterr().out
+    assert "model.layers.1.self_attn" in out and "sliding_window(2)" in out

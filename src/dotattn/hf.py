@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 import operator
 from collections.abc import Callable
 
@@ -58,10 +59,11 @@ try:
 except ImportError as e:
     raise ImportError(f"dotattn.hf needs transformers ({e}); install it with: pip install 'dotattn[hf]'") from e
 
-from dotattn import masks
-from dotattn.functional import scaled_dot_product_attention
+from dotattn import engines, masks
+from dotattn._text import table
+from dotattn.functional import OBSERVER, scaled_dot_product_attention
 
-__all__ = ["attention_forward", "build_mask", "register"]
+__all__ = ["LayerCall", "attention_forward", "build_mask", "explain", "register"]
 
 # Older transformers size masks by cache_position instead, which build_mask does not read.
 if "q_length" not in inspect.signature(sdpa_mask).parameters:
@@ -281,3 +283,52 @@ def _padding(real: torch.Tensor) -> masks.Mask | None:
     if not falls:
         return masks.padding(lengths, side="left")
     return masks.dense(real[:, None, None, :])  # (B, 1, 1, Lk): holes, one row for every query
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One attention call of a model's forward: the module that made it, its sizes, the mask
+    it got, and the engine that ran it (with how, and why the others did not)."""
+
+    layer: str
+    shape: str
+    mask: str
+    explanation: engines.Explanation
+
+
+def explain(model: torch.nn.Module, **inputs) -> list[LayerCall]:
+    """Run ``model(**inputs)`` once, without gradients, print a line per attention call (the
+    layer, q/k shapes, the mask as dotattn got it, the engine and how it ran), and return them.
+    The model must be loaded with dotattn's attn_implementation (``register``)."""
+    calls: list[LayerCall] = []
+    running: list[str] = []
+
+    class _Recorder:
+        def record(self, problem, result) -> None:
+            shape = f"q {tuple(problem.query.shape)} k {tuple(problem.key.shape)}"
+            calls.append(LayerCall(running[-1] if running else "?", shape, repr(problem.mask),
+                                   engines.explain_problem(problem)))
+
+    def entering(name: str):
+        def hook(module, args) -> None:
+            running.append(name or "model")
+        return hook
+
+    def leaving(module, args, output) -> None:  # a hook that returned something would replace the output
+        running.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        hooks += [module.register_forward_pre_hook(entering(name)), module.register_forward_hook(leaving)]
+    token = OBSERVER.set(_Recorder())
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        OBSERVER.reset(token)
+        for hook in hooks:
+            hook.remove()
+    rows = [[c.layer, c.shape, c.mask, f"{c.explanation.engine}: {c.explanation.detail or ''}".rstrip(": ")]
+            for c in calls]
+    print(table(["layer", "shapes", "mask", "engine"], rows))
+    return calls

