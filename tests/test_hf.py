@@ -329,6 +329,10 @@ STRUCTURED = {
         mask_function=or_masks(causal_mask_function, blockwise_overlay(torch.tensor([[-1, 0, 0, 0, -1, 1, 1, -1],
                                                                                      [-1] * 8]))),
         attention_mask=padding_2d([[1] * 8, [0] + [1] * 7])),
+    "a mask function of no known shape (tile by tile)": dict(
+        batch_size=2, q_length=7, kv_length=9, q_offset=2, allow_is_causal_skip=False,
+        mask_function=lambda b, h, q, kv: ((q + kv) % 3 != 0) & (kv <= q + 1),
+        attention_mask=padding_2d([[1] * 9, [0] * 2 + [1] * 7])),
     "sliding window with image blocks": dict(
         batch_size=1, q_length=8, kv_length=8, allow_is_causal_skip=False,
         mask_function=or_masks(sliding_window_causal_mask_function(2),

@@ -26,9 +26,12 @@ tiled engine skips masked tiles and needs no mask memory:
     padding with holes                   & dense((B, 1, 1, Lk)), one row shared by every query
     bidirectional without padding        None (no mask), when transformers allows skipping it
 
-Everything else (sliding windows, chunks, packed sequences, or/and overlays, static caches,
-and callers that ask for a materialised mask, which they may then edit as a tensor) gets
-transformers' own ``sdpa_mask``, so it means exactly what it means for "sdpa". As with
+Sliding windows, chunks, packed sequences, image-block overlays and and/or combinations of
+those are read from transformers' mask function and arrive structured too (``_structured``);
+any other index-based mask function is evaluated tile by tile (``masks.from_mask_mod``).
+Static caches (a tensor offset) and callers that ask for a materialised mask, which they may
+then edit as a tensor, get transformers' own ``sdpa_mask``, so it means exactly what it means
+for "sdpa". As with
 "sdpa", a None mask means ``is_causal`` (the argument, else ``module.is_causal``) decides,
 top-left aligned, for more than one query.
 
@@ -168,7 +171,10 @@ def build_mask(
     try:
         base = _structured(mask_function, q_length, kv_length, q_offset, kv_offset)
     except _Unrecognised:
-        return sdpa_mask(**args)
+        base = _tile_by_tile(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+                             kwargs.get("device"))
+        if base is None:
+            return sdpa_mask(**args)
 
     padding = None
     if attention_mask is not None:
@@ -186,6 +192,21 @@ class _Unrecognised(Exception):
 def _closure(fn: Callable) -> dict:
     """The variables a transformers mask function closes over, by name."""
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _tile_by_tile(fn: Callable, B: int, Lq: int, Lk: int, q_offset: int | torch.Tensor, kv_offset: int,
+                  device: torch.device | str | None) -> masks.Mask | None:
+    """Any other mask function as ``masks.from_mask_mod``, evaluated at its positions tile by tile;
+    None when it is not index-based (it fails on broadcasting index tensors) or the offset is a
+    tensor (a static cache)."""
+    if isinstance(q_offset, torch.Tensor):
+        return None
+    mask = masks.from_mask_mod(lambda b, h, q, kv: fn(b, h, q + q_offset, kv + kv_offset), B, 1, Lq, Lk, device)
+    try:
+        mask.tile(Lq, Lk, 0, min(Lq, 1), 0, Lk)  # one row: does it evaluate on index tensors?
+    except Exception:  # noqa: BLE001  any failure means: not index-based; transformers' tensor serves
+        return None
+    return mask
 
 
 def _structured(fn: Callable, Lq: int, Lk: int, q_offset: int | torch.Tensor, kv_offset: int) -> masks.Mask | None:
