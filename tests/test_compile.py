@@ -183,7 +183,7 @@ def test_opcheck_on_the_operators():
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
         tensors: list[torch.Tensor] = []
         spec = "" if mask is None else mask.spec(tensors)
-        args = (q, k, v, tensors, spec, -1.0, dropout_p, torch.tensor(7), True, "auto", True)
+        args = (q, k, v, tensors, spec, -1.0, dropout_p, torch.tensor(7), True, "auto", True, 0.0)
         torch.library.opcheck(torch.ops.dotattn.attention.default, args)
 
 

@@ -444,10 +444,13 @@ def test_attention_forward_drops_out_only_in_training():
     assert not torch.allclose(plain, trained)
 
 
-def test_attention_forward_refuses_softcap():
+def test_attention_forward_soft_caps_and_refuses_sinks():
     q, k, v = qkv(3, 3)
-    with pytest.raises(ValueError, match="softcap"):
-        dotattn.hf.attention_forward(FakeAttention(True, 2), q, k, v, None, softcap=30.0)
+    out, _ = dotattn.hf.attention_forward(FakeAttention(True, 2).eval(), q * 20, k, v, None, softcap=2.0)
+    expected = dotattn.scaled_dot_product_attention(q * 20, k, v, is_causal=True, enable_gqa=True, softcap=2.0)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+    with pytest.raises(ValueError, match="attention sinks"):
+        dotattn.hf.attention_forward(FakeAttention(True, 2), q, k, v, None, s_aux=torch.zeros(4))
 
 
 def test_explain_names_each_layers_mask_and_engine(capsys):
@@ -464,3 +467,64 @@ def test_explain_names_each_layers_mask_and_engine(capsys):
     assert all(c.explanation.engine is not None for c in calls)
     out = capsys.readouterr().out
     assert "model.layers.1.self_attn" in out and "sliding_window(2)" in out
+
+
+def _model_cases() -> dict:
+    """Small random models whose masks are windows, chunks or alternating layers, with the
+    mask each attention call should get (repr), on a left-padded batch of 2 x 16."""
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
+    return {
+        "qwen2, sliding window layers": (
+            lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+                **common, use_sliding_window=True, sliding_window=5, max_window_layers=0,
+                layer_types=["sliding_attention", "sliding_attention"])),
+            "sliding_window(4)"),
+        "gemma3, alternating window and global layers": (
+            lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+                **common, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+            "sliding_window(5)"),
+        "llama4, chunked attention": (
+            lambda: transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+                **common, head_dim=16, attention_chunk_size=4, no_rope_layers=[1, 1],
+                layer_types=["chunked_attention", "chunked_attention"], intermediate_size_mlp=128)),
+            "documents("),
+    }
+
+
+@pytest.mark.parametrize("case", list(_model_cases()))
+def test_models_with_windows_and_chunks_match_sdpa_and_get_structure(case, monkeypatch):
+    build, expected = _model_cases()[case]
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones(2, 16, dtype=torch.long)
+    attention_mask[1, :5] = 0
+    spy = Spy(monkeypatch)
+    ours = run_as(model, NAME, lambda: model(input_ids=ids, attention_mask=attention_mask).logits)
+    ref = run_as(model, "sdpa", lambda: model(input_ids=ids, attention_mask=attention_mask).logits)
+    assert max_error(ours, ref, attention_mask.bool()) <= TOL
+    masks_seen = [repr(call["mask"]) for call in spy.calls]
+    assert any(expected in m for m in masks_seen), masks_seen
+    assert all(call["attn_mask"] is None for call in spy.calls)  # nothing arrived as a dense tensor
+
+
+def test_packed_sequences_train_like_their_documents_alone():
+    """Padding-free training: three documents packed in one row with restarting position_ids
+    arrive as documents & causal, and give each document the logits it has on its own."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, attn_implementation=NAME)
+    model = LlamaForCausalLM(config).eval()
+    lengths = [5, 7, 4]
+    ids = torch.randint(3, 128, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    calls = dotattn.hf.explain(model, input_ids=ids, position_ids=position_ids, use_cache=False)
+    assert all("documents(" in c.mask and "causal(top_left)" in c.mask for c in calls), calls[0].mask
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        start = 0
+        for n in lengths:
+            alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits
+            torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-4)
+            start += n

@@ -46,6 +46,7 @@ class Problem:
     mask: masks.Mask | None
     scale: float
     dropout_p: float
+    softcap: float  # scores -> softcap·tanh(scores/softcap) before the mask; 0: none
     generator: torch.Generator | None
     return_lse: bool
     return_weights: bool
@@ -158,6 +159,16 @@ def _check_scale(scale: object, E: int) -> float:
     return float(scale)
 
 
+def _check_softcap(softcap: object) -> float:
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (
+            math.isfinite(float(softcap)) and float(softcap) > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r} "
+                         "(Gemma 2 uses 50.0 for attention logits)")
+    return float(softcap)
+
+
 def _check_dropout(dropout_p: object) -> float:
     if type(dropout_p) in (float, int) and dropout_p == 0:  # the common case, before the ABC check
         return 0.0
@@ -212,6 +223,7 @@ def prepare(
     return_lse: object = False,
     return_weights: object = False,
     generator: object = None,
+    softcap: object = None,
 ) -> Problem:
     """Check a call's arguments and bundle them into a :class:`Problem`."""
     # Plain statements rather than loops over the three: a decoding step runs this with its
@@ -299,6 +311,7 @@ def prepare(
         mask=combined,
         scale=problem_scale,
         dropout_p=p,
+        softcap=_check_softcap(softcap),
         generator=generator,
         return_lse=_check_flag("return_lse", return_lse),
         return_weights=_check_flag("return_weights", return_weights),

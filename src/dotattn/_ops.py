@@ -5,10 +5,10 @@ Under ``torch.compile`` (``fullgraph=True`` included) and ``torch.export``,
 with a fake implementation that gives exact shapes and dtypes, and a backward operator:
 
     torch.ops.dotattn.attention(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed,
-                                enable_gqa, engine, needs_grad)
+                                enable_gqa, engine, needs_grad, softcap)
         -> out (*batch, Hq, Lq, Ev) in q's dtype, lse (*batch, Hq, Lq) float32 (float64 for float64)
     torch.ops.dotattn.attention_backward(d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale,
-                                         dropout_p, seed, enable_gqa, engine)
+                                         dropout_p, seed, enable_gqa, engine, softcap)
         -> dq, dk, dv (shapes of q, k, v), and one gradient per float mask tensor
 
 The traced code reads no tensor data: the mask reaches the operator as its structure, a
@@ -44,10 +44,10 @@ def _template(spec: str):
     return lambda tensors: eval(code, {"__builtins__": {}, "masks": masks, "T": tensors})
 
 
-def _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, needs_grad):
+def _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, needs_grad, softcap):
     mask = _template(mask_spec)(list(mask_tensors)) if mask_spec else None
     p = prepare(q, k, v, None, dropout_p, False, None if scale < 0 else scale, enable_gqa, mask=mask,
-                return_lse=True)
+                return_lse=True, softcap=softcap or None)
     # What the traced call decided stands in for what these tensors (which need no grad
     # inside an operator) would say, and the seed drawn in the graph for the generator.
     p.__dict__["requires_grad"] = needs_grad
@@ -59,8 +59,9 @@ def _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gq
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_tensors: list[torch.Tensor], mask_spec: str,
     scale: float, dropout_p: float, seed: torch.Tensor, enable_gqa: bool, engine: str, needs_grad: bool,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    p = _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, needs_grad)
+    p = _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, needs_grad, softcap)
     out, lse = engines.select(p, engine).forward(p)
     return (out.reshape(*p.batch_shape, p.Hq, p.Lq, p.Ev).to(p.dtype),
             lse.reshape(*p.batch_shape, p.Hq, p.Lq).to(lse_dtype(p.dtype)))
@@ -71,7 +72,7 @@ def _batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
 
 
 @_attention.register_fake
-def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, needs_grad):
+def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, needs_grad, softcap):
     batch = _batch(q, k, v)
     Hq, Lq, Ev = q.shape[-3], q.shape[-2], v.shape[-1]
     return q.new_empty(*batch, Hq, Lq, Ev), q.new_empty(*batch, Hq, Lq, dtype=lse_dtype(q.dtype))
@@ -81,9 +82,9 @@ def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engi
 def _attention_backward(
     d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask_tensors: list[torch.Tensor], mask_spec: str, scale: float, dropout_p: float, seed: torch.Tensor,
-    enable_gqa: bool, engine: str,
+    enable_gqa: bool, engine: str, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    p = _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, True)
+    p = _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, True, softcap)
     N = math.prod(p.batch_shape)
     floats = [t for t in mask_tensors if t.is_floating_point()]
     dq, dk, dv, d_biases = engines.select(p, engine).backward(
@@ -97,26 +98,26 @@ def _attention_backward(
 
 
 @_attention_backward.register_fake
-def _(d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine):
+def _(d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, softcap):
     floats = [torch.empty_like(t) for t in mask_tensors if t.is_floating_point()]
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), floats
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, _ = inputs
+    q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, _, softcap = inputs
     ctx.save_for_backward(q, k, v, *output, seed, *mask_tensors)
-    ctx.args = (mask_spec, scale, dropout_p, enable_gqa, engine)
+    ctx.args = (mask_spec, scale, dropout_p, enable_gqa, engine, softcap)
     ctx.floats = [t.is_floating_point() for t in mask_tensors]
 
 
 def _backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
     q, k, v, out, lse, seed, *mask_tensors = ctx.saved_tensors
-    mask_spec, scale, dropout_p, enable_gqa, engine = ctx.args
+    mask_spec, scale, dropout_p, enable_gqa, engine, softcap = ctx.args
     dq, dk, dv, d_floats = torch.ops.dotattn.attention_backward(
-        d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine)
+        d_out, q, k, v, out, lse, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, softcap)
     d_floats = iter(d_floats)
     d_mask = [next(d_floats) if is_float else None for is_float in ctx.floats]
-    return dq, dk, dv, d_mask, None, None, None, None, None, None, None
+    return dq, dk, dv, d_mask, None, None, None, None, None, None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -125,6 +126,7 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 def attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: masks.Mask | None, dropout_p: float,
     scale: float | None, enable_gqa: bool, engine: str, generator: torch.Generator | None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One call as the operator: out (*batch, Hq, Lq, Ev) and lse (*batch, Hq, Lq). Reads no
     tensor data, so it traces as one node; ``mask`` is everything ANDed (attn_mask, is_causal, mask)."""
@@ -139,4 +141,5 @@ def attention(
             else torch.zeros((), dtype=torch.int64))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
     return torch.ops.dotattn.attention(query, key, value, tensors, spec, -1.0 if scale is None else float(scale),
-                                       float(dropout_p), seed, enable_gqa, engine, needs_grad)
+                                       float(dropout_p), seed, enable_gqa, engine, needs_grad,
+                                       0.0 if softcap is None else float(softcap))

@@ -42,7 +42,10 @@ def weights_from_lse(problem: Problem, lse: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         q, q_bad = finite_part(p.query.to(compute))
         k, k_bad = finite_part(kv_per_query_head(p.key, p.Hq).to(compute))
-        s = nan_scores((q @ k.transpose(-2, -1)) * p.scale, q_bad, k_bad)  # (*batch, Hq, Lq, Lk)
+        s = (q @ k.transpose(-2, -1)) * p.scale  # (*batch, Hq, Lq, Lk)
+        if p.softcap:
+            s = p.softcap * torch.tanh(s / p.softcap)
+        s = nan_scores(s, q_bad, k_bad)
         if p.mask is not None:
             dense = p.mask.to_dense(p.Lq, p.Lk, device=s.device)
             s = s + dense.to(compute) if dense.is_floating_point() else s.masked_fill(~dense, _NEG_INF)

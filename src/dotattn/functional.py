@@ -62,6 +62,7 @@ def scaled_dot_product_attention(
     return_lse: bool = False,
     return_weights: bool = False,
     generator: torch.Generator | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | AttentionResult:
     """softmax(Q Kᵀ · scale + mask) V, a drop-in for torch's function of the same name.
 
@@ -87,6 +88,8 @@ def scaled_dot_product_attention(
       return_lse      also return lse (B.., Hq, Lq): log of each row's softmax denominator
       return_weights  also return the weights (B.., Hq, Lq, Lk), before dropout
       generator       the torch.Generator that seeds dropout
+      softcap         logit soft-capping (Gemma 2, Grok): scores -> softcap·tanh(scores/softcap),
+                      after the scale and before the mask; None for none
 
     A query row with no allowed key gives output 0, lse -inf, weights 0 and zero
     gradients. Masked-out keys never influence anything, even when they hold NaN or inf.
@@ -95,10 +98,10 @@ def scaled_dot_product_attention(
     """
     if torch.compiler.is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
-                       return_lse, return_weights, generator)
+                       return_lse, return_weights, generator, softcap)
     problem = prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator,
+        mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
     )
     result = _run(problem, engine)
     if return_lse or return_weights:
@@ -107,7 +110,7 @@ def scaled_dot_product_attention(
 
 
 def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
-            return_lse, return_weights, generator) -> torch.Tensor | AttentionResult:
+            return_lse, return_weights, generator, softcap) -> torch.Tensor | AttentionResult:
     """The call under torch.compile or torch.export: one ``dotattn::attention`` operator
     (``dotattn._ops``), which checks the arguments and picks the engine when it runs."""
     if return_weights:
@@ -125,7 +128,7 @@ def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     combined = functools.reduce(operator.and_, parts) if parts else None
     squeeze = query.dim() == key.dim() == value.dim() == 2
     q, k, v = (x.unsqueeze(0) if x.dim() == 2 else x for x in (query, key, value))  # as prepare() does
-    out, lse = _ops.attention(q, k, v, combined, dropout_p, scale, enable_gqa, engine, generator)
+    out, lse = _ops.attention(q, k, v, combined, dropout_p, scale, enable_gqa, engine, generator, softcap)
     if squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return AttentionResult(out, lse) if return_lse else out
@@ -146,6 +149,7 @@ def explain(
     return_lse: bool = False,
     return_weights: bool = False,
     generator: torch.Generator | None = None,
+    softcap: float | None = None,
 ) -> Explanation:
     """Which engine ``scaled_dot_product_attention`` would run with these arguments, and
     why each other engine would not. Takes the same arguments; computes nothing.
@@ -153,6 +157,6 @@ def explain(
     """
     problem = prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator,
+        mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
     )
     return engines.explain_problem(problem, engine)

@@ -100,15 +100,15 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One attention layer, for transformers. See the module docstring for the shapes.
 
-    kwargs used: ``output_attentions`` (return the weights) and ``position_bias``
-    (B or 1, Hq or 1, Lq, Lk), an additive float bias as in T5, added like the "sdpa" path adds it.
+    kwargs used: ``output_attentions`` (return the weights), ``position_bias``
+    (B or 1, Hq or 1, Lq, Lk), an additive float bias as in T5, added like the "sdpa" path adds
+    it, and ``softcap`` (Gemma 2's ``attn_logit_softcapping``), which dotattn applies itself.
     """
-    for name, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks")):
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"dotattn cannot apply {what} ({name}={kwargs[name]!r}); "
-                'load this model with attn_implementation="eager" instead'
-            )
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"dotattn cannot apply attention sinks (s_aux={kwargs['s_aux']!r}); "
+            'load this model with attn_implementation="eager" instead'
+        )
     attn_mask, mask = None, None
     if isinstance(attention_mask, masks.Mask):
         mask = attention_mask
@@ -135,6 +135,7 @@ def attention_forward(
         enable_gqa=query.shape[1] != key.shape[1],
         mask=mask,
         return_weights=output_attentions,
+        softcap=kwargs.get("softcap"),
     )
     output, weights = (result.output, result.weights) if output_attentions else (result, None)
     return output.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Ev)

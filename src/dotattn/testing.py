@@ -84,6 +84,21 @@ def _leaf(x: torch.Tensor | None, dtype: torch.dtype | None = None, grad: bool =
     return y.requires_grad_(grad and x.is_floating_point())
 
 
+def _softcapped_in_torch_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                             scale: float | None, softcap: float) -> torch.Tensor:
+    """Soft-capped attention in torch ops in the inputs' dtype, softmax in float32, as
+    transformers' eager attention computes it (Gemma 2): the baseline where torch's SDPA has
+    no soft-capping. q (..., Hq, Lq, E), k (..., Hkv, Lk, E), v (..., Hkv, Lk, Ev)."""
+    G = q.shape[-3] // k.shape[-3]
+    k, v = (x.repeat_interleave(G, dim=-3) if G > 1 else x for x in (k, v))
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s + mask if mask.is_floating_point() else s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return p @ v
+
+
 def compare_to_oracle(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -125,9 +140,12 @@ def compare_to_oracle(
         dense = problem.mask.to_dense(problem.Lq, problem.Lk, device=query.device).detach()
         if dense.is_floating_point():
             dense = torch_mask_leaf = _leaf(dense, dtype, grad=backward)
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        *torch_in, attn_mask=dense, scale=kwargs.get("scale"), enable_gqa=kwargs.get("enable_gqa", False),
-    )
+    if kwargs.get("softcap"):  # torch's SDPA cannot soft-cap: its ops, as eager attention runs them
+        expected = _softcapped_in_torch_ops(*torch_in, dense, kwargs.get("scale"), kwargs["softcap"])
+    else:
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            *torch_in, attn_mask=dense, scale=kwargs.get("scale"), enable_gqa=kwargs.get("enable_gqa", False),
+        )
 
     def rule(name: str, got: torch.Tensor, want: torch.Tensor, baseline: torch.Tensor) -> Comparison:
         torch_error = _finite_max_error(baseline, want)

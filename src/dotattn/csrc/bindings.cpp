@@ -8,10 +8,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
   m.def("forward", &dotattn::forward,
-        "out, lse = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed)");
+        "out, lse = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, softcap)");
   m.def("backward", &dotattn::backward,
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
-        "seed, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
+        "seed, softcap, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("split_k_attention", &dotattn::split_k_attention,
         "out, lse, garbage = split_k_attention(q, k, v, lo, hi, scale, parts): the split-K forward, merged");
   m.def("has_blas", &dotattn::has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");

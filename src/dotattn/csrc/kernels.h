@@ -18,14 +18,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
                                 const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
-                                double dropout_p, int64_t seed);
+                                double dropout_p, int64_t seed, double softcap);
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
                                  const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
                                  const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
-                                 double dropout_p, int64_t seed, const c10::optional<at::Tensor>& ds_index,
-                                 const c10::optional<at::Tensor>& ds_tiles);
+                                 double dropout_p, int64_t seed, double softcap,
+                                 const c10::optional<at::Tensor>& ds_index, const c10::optional<at::Tensor>& ds_tiles);
 bool has_blas();
 std::vector<double> tile_gemm_seconds(int64_t bq, int64_t bk, int64_t E, int64_t repeats);
 

@@ -238,6 +238,21 @@ struct Sizes {
   }
 };
 
+// Logit soft-capping (Gemma 2): scores s -> c·tanh(s/c) on a rows x cols tile (leading dim
+// ld), before the mask is applied; with deriv, also 1 - tanh(s/c)², which backward
+// multiplies into dS to reach the uncapped scores. c <= 0: no capping.
+template <typename T>
+void soft_cap(T* s, int ld, int rows, int cols, T c, T* deriv) {
+  for (int r = 0; r < rows; ++r) {
+    T* sr = s + static_cast<int64_t>(r) * ld;
+    for (int j = 0; j < cols; ++j) {
+      const T t = std::tanh(sr[j] / c);
+      sr[j] = c * t;
+      if (deriv != nullptr) deriv[static_cast<int64_t>(r) * ld + j] = T(1) - t * t;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -248,9 +263,9 @@ struct Sizes {
 template <typename In, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
-                  const Dropout& dropout) {
+                  const Dropout& dropout, double softcap) {
   const auto [N, Hq, Lq, E, Hkv, Lk, Ev, G, nQ, nK] = Sizes::of(q, k, v, bq, bk);
-  const T scale = static_cast<T>(scale_);
+  const T scale = static_cast<T>(scale_), cap = static_cast<T>(softcap);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Rows<In> Q(q), K(k), V(v);
   const Rows<T> O(out);
@@ -285,6 +300,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // S = scale Q Kᵀ  (rows x cols)
         gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
              K.ld(), T(0), s.data(), bk);
+        if (cap > 0) soft_cap<T>(s.data(), bk, rows, cols, cap, nullptr);
         if (code != FULL_TILE) mask.apply(code, s.data(), bk, rows, cols, n, h, q0, k0);  // partial tile: mask
         // Online softmax: new row max, rescale factor, P~ = exp(S - m) in place, row sums.
         for (int r = 0; r < rows; ++r) {
@@ -332,10 +348,10 @@ template <typename In, typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& d_out,
                    const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv, const TileMask<T>& mask, double scale_, int bq, int bk,
-                   const Dropout& dropout, int splits, const c10::optional<at::Tensor>& ds_index,
+                   const Dropout& dropout, double softcap, int splits, const c10::optional<at::Tensor>& ds_index,
                    const c10::optional<at::Tensor>& ds_tiles) {
   const auto [N, Hq, Lq, E, Hkv, Lk, Ev, G, nQ, nK] = Sizes::of(q, k, v, bq, bk);
-  const T scale = static_cast<T>(scale_);
+  const T scale = static_cast<T>(scale_), cap = static_cast<T>(softcap);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Rows<In> Q(q), K(k), V(v), dO(d_out);
   const Rows<T> dK(dk), dV(dv);
@@ -356,6 +372,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   {
     std::vector<T> p(static_cast<size_t>(bq) * bk), dp(static_cast<size_t>(bq) * bk);
     std::vector<T> p_drop(dropout.on ? static_cast<size_t>(bq) * bk : 0);
+    std::vector<T> d_cap(cap > 0 ? static_cast<size_t>(bq) * bk : 0);  // 1 - tanh², soft-capping's derivative
     std::vector<In> p_in(narrow_gemm ? static_cast<size_t>(bq) * bk : 0), ds_in(p_in.size());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -381,6 +398,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             // P = exp(scale Q Kᵀ + mask - lse)
             gemm(false, true, rows, cols, static_cast<int>(E), scale, Q.at(n, h, q0), Q.ld(), K.at(n, hk, k0),
                  K.ld(), T(0), p.data(), bk);
+            if (cap > 0) soft_cap<T>(p.data(), bk, rows, cols, cap, d_cap.data());
             if (code != FULL_TILE) mask.apply(code, p.data(), bk, rows, cols, n, h, q0, k0);
             for (int r = 0; r < rows; ++r) {
               T* pr = p.data() + static_cast<int64_t>(r) * bk;
@@ -420,6 +438,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                   std::copy(dp.data() + r * bk, dp.data() + r * bk + cols, dst + r * bk);
               }
             }
+            if (cap > 0) {  // dS of the capped scores (a float mask's gradient) -> of scale Q Kᵀ
+              for (int r = 0; r < rows; ++r)
+                for (int c = 0; c < cols; ++c) dp[static_cast<int64_t>(r) * bk + c] *= d_cap[static_cast<int64_t>(r) * bk + c];
+            }
             // dQ_i += scale dS K_j ;  dK_j += scale dSᵀ Q_i. Narrow GEMMs take dS as two parts,
             // hi = In(dS) and lo = In(dS - hi): dS is a difference of nearly equal terms, and
             // rounding it once to bfloat16 made dk break the 2x rule where torch's did not.
@@ -455,7 +477,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
                                 const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
-                                double dropout_p, int64_t seed) {
+                                double dropout_p, int64_t seed, double softcap) {
   check_inputs(q, k, v);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, Lq, Ev}, q.options().dtype(compute_type(q)));
@@ -464,15 +486,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   switch (q.scalar_type()) {
     case at::kFloat:
       forward_impl<float, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq,
-                                 bk, dropout);
+                                 bk, dropout, softcap);
       break;
     case at::kDouble:
       forward_impl<double, double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale,
-                                   bq, bk, dropout);
+                                   bq, bk, dropout, softcap);
       break;
     default:  // bfloat16, checked by check_inputs
       forward_impl<at::BFloat16, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
-                                        scale, bq, bk, dropout);
+                                        scale, bq, bk, dropout, softcap);
   }
   return {out, lse};
 }
@@ -482,8 +504,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
                                 const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
-                                 double dropout_p, int64_t seed, const c10::optional<at::Tensor>& ds_index,
-                                 const c10::optional<at::Tensor>& ds_tiles) {
+                                 double dropout_p, int64_t seed, double softcap,
+                                 const c10::optional<at::Tensor>& ds_index, const c10::optional<at::Tensor>& ds_tiles) {
   check_inputs(q, k, v);
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
   TORCH_CHECK(ds_index.has_value() == ds_tiles.has_value(), "ds_index and ds_tiles go together");
@@ -506,18 +528,18 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   switch (q.scalar_type()) {
     case at::kFloat:
       backward_impl<float, float>(q, k, v, d_out, lse, delta, dq, dk, dv,
-                                  tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout, splits,
+                                  tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout, softcap, splits,
                                   ds_index, ds_tiles);
       break;
     case at::kDouble:
       backward_impl<double, double>(q, k, v, d_out, lse, delta, dq, dk, dv,
                                     tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout,
-                                    splits, ds_index, ds_tiles);
+                                    softcap, splits, ds_index, ds_tiles);
       break;
     default:
       backward_impl<at::BFloat16, float>(q, k, v, d_out, lse, delta, dq, dk, dv,
                                          tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout,
-                                         splits, ds_index, ds_tiles);
+                                         softcap, splits, ds_index, ds_tiles);
   }
   return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};
 }

@@ -155,7 +155,7 @@ class KernelCall:
         p = self.problem
         m = self.mask
         return (m.index, m.allowed, m.bias, m.lo, m.hi, p.scale, self.block_q, self.block_k, p.dropout_p,
-                p.dropout_seed)
+                p.dropout_seed, p.softcap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype."""

@@ -79,6 +79,7 @@ class Support:
     dtypes_on: dict[str, tuple[torch.dtype, ...]] | None = None
     # materialises the (Lq, Lk) scores: O(L²) memory (ring attention's auto never picks it)
     quadratic_memory: bool = False
+    softcap: bool = False  # logit soft-capping (softcap=)
 
     def reasons(self, problem: Problem) -> list[str]:
         """Every declared limit the problem breaks, as sentences that say how to avoid it."""
@@ -99,6 +100,8 @@ class Support:
             for leaf in problem.mask.leaves():
                 if not isinstance(leaf, self.mask_kinds):
                     reasons.append(f"mask {leaf!r} is not supported")
+        if problem.softcap and not self.softcap:
+            reasons.append(f"softcap={problem.softcap} is not supported (the reference and tiled engines take it)")
         if problem.dropout_p > 0 and not self.dropout:
             reasons.append(f"dropout_p={problem.dropout_p} is not supported (use dropout_p=0)")
         if problem.requires_grad and not self.backward:

@@ -2,6 +2,7 @@
 
 1. first matmul, the compatibility matrix  S = Q Kᵀ          (..., Hq, Lq, Lk)
 2. scale                                   S = S * scale     (1/sqrt(E) by default)
+   soft-cap, when asked                    S = c·tanh(S / c)
    mask                                    S = S + bias; S[not allowed] = -inf
 3. stable row softmax                      P = exp(S - max S) / sum
 4. second matmul                           O = P V           (..., Hq, Lq, Ev)
@@ -52,6 +53,8 @@ def four_steps(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     s = q @ k.transpose(-2, -1)
     # 2. scale, so the scores keep unit variance
     s = s * problem.scale
+    if problem.softcap:  # logit soft-capping, before the mask
+        s = problem.softcap * torch.tanh(s / problem.softcap)
     s = nan_scores(s, q_bad, k_bad)
 
     allowed = None
@@ -97,6 +100,7 @@ class ReferenceEngine(Engine):
         devices=None,
         dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16),
         quadratic_memory=True,
+        softcap=True,
     )
     priority = 0  # the fallback: every faster engine outranks it
 

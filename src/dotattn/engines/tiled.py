@@ -148,11 +148,13 @@ class _Plan:
     def scores(
         self, x: _Inputs, rows: slice, q0: int, q1: int, k0: int, k1: int, code: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scaled, masked scores of one tile, (n, Hkv, G, bq, bk), and the mask tile applied
-        (canonical bool or float, None for a FULL tile)."""
+        """Scaled (soft-capped when asked), masked scores of one tile, (n, Hkv, G, bq, bk), and the
+        mask tile applied (canonical bool or float, None for a FULL tile)."""
         p = self.problem
         s = _rows_matmul(x.q[rows, :, :, q0:q1], x.k[rows, :, k0:k1].transpose(-2, -1))
         s.mul_(p.scale)
+        if p.softcap:
+            s.div_(p.softcap).tanh_().mul_(p.softcap)
         if x.q_bad is not None or x.k_bad is not None:
             bad = torch.zeros(s.shape, dtype=torch.bool)
             if x.q_bad is not None:
@@ -252,9 +254,14 @@ class _Plan:
                     else:
                         p_drop = prob
                     dv[rows, :, k0:k1] += _heads_summed(p_drop, do_c)
+                    if p.softcap:  # 1 - tanh(s/c)², soft-capping's derivative, from the zeroed inputs
+                        raw = _rows_matmul(q_c, x.k[rows, :, k0:k1].transpose(-2, -1)).mul_(p.scale / p.softcap)
+                        d_cap = 1 - raw.tanh_().square_()
                     ds = prob.mul_(dp.sub_(delta[rows, :, :, q0:q1]))  # dS, the score gradient
                     for bias, grad in zip(self.biases, bias_grads):
                         self._add_bias_grad(grad, bias, ds, rows, q0, q1, k0, k1)
+                    if p.softcap:  # dS of the capped scores -> of scale Q Kᵀ
+                        ds.mul_(d_cap)
                     dq[rows, :, :, q0:q1] += _rows_matmul(ds, x.k[rows, :, k0:k1]).mul_(p.scale)
                     dk[rows, :, k0:k1] += _heads_summed(ds, q_c).mul_(p.scale)
         return dq, dk, dv, bias_grads
@@ -305,7 +312,7 @@ def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...])
 class TiledEngine(Engine):
     name = "tiled"
     description = "flash-style online softmax over tiles, compiled (torch ops as fallback); skips masked tiles; O(L) memory"
-    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64))
+    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64), softcap=True)
     priority = 10
 
     # Below this many scores (B·H·Lq·Lk), with a mask that holds tensors (whose tiles are
