@@ -10,11 +10,12 @@ TRITON := triton==3.9.0
 .PHONY: demo test clean
 
 # The compiled kernel (src/dotattn/csrc) builds against the installed torch, so torch and
-# the build tools go in first and the package builds without isolation.
+# the build tools go in first and the package builds without isolation; setup.py builds it
+# once per x86-64 level (AVX-512, AVX2, baseline) and dotattn loads the best this CPU runs.
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard src/dotattn/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(TRITON) setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,plots]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,demo,plots]'
 	touch $@
 
 # The seed's steps on the real all-MiniLM-L6-v2 (heatmaps in out/explain), its heads'

@@ -1,14 +1,46 @@
-"""Builds dotattn's compiled CPU kernel (dotattn._tiled_cpu) when torch is importable.
+"""Builds dotattn's compiled CPU kernel when torch is importable: one extension module per
+x86-64 instruction-set level, and the best one this CPU runs is loaded at import.
 
-The kernel is optional: without torch at build time (an isolated build), or if the
-compiler fails, dotattn installs without it and the tiled engine runs in torch ops,
-which ``dotattn.explain`` reports. ``make test`` / ``make demo`` install torch first
-and build with ``--no-build-isolation``, so the kernel is compiled for this machine.
+    dotattn._tiled_cpu_avx512    -march=x86-64-v4 (AVX-512 F/BW/CD/DQ/VL)
+    dotattn._tiled_cpu_avx2      -march=x86-64-v3 (AVX2, FMA, BMI)
+    dotattn._tiled_cpu_baseline  -march=x86-64-v2 (SSE4.2: any x86-64 CPU of the last 15 years)
+
+``dotattn.engines._tiled_kernel`` picks among them by torch's own CPU capability, so a wheel
+built on one machine runs on any other (no SIGILL from instructions the CPU lacks);
+DOTATTN_CPU_LEVEL=avx2 (or baseline) forces a lower level. DOTATTN_MARCH_NATIVE=1 builds one
+module for the building machine alone (-march=native, loaded as the top level), for a local
+build that never moves. On another architecture, the baseline module is built with the
+compiler's defaults.
+
+The kernel is optional: without torch at build time (an isolated build), or if the compiler
+fails, dotattn installs without it and the tiled engine runs in torch ops, which
+``dotattn.explain`` reports. ``make test`` / ``make demo`` install torch first and build with
+``--no-build-isolation``.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import platform
+
 from setuptools import setup
+
+SOURCES = ["src/dotattn/csrc/tiled.cpp", "src/dotattn/csrc/split_k.cpp", "src/dotattn/csrc/bindings.cpp"]
+HEADERS = sorted(glob.glob("src/dotattn/csrc/*.h"))
+# OpenMP resolves to the libgomp torch already loaded (same soname), so there is one thread pool.
+# -ffp-contract=fast: a*b+c becomes one rounding (the exp's reduction relies on it).
+COMMON = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
+
+
+def levels() -> dict[str, list[str]]:
+    """Module suffix -> the -march flags it is built with."""
+    if os.environ.get("DOTATTN_MARCH_NATIVE") == "1":
+        return {"avx512": ["-march=native"]}  # loaded first; built for this machine only
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return {"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "baseline": ["-march=x86-64-v2"]}
+    return {"baseline": []}
+
 
 ext_modules = []
 cmdclass = {}
@@ -17,20 +49,11 @@ try:
 except ImportError:  # no torch in the build environment: pure-Python install
     pass
 else:
-    ext_modules.append(
-        CppExtension(
-            "dotattn._tiled_cpu",
-            ["src/dotattn/csrc/tiled.cpp", "src/dotattn/csrc/split_k.cpp", "src/dotattn/csrc/bindings.cpp"],
-            # the headers they include: an sdist carries them, and a change rebuilds
-            depends=["src/dotattn/csrc/common.h", "src/dotattn/csrc/kernels.h"],
-            # Built and run on the same machine, so tune for it; OpenMP resolves to the
-            # libgomp torch already loaded (same soname), so there is one thread pool.
-            # -ffp-contract=fast: a*b+c becomes one rounding (the exp's reduction relies on it).
-            extra_compile_args=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"],
-            extra_link_args=["-fopenmp"],
-            optional=True,
-        )
-    )
+    for level, march in levels().items():
+        ext_modules.append(CppExtension(
+            f"dotattn._tiled_cpu_{level}", SOURCES, depends=HEADERS,
+            extra_compile_args=[*COMMON, *march], extra_link_args=["-fopenmp"], optional=True,
+        ))
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

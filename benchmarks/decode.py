@@ -177,7 +177,7 @@ def one_core(repeats: int) -> None:
     cache (1 kv head, 4096 keys: 4 MiB in fp32, within L3) and when they stream from memory (8 kv
     heads, 64k keys: 512 MiB in fp32). The ratio says how much of the compute hides the memory;
     a plain ``sum`` of 512 MiB on the same thread says what one core can read at all."""
-    from dotattn import _tiled_cpu
+    from dotattn.engines._tiled_kernel import ext as _tiled_cpu
 
     torch.set_num_threads(1)
     x = torch.ones(2**27)
@@ -198,7 +198,7 @@ def overhead(repeats: int) -> None:
     """Fixed cost per call: a decoding step against 16 keys (GQA 32/8, B 1, a KVCache's mask), where
     the kernel's work is negligible, through dotattn, the kernel alone, and torch SDPA. Warm: calls
     back to back. Cold: see ``cold``."""
-    from dotattn import _tiled_cpu
+    from dotattn.engines._tiled_kernel import ext as _tiled_cpu
 
     q, k, v, mask = decoding_step(1, 32, 8, 16, torch.float32)
     padded_mask = decoding_step(1, 32, 8, 16, torch.float32, padded=True)[3]

@@ -42,14 +42,14 @@ def test_the_compiled_kernel_is_built():
     """make test builds it; if the build broke, the suite would silently test only the fallback."""
     assert _tiled_kernel.MISSING is None
     q = torch.randn(1, 2, 8, 4)
-    assert dotattn.explain(q, q, q, engine="tiled").detail == "compiled kernel"
+    assert dotattn.explain(q, q, q, engine="tiled").detail == f"compiled kernel ({_tiled_kernel.LEVEL})"
 
 
 def test_bfloat16_compute_is_chosen_by_measuring_this_machine():
     use_bf16, why = _tiled_kernel.bf16_gemms(16, 128, 256)
     assert ("measured" in why) and (use_bf16 == why.startswith("bfloat16 GEMMs"))
     q = torch.randn(1, 2, 8, 16).bfloat16()
-    assert dotattn.explain(q, q, q, engine="tiled").detail == "compiled kernel, " + why
+    assert dotattn.explain(q, q, q, engine="tiled").detail == f"compiled kernel ({_tiled_kernel.LEVEL}), " + why
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-// The Python module dotattn._tiled_cpu: the tiled kernel (tiled.cpp) and the split-K
-// decoding kernel (split_k.cpp).
+// The Python modules dotattn._tiled_cpu_<level> (one per instruction-set level, setup.py):
+// the tiled kernel (tiled.cpp) and the split-K decoding kernel (split_k.cpp).
 
 #include <torch/extension.h>
 

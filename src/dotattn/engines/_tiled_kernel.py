@@ -23,8 +23,11 @@ dim, nQ/nK tile counts, P packed partial tiles, bq x bk the tile size.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -33,16 +36,38 @@ from dotattn._inputs import Problem, compute_dtype
 from dotattn._layout import heads_canonical
 from dotattn._nonfinite import zeroed
 
-try:
-    from dotattn import _tiled_cpu as ext
-except ImportError as error:  # built without the extension: the torch-ops path runs
-    ext = None
-    MISSING = (
-        f"the compiled kernel dotattn._tiled_cpu is not built ({error}); reinstall with torch "
-        "already installed: pip install --no-build-isolation -e ."
-    )
-else:
-    MISSING = None if ext.has_blas() else "this torch exports no BLAS (SGEMM) for the compiled kernel"
+# The kernel is built once per x86-64 level (setup.py), best first; a level runs on a CPU
+# whose torch reports at least that capability.
+LEVELS = ("avx512", "avx2", "baseline")
+_RUNS_ON = {"avx512": ("AVX512",), "avx2": ("AVX512", "AVX2"), "baseline": None}  # None: any CPU
+
+
+def _load() -> tuple[ModuleType | None, str | None, str | None]:
+    """The best kernel module this CPU runs, its level, and why there is none (None when there is).
+
+    DOTATTN_CPU_LEVEL (avx2, baseline) forces a lower level, for tests; torch's own
+    ATEN_CPU_CAPABILITY lowers what the CPU is taken to run, as it does for torch's kernels."""
+    forced = os.environ.get("DOTATTN_CPU_LEVEL", "").lower() or LEVELS[0]
+    if forced not in LEVELS:
+        raise ValueError(f"DOTATTN_CPU_LEVEL is {forced!r}; use one of {', '.join(LEVELS)}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    errors = []
+    for level in LEVELS[LEVELS.index(forced):]:
+        if _RUNS_ON[level] is not None and capability not in _RUNS_ON[level]:
+            continue
+        try:
+            return importlib.import_module(f"dotattn._tiled_cpu_{level}"), level, None
+        except ImportError as error:
+            errors.append(f"{level}: {error}")
+    return None, None, (
+        f"the compiled kernel is not built for this CPU or this torch {torch.__version__} "
+        f"({'; '.join(errors) or 'no module'}); rebuild it with torch already installed: "
+        "pip install --no-build-isolation -e .")
+
+
+ext, LEVEL, MISSING = _load()
+if MISSING is None and not ext.has_blas():
+    MISSING = "this torch exports no BLAS (SGEMM) for the compiled kernel"
 
 
 # bfloat16 GEMMs must beat float32 by this much to pay for rounding P and splitting dS each tile:

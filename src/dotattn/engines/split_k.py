@@ -60,7 +60,7 @@ from dotattn.engines.triton import launch as triton_kernels
 # Why this build cannot run the split-K kernel (None when it can), decided once.
 _MISSING = _tiled_kernel.MISSING or (
     None if hasattr(_tiled_kernel.ext, "split_k_attention") else
-    "the compiled kernel dotattn._tiled_cpu predates split_k_attention; rebuild it: "
+    "the compiled kernel predates split_k_attention; rebuild it: "
     "pip install --no-build-isolation -e ."
 )
 

@@ -364,9 +364,10 @@ class TiledEngine(Engine):
         why = self.torch_ops_reason(problem)
         if why is not None:
             return f"torch ops, because {why}"
+        kernel = f"compiled kernel ({_tiled_kernel.LEVEL})"
         if problem.dtype == torch.bfloat16:
-            return "compiled kernel, " + self._bf16_gemms(problem.E)[1]
-        return "compiled kernel"
+            return f"{kernel}, " + self._bf16_gemms(problem.E)[1]
+        return kernel
 
     def plan(self, problem: Problem) -> _Plan | _tiled_kernel.KernelCall:
         """How this engine runs ``problem``: the compiled kernel's call, else the torch-ops plan

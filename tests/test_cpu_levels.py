@@ -1,0 +1,73 @@
+"""The compiled kernel's instruction-set levels: built for each, the best this CPU runs is
+loaded, DOTATTN_CPU_LEVEL forces a lower one, and every level this machine executes passes
+the oracle rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dotattn.engines import _tiled_kernel
+
+pytestmark = pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason=str(_tiled_kernel.MISSING))
+
+RUNS_HERE = [level for level in _tiled_kernel.LEVELS
+             if _tiled_kernel._RUNS_ON[level] is None
+             or torch.backends.cpu.get_cpu_capability() in _tiled_kernel._RUNS_ON[level]]
+
+SMOKE = textwrap.dedent("""
+    import torch
+    from dotattn import masks
+    from dotattn.engines import _tiled_kernel
+    from dotattn.testing import assert_matches_oracle
+    print(_tiled_kernel.LEVEL)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(2, 4, 70, 24, generator=g).to(dtype) for _ in range(3))
+        for kwargs in ({}, {"is_causal": True}, {"mask": masks.sliding_window(9) & masks.padding([70, 31])}):
+            for engine in ("tiled", "split_k"):
+                assert_matches_oracle(q, k, v, engine=engine, **kwargs, backward=engine == "tiled")
+    print("ok")
+""")
+
+
+def test_every_level_is_built_for_this_machine():
+    """All three modules exist, avx512 included, whatever this CPU runs."""
+    for level in _tiled_kernel.LEVELS:
+        assert importlib.util.find_spec(f"dotattn._tiled_cpu_{level}") is not None, level
+
+
+def test_the_best_level_this_cpu_runs_is_loaded():
+    assert _tiled_kernel.LEVEL == RUNS_HERE[0]
+
+
+@pytest.mark.parametrize("level", RUNS_HERE)
+def test_each_level_this_cpu_runs_matches_the_oracle(level):
+    env = {**os.environ, "DOTATTN_CPU_LEVEL": level}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", SMOKE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [level, "ok"]
+
+
+def test_a_cpu_without_avx512_never_loads_it():
+    """ATEN_CPU_CAPABILITY=avx2 makes torch report an AVX2 CPU, as on AMD Zen 3."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env.pop("TRITON_INTERPRET", None)
+    code = "from dotattn.engines import _tiled_kernel; print(_tiled_kernel.LEVEL)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "avx2"
+
+
+def test_an_unknown_level_names_the_choices():
+    env = {**os.environ, "DOTATTN_CPU_LEVEL": "sse9"}
+    done = subprocess.run([sys.executable, "-c", "import dotattn"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "use one of avx512, avx2, baseline" in done.stderr
