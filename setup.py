@@ -12,9 +12,11 @@ module for the building machine alone (-march=native, loaded as the top level), 
 build that never moves. On another architecture, the baseline module is built with the
 compiler's defaults.
 
-The kernel is optional: without torch at build time (an isolated build), or if the compiler
-fails, dotattn installs without it and the tiled engine runs in torch ops, which
-``dotattn.explain`` reports. ``make test`` / ``make demo`` install torch first and build with
+Without torch at build time (pip's isolated build) the build stops and says how to build
+the kernel (DOTATTN_NO_KERNEL=1 installs without it on purpose); if the compiler fails,
+dotattn installs without it and the tiled engine runs in torch ops, which ``dotattn.explain``
+reports. A module records the torch it was built against, and dotattn loads it only under
+that torch. ``make test`` / ``make demo`` install torch first and build with
 ``--no-build-isolation``.
 """
 
@@ -45,13 +47,22 @@ def levels() -> dict[str, list[str]]:
 ext_modules = []
 cmdclass = {}
 try:
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
-except ImportError:  # no torch in the build environment: pure-Python install
-    pass
+except ImportError:  # no torch in the build environment, as in pip's isolated builds
+    if os.environ.get("DOTATTN_NO_KERNEL") != "1":
+        raise SystemExit(
+            "dotattn builds its compiled CPU kernel against the installed torch, but this build "
+            "environment has no torch (pip's build isolation). Install torch first, then build "
+            "without isolation: pip install torch setuptools wheel ninja && pip install "
+            "--no-build-isolation . (or set DOTATTN_NO_KERNEL=1 to install without the kernel: "
+            "the tiled engine then runs in torch ops, several times slower)") from None
 else:
     for level, march in levels().items():
         ext_modules.append(CppExtension(
             f"dotattn._tiled_cpu_{level}", SOURCES, depends=HEADERS,
+            # the torch it is built against, which dotattn checks when it loads the module
+            define_macros=[("DOTATTN_TORCH_VERSION", f'"{torch.__version__}"')],
             extra_compile_args=[*COMMON, *march], extra_link_args=["-fopenmp"], optional=True,
         ))
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)

@@ -71,3 +71,22 @@ def test_an_unknown_level_names_the_choices():
     done = subprocess.run([sys.executable, "-c", "import dotattn"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0 and "use one of avx512, avx2, baseline" in done.stderr
+
+
+def test_the_module_records_the_torch_it_was_built_against():
+    assert _tiled_kernel.ext.torch_version == torch.__version__
+
+
+def test_a_build_without_torch_stops_and_says_how_to_build(tmp_path):
+    """pip's isolated build has no torch: setup.py stops with the way to build the kernel."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    blocker = tmp_path / "torch.py"
+    blocker.write_text("raise ImportError('no torch in this build environment')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "pip install --no-build-isolation" in done.stderr + done.stdout
+    env["DOTATTN_NO_KERNEL"] = "1"
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("dotattn")

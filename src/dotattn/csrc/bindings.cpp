@@ -7,6 +7,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
+  m.attr("torch_version") = DOTATTN_TORCH_VERSION;  // the torch this module was built against
   m.def("forward", &dotattn::forward,
         "out, lse = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, softcap)");
   m.def("backward", &dotattn::backward,

@@ -56,9 +56,15 @@ def _load() -> tuple[ModuleType | None, str | None, str | None]:
         if _RUNS_ON[level] is not None and capability not in _RUNS_ON[level]:
             continue
         try:
-            return importlib.import_module(f"dotattn._tiled_cpu_{level}"), level, None
+            module = importlib.import_module(f"dotattn._tiled_cpu_{level}")
         except ImportError as error:
             errors.append(f"{level}: {error}")
+            continue
+        built = getattr(module, "torch_version", None)
+        if built != torch.__version__:  # torch's C++ ABI changes between releases
+            errors.append(f"{level}: built against torch {built}")
+            continue
+        return module, level, None
     return None, None, (
         f"the compiled kernel is not built for this CPU or this torch {torch.__version__} "
         f"({'; '.join(errors) or 'no module'}); rebuild it with torch already installed: "
