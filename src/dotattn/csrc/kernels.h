@@ -1,4 +1,4 @@
-// The compiled kernel's entry points, which bindings.cpp exports as dotattn._tiled_cpu.
+// The compiled kernel's entry points, which bindings.cpp exports as dotattn._tiled_cpu_<level>.
 #pragma once
 
 #include <ATen/ATen.h>
