@@ -76,3 +76,16 @@ def test_gemma2_through_transformers_matches_eager():
         with torch.no_grad():
             logits[impl] = model(input_ids=ids).logits
     torch.testing.assert_close(logits[name], logits["eager"], atol=1e-5, rtol=1e-4)
+
+
+def test_the_monitor_measures_the_capped_logits():
+    from dotattn.diagnostics import Monitor
+
+    q, k, v = qkv(1, 2, 40, 16, dtype=torch.float64)
+    with Monitor() as monitor:
+        res = dotattn.scaled_dot_product_attention(q * 30, k, v, softcap=3.0, return_weights=True)
+    stats = next(iter(monitor))
+    p = res.weights
+    entropy = -(p * p.clamp(min=1e-300).log()).sum(-1).mean((0, 2))  # per head
+    torch.testing.assert_close(stats.entropy, entropy, atol=1e-9, rtol=1e-9)
+    assert float(stats.score_mean.abs().max()) <= 3.0  # every capped logit lies in (-3, 3)

@@ -14,7 +14,7 @@ no model is given; repeated runs add up under the same name.
 
 What is measured, per query head, over the query rows that see at least one key:
 
-    score mean, std   of the logits s = scale·q·k + bias at allowed (query, key) pairs
+    score mean, std   of the logits s = scale·q·k (soft-capped when asked) + bias at allowed pairs
     entropy           -Σ p log p of each row's softmax, in nats, = lse - Σ p·s
     normalized        entropy / log(allowed keys): 1 is uniform, 0 is one-hot
     max prob          the row's largest probability (saturation)
@@ -302,6 +302,8 @@ def measure(problem: Problem, result: AttentionResult, name: str) -> AttentionSt
                 if code == masks.EMPTY:
                     continue
                 s = (rows @ kT[..., k0:k1]).view(N, Hkv, G, q1 - q0, k1 - k0)  # (N, Hkv, G, bq, bk)
+                if problem.softcap:  # the logits the softmax saw
+                    s = problem.softcap * torch.tanh(s / problem.softcap)
                 ok = None
                 if code == masks.PARTIAL:
                     t = torch.broadcast_to(mask.tile(Lq, Lk, q0, q1, k0, k1, s.device), (*batch, Hq, q1 - q0, k1 - k0))
