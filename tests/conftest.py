@@ -22,6 +22,12 @@ from dotattn.engines.split_k import SplitKEngine  # noqa: E402
 from dotattn.engines.tiled import TiledEngine  # noqa: E402
 from dotattn.engines.triton import MISSING as TRITON_MISSING  # noqa: E402
 
+if TRITON_MISSING is None:
+    # Triton's language library is made of jit functions, created for the GPU or the
+    # interpreter when triton is first imported. Imported here, with TRITON_INTERPRET=1, it is
+    # the interpreter's whatever test imports triton first (transformers and FlexAttention do).
+    import triton.language  # noqa: E402,F401
+
 # The tiled engine's torch-ops fallback, and its kernel with bfloat16 GEMMs (which this
 # machine may not choose, but one with AMX or AVX512-BF16 does), registered under their
 # own names for the tests only, so the whole engine-parametrized suite runs on every path.

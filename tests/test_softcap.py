@@ -46,10 +46,13 @@ def test_an_engine_without_it_says_so(engine):
     assert any("softcap=30.0 is not supported" in r for r in explanation.rejected[engine])
 
 
-def test_auto_picks_an_engine_that_caps():
-    q, k, v = qkv(1, 8, 1, 64, Hkv=2, Lk=300)  # a decoding step, which auto gives split_k without a cap
-    assert dotattn.explain(q, k, v, enable_gqa=True).engine == "split_k"
-    assert dotattn.explain(q, k, v, enable_gqa=True, softcap=50.0).engine == "tiled"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_is_capped_on_the_split_k_kernel(dtype):
+    q, k, v = qkv(2, 8, 3, 64, Hkv=2, Lk=700, dtype=dtype)  # 3 queries per head against a 700-key cache
+    mask = masks.padding(torch.tensor([700, 420]), side="left") & masks.causal(align="bottom_right")
+    kwargs = dict(mask=mask, enable_gqa=True, softcap=2.0, scale=0.5)
+    assert dotattn.explain(q, k, v, **kwargs).detail.startswith("split-K kernel")
+    assert_matches_oracle(q, k, v, engine="split_k", backward=False, **kwargs)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "50"])

@@ -14,7 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, softcap, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("split_k_attention", &dotattn::split_k_attention,
-        "out, lse, garbage = split_k_attention(q, k, v, lo, hi, scale, parts): the split-K forward, merged");
+        "out, lse, garbage = split_k_attention(q, k, v, lo, hi, scale, parts, softcap): the split-K forward, merged");
   m.def("has_blas", &dotattn::has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.def("tile_gemm_seconds", &dotattn::tile_gemm_seconds,
         "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");

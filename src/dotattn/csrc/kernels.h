@@ -33,6 +33,6 @@ std::vector<double> tile_gemm_seconds(int64_t bq, int64_t bk, int64_t E, int64_t
 std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const c10::optional<at::Tensor>& lo,
                                                            const c10::optional<at::Tensor>& hi, double scale,
-                                                           int64_t parts);
+                                                           int64_t parts, double softcap);
 
 }  // namespace dotattn

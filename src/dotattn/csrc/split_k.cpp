@@ -7,6 +7,7 @@
 //      head are stacked into R = G·Lq rows, so each key and value is read once per kv head.
 //   lo, hi: int64 row spans that broadcast to (*B, Hq, Lq) (or none: every key), row r may
 //      attend keys lo <= j < hi
+//   softcap: scores -> softcap·tanh(score/softcap) before the softmax (0: none)
 //   returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute type: each part of the
 //      keys' softmax, merged by lse here (merge_parts), and whether some output is not finite
 //      (garbage a row saw: the caller reruns the problem on an engine that marks it exactly).
@@ -458,11 +459,11 @@ inline bool any_garbage(const double* x, int64_t n) {  // float64 is for testing
 template <typename In, typename T>
 bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
                   const c10::optional<at::Tensor>& hi, const std::vector<int64_t>& batch, at::Tensor& out,
-                  at::Tensor& lse, double scale_, int64_t S) {
+                  at::Tensor& lse, double scale_, int64_t S, double softcap) {
   const int64_t N = out.size(0), Hq = q.size(-3), Lq = q.size(-2), Hkv = k.size(-3), Lk = k.size(-2);
   const int64_t G = Hq / Hkv, R = G * Lq;
   const int E = static_cast<int>(q.size(-1)), Ev = static_cast<int>(v.size(-1));
-  const T scale = static_cast<T>(scale_);
+  const T scale = static_cast<T>(scale_), cap = static_cast<T>(softcap);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Broadcast Qb(q, batch, true), Kb(k, batch, true), Vb(v, batch, true);
   const int64_t q_step = q.stride(-1);
@@ -570,6 +571,9 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           std::fill(sr + b, sr + cols, T(0));
           if (a == b) continue;  // the row sees nothing here: its state stays as it is
           any = true;
+          if (cap > 0) {  // logit soft-capping, c·tanh(s/c), on the scores the row sees (NaN stays NaN)
+            for (int j = a; j < b; ++j) sr[j] = cap * std::tanh(sr[j] / cap);
+          }
           // A NaN or inf among the scores a row sees came from garbage in q or a key it may
           // attend: the row's result becomes NaN, and Python reruns the problem on the tiled
           // engine, which marks exactly the rows that saw garbage.
@@ -653,7 +657,7 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const c10::optional<at::Tensor>& lo,
                                                            const c10::optional<at::Tensor>& hi, double scale,
-                                                           int64_t parts) {
+                                                           int64_t parts, double softcap) {
   const auto st = k.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
               "split_k_attention takes float32, float64 or bfloat16 inputs");
@@ -676,13 +680,13 @@ std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, 
   bool garbage;
   switch (st) {
     case at::kFloat:
-      garbage = split_k_impl<float, float>(q, k, v, lo, hi, batch, out, lse, scale, parts);
+      garbage = split_k_impl<float, float>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap);
       break;
     case at::kDouble:
-      garbage = split_k_impl<double, double>(q, k, v, lo, hi, batch, out, lse, scale, parts);
+      garbage = split_k_impl<double, double>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap);
       break;
     default:
-      garbage = split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, batch, out, lse, scale, parts);
+      garbage = split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap);
   }
   return {out, lse, garbage};
 }

@@ -91,7 +91,8 @@ class SplitKEngine(Engine):
         # CPU tensors run the C++ kernel, CUDA tensors the Triton ones, each in its dtypes
         self._both = Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
                              dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
-                                        "cuda": triton_kernels.support().dtypes})
+                                        "cuda": triton_kernels.support().dtypes},
+                             softcap=True)  # the C++ kernel's; the Triton kernels' reason is in extra_reasons
 
     @property
     def support(self) -> Support:
@@ -110,6 +111,8 @@ class SplitKEngine(Engine):
         limit = triton_kernels.support().max_head_dim
         if self.kernel == "auto" and max(p.E, p.Ev) > limit:
             reasons.append(f"head dim {max(p.E, p.Ev)} is above the Triton kernels' limit {limit}")
+        if self.kernel == "auto" and p.softcap:
+            reasons.append(f"softcap={p.softcap} is not supported by the Triton kernels (the CPU kernel takes it)")
         return reasons
 
     def fallback(self, problem: Problem) -> Engine:
@@ -182,7 +185,7 @@ class SplitKEngine(Engine):
             spans = p.row_spans or (None, None)  # no mask: every row sees every key
             # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd
             out, lse, garbage = _tiled_kernel.ext.split_k_attention(
-                p.query, p.key, p.value, *spans, p.scale, self.parts(p))
+                p.query, p.key, p.value, *spans, p.scale, self.parts(p), p.softcap)
         if garbage:  # garbage a row may see: the fallback marks exactly those rows
             return self.fallback(p).forward(p)
         return out, lse
