@@ -528,3 +528,36 @@ def test_packed_sequences_train_like_their_documents_alone():
             alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits
             torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-4)
             start += n
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sliding_window_generate_matches_sdpa(left_padded, cache, monkeypatch):
+    """Greedy decoding past the window (9 prompt tokens, window 4, 10 new tokens): with a
+    dynamic cache every step's mask is the window, bottom-right aligned (with the padding
+    while the window reaches it); generate() with a static cache builds its masks ahead of the
+    forward, which takes only tensors there, so it gets transformers' own."""
+    ids, attention_mask = left_padded
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, sliding_window=4, initializer_range=0.2,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = MistralForCausalLM(config).eval()
+    spy = Spy(monkeypatch)
+    generate = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=10, min_new_tokens=10,
+                    do_sample=False, use_cache=True, cache_implementation=cache)
+    ours = run_as(model, NAME, lambda: model.generate(**generate))
+    ref = run_as(model, "sdpa", lambda: model.generate(**generate))
+    assert torch.equal(ours, ref)
+    if cache == "dynamic":
+        # the last step's window no longer reaches the padding, so the window alone remains
+        assert repr(spy.calls[-1]["mask"]) == "sliding_window(3, 0, bottom_right)"
+        assert all(call["attn_mask"] is None for call in spy.calls)
+
+
+def test_llama_static_cache_generate_matches_sdpa(llama, left_padded):
+    ids, attention_mask = left_padded
+    generate = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6,
+                    do_sample=False, use_cache=True, cache_implementation="static")
+    ours = run_as(llama, NAME, lambda: llama.generate(**generate))
+    ref = run_as(llama, "sdpa", lambda: llama.generate(**generate))
+    assert torch.equal(ours, ref)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 import operator
 from collections.abc import Callable
@@ -167,6 +168,8 @@ def build_mask(
     # packing, overlays), which are recognised below whatever the flag says.
     if mask_function is causal_mask_function and not kwargs.get("allow_is_causal_skip", True):
         return sdpa_mask(**args)
+    if _building_ahead_for_generate():
+        return sdpa_mask(**args)
     if mask_function is bidirectional_mask_function and not kwargs.get("allow_is_bidirectional_skip", False):
         return sdpa_mask(**args)
     try:
@@ -184,6 +187,20 @@ def build_mask(
     if base is None:
         return padding
     return base if padding is None else base & padding
+
+
+def _building_ahead_for_generate() -> bool:
+    """Whether transformers' ``create_masks_for_generate`` asks: generate() with a static cache
+    builds the masks before the forward, which then passes on only a tensor (or a dict of them)
+    and would take any other object for a 2-D padding mask. Such a caller gets the tensor."""
+    frame = sys._getframe(2)
+    for _ in range(6):  # build_mask <- create_*_mask <- create_masks_for_generate, give or take wrappers
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "create_masks_for_generate":
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _Unrecognised(Exception):
