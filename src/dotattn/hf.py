@@ -192,7 +192,11 @@ def build_mask(
 def _building_ahead_for_generate() -> bool:
     """Whether transformers' ``create_masks_for_generate`` asks: generate() with a static cache
     builds the masks before the forward, which then passes on only a tensor (or a dict of them)
-    and would take any other object for a 2-D padding mask. Such a caller gets the tensor."""
+    and would take any other object for a 2-D padding mask. Such a caller gets the tensor.
+    Not asked while compiling (dynamo cannot trace frames; generate() builds those masks
+    eagerly anyway)."""
+    if torch.compiler.is_compiling():
+        return False
     frame = sys._getframe(2)
     for _ in range(6):  # build_mask <- create_*_mask <- create_masks_for_generate, give or take wrappers
         if frame is None:
