@@ -62,6 +62,16 @@ class Problem:
     E: int
     Ev: int
 
+    def settle(self, *, requires_grad: bool, dropout_seed: int | None = None) -> Problem:
+        """Fix what this problem would otherwise decide from its tensors on first use: whether
+        gradients are wanted and, when given, the dropout seed. For a problem built where its
+        tensors cannot say (inside a PyTorch operator, one block of a ring), so that an engine
+        runs its forward and backward alike. Returns the problem."""
+        self.__dict__["requires_grad"] = requires_grad  # the cached properties' own storage
+        if dropout_seed is not None:
+            self.__dict__["dropout_seed"] = dropout_seed
+        return self
+
     @cached_property
     def derived(self) -> dict:
         """Data engines derive from this problem once and reuse (a mask's tile codes, spans and

@@ -50,9 +50,7 @@ def _problem(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gq
                 return_lse=True, softcap=softcap or None)
     # What the traced call decided stands in for what these tensors (which need no grad
     # inside an operator) would say, and the seed drawn in the graph for the generator.
-    p.__dict__["requires_grad"] = needs_grad
-    p.__dict__["dropout_seed"] = int(seed)
-    return p
+    return p.settle(requires_grad=needs_grad, dropout_seed=int(seed))
 
 
 @torch.library.custom_op("dotattn::attention", mutates_args=())

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dotattn._inputs import prepare
+from dotattn._layout import kv_per_query_head
 from dotattn.engines import AttentionResult
 from dotattn.functional import scaled_dot_product_attention
 
@@ -89,8 +90,7 @@ def _softcapped_in_torch_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Soft-capped attention in torch ops in the inputs' dtype, softmax in float32, as
     transformers' eager attention computes it (Gemma 2): the baseline where torch's SDPA has
     no soft-capping. q (..., Hq, Lq, E), k (..., Hkv, Lk, E), v (..., Hkv, Lk, Ev)."""
-    G = q.shape[-3] // k.shape[-3]
-    k, v = (x.repeat_interleave(G, dim=-3) if G > 1 else x for x in (k, v))
+    k, v = kv_per_query_head(k, q.shape[-3]), kv_per_query_head(v, q.shape[-3])
     s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     s = softcap * torch.tanh(s / softcap)
     if mask is not None:

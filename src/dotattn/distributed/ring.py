@@ -171,8 +171,7 @@ class _Ring:
         # Decided by the whole call, not by this step's tensors (a K/V that arrived needs no grad,
         # and autograd is off inside the ring's node): an engine that runs a problem that needs
         # gradients one way (split_k hands it to its fallback) then runs forward and backward alike.
-        problem.__dict__["requires_grad"] = self.needs_grad
-        return problem
+        return problem.settle(requires_grad=self.needs_grad)
 
     def run_forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         """A block's output (*batch, Hq, nq, Ev) and lse (*batch, Hq, nq), in the compute dtype."""
