@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -88,7 +90,9 @@ class _Picky(Engine):
 
 @pytest.fixture
 def picky(monkeypatch):
-    monkeypatch.setitem(engines.registry._REGISTRY, "picky", _Picky())
+    for name in ("_REGISTRY", "_ORDER", "_NAMES"):  # restored after the test, with _Picky gone
+        monkeypatch.setattr(engines.registry, name, copy.copy(getattr(engines.registry, name)))
+    engines.register(_Picky())
 
 
 def test_forced_engine_lists_every_reason(picky):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from functools import cached_property, reduce
+from functools import reduce
 
 import torch
 
@@ -29,7 +29,22 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@dataclass(frozen=True)
+class _cached:
+    """functools.cached_property without the lock that Python before 3.12 takes on every first
+    read (a decoding step reads three, each with its code out of cache). A problem belongs to
+    one call, so no two threads compute one value."""
+
+    def __init__(self, compute) -> None:
+        self.compute, self.name, self.__doc__ = compute, compute.__name__, compute.__doc__
+
+    def __get__(self, problem: Problem | None, owner: type | None = None):
+        if problem is None:
+            return self
+        value = problem.__dict__[self.name] = self.compute(problem)  # later reads skip this descriptor
+        return value
+
+
+@dataclass(eq=False)  # not frozen: a frozen dataclass sets each of its 20 fields through object.__setattr__
 class Problem:
     """One validated attention call.
 
@@ -55,6 +70,7 @@ class Problem:
     # What engines ask of the tensors, read from them once by prepare.
     dtype: torch.dtype
     device: torch.device
+    device_type: str  # device.type, which costs a decoding step tens of µs to ask of torch each time
     Hq: int
     Hkv: int
     Lq: int
@@ -72,7 +88,7 @@ class Problem:
             self.__dict__["dropout_seed"] = dropout_seed
         return self
 
-    @cached_property
+    @_cached
     def derived(self) -> dict:
         """Data engines derive from this problem once and reuse (a mask's tile codes, spans and
         packed tiles), so a backward does not derive it again. Data only: an object that holds
@@ -80,12 +96,12 @@ class Problem:
         collector runs (a ring's blocks would pile up)."""
         return {}
 
-    @cached_property
+    @_cached
     def dropout_seed(self) -> int:
         """Drawn from ``generator`` on first use, so explaining a call consumes no randomness."""
         return draw_seed(self.generator) if self.dropout_p > 0 else 0
 
-    @cached_property
+    @_cached
     def row_spans(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The mask's ``Mask.row_spans`` for this call, derived once however many engines ask
         (a decoding step asks three times); None without a mask, for a float mask, or when
@@ -93,7 +109,7 @@ class Problem:
         m = self.mask
         return None if m is None or m.is_additive else m.row_spans(self.Lq, self.Lk)
 
-    @cached_property
+    @_cached
     def inputs_finite(self) -> bool:
         """Whether query, key and value hold no NaN or inf (checked once, on first use).
 
@@ -108,7 +124,7 @@ class Problem:
         """(*batch, Hq, Lq, Lk): the shape every mask must broadcast to."""
         return (*self.batch_shape, self.Hq, self.Lq, self.Lk)
 
-    @cached_property
+    @_cached
     def requires_grad(self) -> bool:
         """Whether autograd needs this call's gradients (decided on first use, which engine
         selection makes before any engine runs)."""
@@ -273,11 +289,17 @@ def prepare(
             f"value has {vs[-3]} heads (dim -3) but key has {ks[-3]}; "
             "key and value must have the same number of heads"
         )
-    enable_gqa = _check_flag("enable_gqa", enable_gqa)
+    # Each check below is a call only when the common case's test fails: a decoding step runs
+    # this with its code out of cache, where every function called costs microseconds.
+    if not type(enable_gqa) is type(is_causal) is type(return_lse) is type(return_weights) is bool:
+        for name, flag in (("enable_gqa", enable_gqa), ("is_causal", is_causal), ("return_lse", return_lse),
+                           ("return_weights", return_weights)):
+            _check_flag(name, flag)
     *batch_q, Hq, Lq, E = qs
     *batch_k, Hkv, Lk, _ = ks
     Ev = vs[-1]
-    _check_heads(Hq, Hkv, enable_gqa)
+    if Hq != Hkv and Hkv != 1 and not (enable_gqa and Hq % Hkv == 0):
+        _check_heads(Hq, Hkv, enable_gqa)
     try:
         batch_shape = tuple(qs[:-3]) if qs[:-3] == ks[:-3] == vs[:-3] else _broadcast_shapes(batch_q, batch_k, vs[:-3])
     except ValueError:
@@ -286,8 +308,8 @@ def prepare(
             f"and value {tuple(vs[:-3])} do not broadcast; give them equal sizes or size 1"
         ) from None
 
-    problem_scale = _check_scale(scale, E)
-    p = _check_dropout(dropout_p)
+    problem_scale = 1.0 / math.sqrt(E) if scale is None and E else _check_scale(scale, E)
+    p = 0.0 if type(dropout_p) is float and dropout_p == 0.0 else _check_dropout(dropout_p)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     scores_shape = (*batch_shape, Hq, Lq, Lk)
@@ -297,7 +319,7 @@ def prepare(
         parts.append(masks.dense(masks.check_mask_tensor(
             attn_mask, "attn_mask", device=device, shape=scores_shape, shape_legend=" (*batch, Hq, Lq, Lk)",
             optional=True)))
-    if _check_flag("is_causal", is_causal):
+    if is_causal:
         parts.append(masks.causal())
     if mask is not None:
         if not isinstance(mask, masks.Mask):
@@ -306,10 +328,11 @@ def prepare(
                 "pass tensors as attn_mask= or wrap them in masks.dense()"
             )
         for leaf in mask.leaves():
-            _check_mask_fits("mask", leaf, scores_shape)
+            if leaf.lead_shape:
+                _check_mask_fits("mask", leaf, scores_shape)
         mask.check(Lq, Lk)
         parts.append(mask)
-    combined = reduce(lambda a, b: a & b, parts) if parts else None
+    combined = parts[0] if len(parts) == 1 else reduce(lambda a, b: a & b, parts) if parts else None
     # What hides nothing on this problem is left out (Mask.simplified): a decoding step's
     # causal(bottom_right) over one query then costs no engine anything.
     combined = None if combined is None else combined.simplified(Lq, Lk)
@@ -321,11 +344,11 @@ def prepare(
         mask=combined,
         scale=problem_scale,
         dropout_p=p,
-        softcap=_check_softcap(softcap),
+        softcap=0.0 if softcap is None else _check_softcap(softcap),
         generator=generator,
-        return_lse=_check_flag("return_lse", return_lse),
-        return_weights=_check_flag("return_weights", return_weights),
+        return_lse=return_lse,
+        return_weights=return_weights,
         batch_shape=batch_shape,
         squeeze_head=squeeze_head,
-        dtype=dtype, device=device, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, E=E, Ev=Ev,
+        dtype=dtype, device=device, device_type="cpu" if query.is_cpu else device.type, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, E=E, Ev=Ev,
     )

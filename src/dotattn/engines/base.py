@@ -84,7 +84,7 @@ class Support:
     def reasons(self, problem: Problem) -> list[str]:
         """Every declared limit the problem breaks, as sentences that say how to avoid it."""
         reasons = []
-        device = problem.device.type
+        device = problem.device_type
         if self.devices is not None and device not in self.devices:
             reasons.append(f"device {device} is not supported (use {' or '.join(self.devices)})")
         dtypes = self.dtypes if self.dtypes_on is None else self.dtypes_on.get(device, self.dtypes)

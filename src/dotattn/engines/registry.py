@@ -21,18 +21,24 @@ from dotattn.engines.base import Engine, EngineNotSupportedError
 __all__ = ["Explanation", "available", "explain_problem", "get", "register", "select", "use_engine"]
 
 _REGISTRY: dict[str, Engine] = {}
+# The registry by priority, the order auto tries them in, and their names (kept by register).
+_ORDER: tuple[Engine, ...] = ()
+_NAMES: tuple[str, ...] = ()
 _SCOPED: contextvars.ContextVar[str] = contextvars.ContextVar("dotattn_engine", default="auto")
 
 
 def register(engine: Engine) -> Engine:
     """Add an engine to the registry (by its ``name``); returns it."""
+    global _ORDER, _NAMES
     _REGISTRY[engine.name] = engine
+    _ORDER = tuple(sorted(_REGISTRY.values(), key=lambda e: -e.priority))
+    _NAMES = tuple(e.name for e in _ORDER)
     return engine
 
 
 def available() -> list[Engine]:
     """The registered engines, in the order ``auto`` tries them."""
-    return sorted(_REGISTRY.values(), key=lambda e: -e.priority)
+    return list(_ORDER)
 
 
 def _check_name(name: object) -> str:
@@ -98,17 +104,17 @@ def _resolve(problem: Problem, engine: str, every_reason: bool = True,
     not used; without ``every_reason``, the engines after the chosen one are not asked (a call
     needs only the choice, and a decoding step pays for every question). Engines in ``exclude``
     are never chosen; a ``use_engine`` scope that names one of them means "auto"."""
-    requested = _check_name(engine)
+    requested = "auto" if engine == "auto" else _check_name(engine)
     if requested == "auto":
         requested = _SCOPED.get()
         if requested in exclude:
             requested = "auto"
-    candidates = available() if requested == "auto" else [_REGISTRY[requested]]
+    candidates = _ORDER if requested == "auto" else (_REGISTRY[requested],)
     if exclude:
-        candidates = [c for c in candidates if c.name not in exclude]
+        candidates = tuple(c for c in candidates if c.name not in exclude)
+    names = _NAMES if candidates is _ORDER else tuple(c.name for c in candidates)
     chosen = None
     rejected: dict[str, list[str]] = {}
-    names = tuple(c.name for c in candidates)
     for i, candidate in enumerate(candidates):
         if chosen is not None and not every_reason:
             break

@@ -101,7 +101,7 @@ class SplitKEngine(Engine):
         return triton_kernels.support() if self.kernel == "triton" else self._both
 
     def _on_triton(self, problem: Problem) -> bool:
-        return self.kernel == "triton" or problem.device.type == "cuda"
+        return self.kernel == "triton" or problem.device_type == "cuda"
 
     def extra_reasons(self, problem: Problem) -> list[str]:
         p = problem
@@ -158,7 +158,7 @@ class SplitKEngine(Engine):
         """How many parts the keys of each (batch, kv head) are cut into."""
         p = problem
         tasks = math.prod(p.batch_shape) * p.Hkv
-        if p.device.type == "cuda":
+        if p.device_type == "cuda":
             slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.device).multi_processor_count
             rows = p.Hq // p.Hkv * p.Lq
             tasks *= -(-rows // triton_configs.decode_rows(rows))  # blocks of rows

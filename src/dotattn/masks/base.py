@@ -106,8 +106,9 @@ class Mask(abc.ABC):
 
     def check(self, Lq: int, Lk: int) -> None:
         """Raise ValueError if this mask cannot describe an Lq x Lk problem."""
-        _check_size(Lq, "Lq")
-        _check_size(Lk, "Lk")
+        if not (type(Lq) is type(Lk) is int and Lq >= 0 and Lk >= 0):  # prepare's sizes always are
+            _check_size(Lq, "Lq")
+            _check_size(Lk, "Lk")
 
     def tile(
         self, Lq: int, Lk: int, q0: int, q1: int, k0: int, k1: int, device: torch.device | str | None = None

@@ -97,7 +97,7 @@ class TritonEngine(Engine):
 
     def _split(self, problem: Problem) -> bool:
         if self.split_half_gemms is None:
-            return problem.device.type != "cuda"
+            return problem.device_type != "cuda"
         return self.split_half_gemms
 
     @property
@@ -108,7 +108,7 @@ class TritonEngine(Engine):
         return unavailable(problem)
 
     def auto_skip(self, problem: Problem, after: tuple[str, ...] | None = None) -> str | None:
-        if problem.device.type == "cpu":
+        if problem.device_type == "cpu":
             return "CPU tensors run in Triton's interpreter, which is for tests; engine='triton' forces it"
         return None
 

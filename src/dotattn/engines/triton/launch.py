@@ -82,7 +82,7 @@ def unavailable(problem: Problem) -> list[str]:
     the GPU before a test asked for the interpreter."""
     if MISSING is not None:
         return [MISSING]
-    if problem.device.type == "cpu" and interpreting() and compiled_too_early():
+    if problem.device_type == "cpu" and interpreting() and compiled_too_early():
         return ["triton was imported (or its kernels ran) before TRITON_INTERPRET=1 was set, so its kernels "
                 "are compiled for the GPU and cannot take CPU tensors; set TRITON_INTERPRET=1 before "
                 "importing triton"]
@@ -125,7 +125,7 @@ class Call:
         self.G = p.Hq // p.Hkv
         self.BE, self.BEV = pow2(p.E), pow2(p.Ev)
         dtype = p.dtype
-        cuda = p.device.type == "cuda"
+        cuda = p.device_type == "cuda"
         self.interpreted = kernels().interpreted
         if dtype == torch.float32:
             self.precision = "tf32" if cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -340,7 +340,7 @@ def split_k_decode(problem: Problem, parts: int) -> tuple[torch.Tensor, torch.Te
     (no pass looks for NaN or inf): garbage shows as an output that is not finite, which the
     caller checks."""
     p = problem
-    call = Call(p, None, MaskParts.of(p), p.device.type != "cuda", False)
+    call = Call(p, None, MaskParts.of(p), p.device_type != "cuda", False)
     with on_device(p.device):
         out, lse2 = call.decode(p.query, p.key, p.value, parts)
     return out, natural_lse(lse2)
