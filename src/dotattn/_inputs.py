@@ -132,7 +132,8 @@ class Problem:
             return False
         if self.query.requires_grad or self.key.requires_grad or self.value.requires_grad:
             return True
-        return self.mask is not None and any(leaf.tensor.requires_grad for leaf in self.mask.biases())
+        m = self.mask  # only a float mask has bias leaves
+        return m is not None and m.is_additive and any(leaf.tensor.requires_grad for leaf in m.biases())
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -163,6 +164,19 @@ def _check_tensor(name: str, x: object) -> tuple[torch.Size, torch.dtype]:
             f"{name} has shape {tuple(shape)}; it needs at least 2 dims (..., L, E)"
         )
     return shape, dtype
+
+
+def _check_tensors(query: object, key: object, value: object) -> tuple[torch.Size, torch.Size, torch.Size, torch.dtype]:
+    """The shapes of query, key and value and their one dtype, once checked."""
+    (qs, dtype), (ks, k_dtype), (vs, v_dtype) = (
+        _check_tensor("query", query), _check_tensor("key", key), _check_tensor("value", value))
+    for name, x_dtype in (("key", k_dtype), ("value", v_dtype)):
+        if x_dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {x_dtype} but query has {dtype}; query, key and value "
+                f"must share one dtype (use {name}.to(query.dtype))"
+            )
+    return qs, ks, vs, dtype
 
 
 def _check_flag(name: str, value: object) -> bool:
@@ -252,22 +266,24 @@ def prepare(
     softcap: object = None,
 ) -> Problem:
     """Check a call's arguments and bundle them into a :class:`Problem`."""
-    # Plain statements rather than loops over the three: a decoding step runs this with its
-    # code out of cache, where every generator is one more object to fetch.
-    (qs, dtype), (ks, k_dtype), (vs, v_dtype) = (
-        _check_tensor("query", query), _check_tensor("key", key), _check_tensor("value", value))
+    # Each check is a call only where the common case's test fails, and plain statements stand
+    # where loops would: a decoding step runs this with its code out of cache, where each
+    # function called, and each generator, costs microseconds.
+    try:
+        qs, ks, vs, dtype = query.shape, key.shape, value.shape, query.dtype
+        usual = (dtype.is_floating_point and key.dtype == dtype and value.dtype == dtype
+                 and len(qs) >= 2 and len(ks) >= 2 and len(vs) >= 2)
+    except AttributeError:  # not tensors
+        usual = False
+    if not usual:
+        qs, ks, vs, dtype = _check_tensors(query, key, value)
     device = query.device
-    for name, x, x_dtype in (("key", key, k_dtype), ("value", value, v_dtype)):
-        if x_dtype != dtype:
-            raise TypeError(
-                f"{name} has dtype {x_dtype} but query has {dtype}; query, key and value "
-                f"must share one dtype (use {name}.to(query.dtype))"
-            )
-        if x.device != device:
-            raise ValueError(
-                f"{name} is on {x.device} but query is on {device}; query, key and value "
-                f"must be on one device (use {name}.to(query.device))"
-            )
+    if key.device != device or value.device != device:
+        name, x = ("key", key) if key.device != device else ("value", value)
+        raise ValueError(
+            f"{name} is on {x.device} but query is on {device}; query, key and value "
+            f"must be on one device (use {name}.to(query.device))"
+        )
     squeeze_head = len(qs) == len(ks) == len(vs) == 2
     q, k, v = query, key, value
     if 2 in (len(qs), len(ks), len(vs)):
@@ -289,24 +305,25 @@ def prepare(
             f"value has {vs[-3]} heads (dim -3) but key has {ks[-3]}; "
             "key and value must have the same number of heads"
         )
-    # Each check below is a call only when the common case's test fails: a decoding step runs
-    # this with its code out of cache, where every function called costs microseconds.
     if not type(enable_gqa) is type(is_causal) is type(return_lse) is type(return_weights) is bool:
         for name, flag in (("enable_gqa", enable_gqa), ("is_causal", is_causal), ("return_lse", return_lse),
                            ("return_weights", return_weights)):
             _check_flag(name, flag)
-    *batch_q, Hq, Lq, E = qs
-    *batch_k, Hkv, Lk, _ = ks
-    Ev = vs[-1]
+    Hq, Lq, E = qs[-3], qs[-2], qs[-1]
+    Hkv, Lk, Ev = ks[-3], ks[-2], vs[-1]
     if Hq != Hkv and Hkv != 1 and not (enable_gqa and Hq % Hkv == 0):
         _check_heads(Hq, Hkv, enable_gqa)
-    try:
-        batch_shape = tuple(qs[:-3]) if qs[:-3] == ks[:-3] == vs[:-3] else _broadcast_shapes(batch_q, batch_k, vs[:-3])
-    except ValueError:
-        raise ValueError(
-            f"the leading (batch) dims of query {tuple(batch_q)}, key {tuple(batch_k)} "
-            f"and value {tuple(vs[:-3])} do not broadcast; give them equal sizes or size 1"
-        ) from None
+    if len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0]:  # (B, H, L, E), the usual layout
+        batch_shape = (qs[0],)
+    else:
+        batch_q, batch_k, batch_v = qs[:-3], ks[:-3], vs[:-3]
+        try:
+            batch_shape = tuple(batch_q) if batch_q == batch_k == batch_v else _broadcast_shapes(batch_q, batch_k, batch_v)
+        except ValueError:
+            raise ValueError(
+                f"the leading (batch) dims of query {tuple(batch_q)}, key {tuple(batch_k)} "
+                f"and value {tuple(batch_v)} do not broadcast; give them equal sizes or size 1"
+            ) from None
 
     problem_scale = 1.0 / math.sqrt(E) if scale is None and E else _check_scale(scale, E)
     p = 0.0 if type(dropout_p) is float and dropout_p == 0.0 else _check_dropout(dropout_p)

@@ -32,21 +32,6 @@ class Observer(Protocol):
 OBSERVER: contextvars.ContextVar[Observer | None] = contextvars.ContextVar("dotattn_observer", default=None)
 
 
-def _run(problem: Problem, engine: str) -> AttentionResult:
-    observer = OBSERVER.get()
-    if observer is None:
-        result = engines.select(problem, engine).run(problem)
-    else:  # observers get the lse, which every engine has at hand
-        observed = dataclasses.replace(problem, return_lse=True)
-        result = engines.select(observed, engine).run(observed)
-        observer.record(observed, result)
-        if not problem.return_lse:
-            result = result._replace(lse=None)
-    if problem.squeeze_head:
-        result = AttentionResult(*(None if t is None else t.squeeze(0) for t in result))
-    return result
-
-
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -103,10 +88,20 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
     )
-    result = _run(problem, engine)
-    if return_lse or return_weights:
-        return result
-    return result.output
+    # The steps of a call in line, not in helpers: a decoding step runs them with their code out
+    # of cache, where each function called costs microseconds.
+    observer = OBSERVER.get()
+    if observer is None:
+        result = engines.select(problem, engine).run(problem)
+    else:  # observers get the lse, which every engine has at hand
+        observed = dataclasses.replace(problem, return_lse=True)
+        result = engines.select(observed, engine).run(observed)
+        observer.record(observed, result)
+        if not problem.return_lse:
+            result = result._replace(lse=None)
+    if problem.squeeze_head:
+        result = AttentionResult(*(None if t is None else t.squeeze(0) for t in result))
+    return result if return_lse or return_weights else result.output
 
 
 def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,

@@ -188,7 +188,7 @@ class Engine:
             out = out.to(p.dtype)
         weights = self.weights(p, lse).to(p.dtype) if p.return_weights else None
         lse = lse.detach().to(lse_dtype(p.dtype)) if p.return_lse else None
-        return AttentionResult(out, lse, weights)
+        return tuple.__new__(AttentionResult, (out, lse, weights))  # its Python __new__ costs a cold call
 
     def weights(self, problem: Problem, lse: torch.Tensor) -> torch.Tensor:
         """The softmax weights (*batch, Hq, Lq, Lk) before dropout, from ``forward``'s lse."""

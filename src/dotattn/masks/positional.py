@@ -228,7 +228,7 @@ class Padding(_Positional):
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
-        return (len(self.kv_lengths), 1)
+        return (self.kv_lengths.shape[0], 1)  # not len(): Tensor.__len__ is Python
 
     @property
     def _device(self) -> torch.device | None:
@@ -236,8 +236,9 @@ class Padding(_Positional):
 
     def check(self, Lq: int, Lk: int) -> None:
         super().check(Lq, Lk)
-        _check_at_most(self._kv_longest, Lk, self, "kv_lengths", "Lk")
-        _check_at_most(self._q_longest, Lq, self, "q_lengths", "Lq")
+        if self._kv_longest is None or self._kv_longest > Lk or self._q_longest is None or self._q_longest > Lq:
+            _check_at_most(self._kv_longest, Lk, self, "kv_lengths", "Lk")
+            _check_at_most(self._q_longest, Lq, self, "q_lengths", "Lq")
 
     def _real(self, i: torch.Tensor, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Whether position i (of a length-L side) holds a real token, per batch row."""
@@ -255,7 +256,7 @@ class Padding(_Positional):
         # Few small ops, since a decoding step derives these anew: (B, 1, 1) per batch row,
         # and hi (B, 1, Lq) set to 0 (lo >= hi: nothing) in the rows of padding queries.
         kv = self.kv_lengths.to(device).view(-1, 1, 1)
-        lo, hi = (kv.new_zeros(()), kv) if self.side == "right" else (Lk - kv, kv.new_full((), Lk))
+        lo, hi = (kv.new_zeros(()), kv) if self.side == "right" else (torch.rsub(kv, Lk), kv.new_full((), Lk))
         if self.q_lengths is not None:
             i, q = torch.arange(Lq, device=device), self.q_lengths.to(device).view(-1, 1, 1)
             hi = hi * (i < q if self.side == "right" else i >= Lq - q)
@@ -295,7 +296,7 @@ class PrefixLM(_Positional):
     @property
     def lead_shape(self) -> tuple[int, ...]:
         p = self.prefix_lengths
-        return () if isinstance(p, int) else (len(p), 1)
+        return () if isinstance(p, int) else (p.shape[0], 1)
 
     @property
     def _device(self) -> torch.device | None:
