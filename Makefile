@@ -15,7 +15,7 @@ TRITON := triton==3.9.0
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard src/dotattn/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(TRITON) setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,demo,plots]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,demo,plots,monitor]'
 	touch $@
 
 # The seed's steps on the real all-MiniLM-L6-v2 (heatmaps in out/explain), its heads'

@@ -47,6 +47,7 @@ def dense_stats(q, k, mask, scale=None):
         "score_mean": mean, "score_std": std, "entropy": per_row_mean(entropy),
         "normalized_entropy": per_row_mean(normalized), "max_prob": per_row_mean(p.amax(-1)),
         "first_token_mass": per_row_mean(p[..., 0]), "masked_rows": (~sees).sum((0, 2)).double(),
+        "max_logit": s.amax((0, 2, 3)),
     }
 
 
@@ -55,6 +56,8 @@ MASKS = {
     "causal": masks.causal(),
     "padding_bottom_right": masks.padding([150, 0, 90]) & masks.causal(align="bottom_right"),
     "window": masks.sliding_window(40),
+    # tiles full in one batch row and partial in another
+    "padding_per_row": masks.padding([280, 100, 280], q_lengths=[300, 120, 260]),
     "float_bias": masks.dense(torch.randn(3, 1, 300, 280, generator=torch.Generator().manual_seed(1))),
 }
 

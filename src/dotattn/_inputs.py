@@ -77,6 +77,9 @@ class Problem:
     Lk: int
     E: int
     Ev: int
+    # A Monitor records this call: an engine that can computes each row's statistics while it
+    # runs and leaves them in derived["row_stats"] (N, Hq, Lq, 6), see engines/tiled.py.
+    stats: bool = False
 
     def settle(self, *, requires_grad: bool, dropout_seed: int | None = None) -> Problem:
         """Fix what this problem would otherwise decide from its tensors on first use: whether

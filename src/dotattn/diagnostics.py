@@ -1,4 +1,5 @@
-"""Attention diagnostics: what every attention call of a model run did, per layer and head.
+"""Attention diagnostics: what the attention calls of a model run did, per layer and head,
+cheap enough to leave on in training and serving.
 
     with dotattn.diagnostics.Monitor(model) as monitor:
         model(**inputs)
@@ -7,36 +8,45 @@
         print(flag)
 
 While a :class:`Monitor` is active, every call of ``dotattn.scaled_dot_product_attention``
-(directly, through ``dotattn.nn`` or through ``dotattn.hf``) is measured after its engine
-ran. Calls are grouped by the innermost module of ``model`` that made them (its qualified
-name, e.g. ``encoder.layer.3.attention.self``), or named ``call 0``, ``call 1``, ... when
-no model is given; repeated runs add up under the same name.
+(directly, through ``dotattn.nn`` or through ``dotattn.hf``) in a recorded step is measured
+after its engine ran. Calls are grouped by the innermost module of ``model`` that made them
+(its qualified name, e.g. ``encoder.layer.3.attention.self``), or named ``call 0``, ``call 1``,
+... when no model is given; repeated runs add up under the same name.
 
 What is measured, per query head, over the query rows that see at least one key:
 
     score mean, std   of the logits s = scale·q·k (soft-capped when asked) + bias at allowed pairs
-    entropy           -Σ p log p of each row's softmax, in nats, = lse - Σ p·s
+    max logit         the largest s any row saw (attention logit growth)
+    entropy           -Σ p log p of each row's softmax, in nats, = lse - Σ p·s (entropy collapse)
     normalized        entropy / log(allowed keys): 1 is uniform, 0 is one-hot
     max prob          the row's largest probability (saturation)
     first-token mass  the probability on key 0 (attention sinks)
     masked rows       rows with no allowed key (output 0, lse -inf)
     non-finite rows   rows whose output holds NaN or inf
 
-The L×L weights are never materialised: the engine returns the lse alongside the output
-(every engine does, at no cost), and the monitor then walks the scores in 256×256 tiles,
-skipping those the mask's ``block_map`` says are empty, with p = exp(s - lse) known
-exactly per tile, accumulating Σ p·s, the row max and the first column like a backward
-pass does. That second pass is one more Q Kᵀ plus a few elementwise passes in torch
-ops: a monitored call took 2.2-3.7x the time of a plain tiled call (B1 H8 E64, L 1024
-and 4096, ``python -m benchmarks.monitor``) and 36 MiB at L 4096 instead of the 512 MiB
-of the weights. Nothing changes when no monitor is active.
+The L×L weights are never materialised. The tiled engine's compiled kernel computes each
+row's Σ p·s (rescaled with the online softmax's row sum), its max logit, Σ s, Σ s², allowed
+keys and the logit of key 0 while it runs, so the statistics cost one more multiply-add per
+score (:func:`measure_fused`). Other engines hand back the lse (every engine has it), and the
+monitor then walks the scores in 256×256 tiles (:func:`measure`), skipping those the mask's
+``block_map`` says are empty, with p = exp(s - lse) known exactly per tile; that pass is the
+oracle the kernel's figures are tested against. ``python -m benchmarks.monitor`` gives the
+cost of both.
+
+Sampling (``every=``, ``sample=``) records some steps and skips the rest: a skipped call pays
+one attribute read. As each recorded step ends, exporters receive a :class:`StepReport`
+(``to_logging``, ``to_tensorboard``, ``add_exporter``), and :meth:`Monitor.watch` raises
+:class:`Alert` s for heads whose entropy collapses or whose max logit grows fast.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
-from collections.abc import Iterator
+import random
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -48,7 +58,7 @@ from dotattn._text import table
 from dotattn.engines.base import AttentionResult
 from dotattn.functional import OBSERVER
 
-__all__ = ["AttentionStats", "Flag", "Monitor", "active"]
+__all__ = ["Alert", "AttentionInstabilityWarning", "AttentionStats", "Flag", "Monitor", "StepReport", "active"]
 
 BLOCK = 256  # query and key tile of the statistics pass
 
@@ -79,6 +89,7 @@ class AttentionStats:
     normalized_entropy_sum: torch.Tensor
     max_prob_sum: torch.Tensor
     first_mass_sum: torch.Tensor
+    max_logit: torch.Tensor  # the largest logit any row saw (a maximum, not a sum); -inf for none
 
     @property
     def heads(self) -> int:
@@ -92,8 +103,9 @@ class AttentionStats:
                 "give each attention layer its own module (Monitor(model)) so their statistics stay apart"
             )
         tensors = {f.name: getattr(self, f.name) + getattr(other, f.name)
-                   for f in fields(self) if f.name not in ("name", "calls")}
-        return AttentionStats(self.name, self.calls + other.calls, **tensors)
+                   for f in fields(self) if f.name not in ("name", "calls", "max_logit")}
+        return AttentionStats(self.name, self.calls + other.calls, max_logit=torch.maximum(self.max_logit, other.max_logit),
+                              **tensors)
 
     def _per_row(self, total: torch.Tensor) -> torch.Tensor:
         return total / self.rows.clamp(min=1)
@@ -139,21 +151,81 @@ class Flag:
         return f"{self.layer} head {self.head}: {self.what} ({self.value:.3g}, threshold {self.threshold:.3g})"
 
 
-class Monitor:
-    """Records statistics of every dotattn attention call made while it is active.
+@dataclass(frozen=True)
+class Alert:
+    """An early warning from :meth:`Monitor.watch`: at ``step``, head ``head`` of ``layer``
+    had ``what`` ("entropy collapse" or "logit growth") at ``value``, past ``threshold``."""
 
-    model: optional ``torch.nn.Module``; calls are then named by the innermost submodule
-    running when they happen. Hooks are added on entering and removed on leaving.
-    ``layers`` maps each name to its :class:`AttentionStats`, in order of first call.
+    step: int
+    layer: str
+    head: int
+    what: str
+    value: float
+    threshold: float
+
+    def __str__(self) -> str:
+        return (f"step {self.step}: {self.layer} head {self.head}: {self.what} "
+                f"({self.value:.3g}, threshold {self.threshold:.3g})")
+
+
+class AttentionInstabilityWarning(UserWarning):
+    """Issued (``warnings.warn``) for each :class:`Alert` of a watched monitor."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one recorded step hands to the exporters: its number, each layer's statistics over
+    that step's calls (in order of first call), and the watch's alerts."""
+
+    step: int
+    layers: dict[str, AttentionStats]
+    alerts: list[Alert]
+
+
+class Monitor:
+    """Records statistics of dotattn attention calls made while it is active.
+
+    model:  optional ``torch.nn.Module``; calls are then named by the innermost submodule
+            running when they happen, and each forward of ``model`` is one step. Hooks are
+            added on entering and removed on leaving.
+    every:  record one step in ``every`` (steps 0, every, 2·every, ...)
+    sample: or record each step with this probability (seeded by ``seed``)
+    steps:  "forward" (each forward of ``model`` ends a step; the default with a model) or
+            "manual" (the caller ends each with :meth:`step`; the default without one)
+
+    A step that is not recorded costs its calls one attribute read each. ``layers`` maps
+    each name to its :class:`AttentionStats` over every recorded step, in order of first call.
+    Exporters (:meth:`add_exporter`, :meth:`to_logging`, :meth:`to_tensorboard`) get a
+    :class:`StepReport` as each recorded step ends; :meth:`watch` adds early warnings.
     """
 
-    def __init__(self, model: torch.nn.Module | None = None) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module | None = None, *, every: int = 1, sample: float | None = None,
+                 seed: int = 0, steps: str | None = None) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if sample is not None and not 0.0 < sample <= 1.0:
+            raise ValueError(f"sample must be a probability in (0, 1], got {sample!r}")
+        steps = steps or ("forward" if model is not None else "manual")
+        if steps not in ("forward", "manual") or (steps == "forward" and model is None):
+            raise ValueError(f"steps must be 'manual', or 'forward' with a model; got {steps!r}")
+        self.model, self.every, self.sample, self.steps = model, every, sample, steps
+        self._random = random.Random(seed)
         self.layers: dict[str, AttentionStats] = {}
+        self.history: list[StepReport] = []  # the recorded steps, as exported
+        self.step_index = 0
+        self.recording = self._records(0)  # whether this step's calls are recorded (read by every call)
+        self._step_layers: dict[str, AttentionStats] = {}
+        self._exporters: list[Callable[[StepReport], None]] = []
+        self._watch: dict | None = None
         self._calls = 0
         self._running: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._token: contextvars.Token | None = None
+
+    def _records(self, step: int) -> bool:
+        if self.sample is not None:
+            return self._random.random() < self.sample
+        return step % self.every == 0
 
     def __enter__(self) -> Monitor:
         if self._token is not None:
@@ -163,6 +235,8 @@ class Monitor:
             for name, module in self.model.named_modules():
                 self._hooks.append(module.register_forward_pre_hook(self._entering(name or "model")))
                 self._hooks.append(module.register_forward_hook(self._leaving))
+            if self.steps == "forward":
+                self._hooks.append(self.model.register_forward_hook(lambda *_: self.step()))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -172,6 +246,7 @@ class Monitor:
         self._running.clear()
         OBSERVER.reset(self._token)
         self._token = None
+        self._end_step()
 
     def _entering(self, name: str):
         def hook(module, args):
@@ -182,11 +257,121 @@ class Monitor:
         self._running.pop()
 
     def record(self, problem: Problem, result: AttentionResult) -> None:
-        """Add one call's statistics; ``result`` must carry the lse."""
+        """Add one call's statistics; ``result`` must carry the lse. Uses the figures the engine
+        computed while it ran when it left them (``problem.derived["row_stats"]``), else the
+        tile pass of :func:`measure`."""
         name = self._running[-1] if self._running else f"call {self._calls}"
         self._calls += 1
-        stats = measure(problem, result, name)
-        self.layers[name] = self.layers[name].merge(stats) if name in self.layers else stats
+        row_stats = problem.derived.get("row_stats")
+        stats = measure(problem, result, name) if row_stats is None else measure_fused(problem, result, row_stats, name)
+        for layers in (self.layers, self._step_layers):
+            layers[name] = layers[name].merge(stats) if name in layers else stats
+
+    def step(self, index: int | None = None) -> StepReport | None:
+        """End the current step (exporting it and checking the watch, when it was recorded) and
+        begin the next, numbered ``index`` (default: one more). Returns the ended step's report,
+        or None when it recorded nothing."""
+        report = self._end_step()
+        self.step_index = self.step_index + 1 if index is None else index
+        self.recording = self._records(self.step_index)
+        return report
+
+    def _end_step(self) -> StepReport | None:
+        self._calls = 0  # unnamed calls are numbered within their step, so call i is one layer throughout
+        if not self._step_layers:
+            return None
+        layers, self._step_layers = self._step_layers, {}
+        report = StepReport(self.step_index, layers, self._check(self.step_index, layers))
+        self.history.append(report)
+        for alert in report.alerts:
+            warnings.warn(AttentionInstabilityWarning(str(alert)), stacklevel=3)
+        for export in self._exporters:
+            export(report)
+        return report
+
+    def add_exporter(self, export: Callable[[StepReport], None]) -> Monitor:
+        """Call ``export(report)`` as each recorded step ends (a metrics client, a W&B run, ...)."""
+        self._exporters.append(export)
+        return self
+
+    def to_logging(self, logger: logging.Logger | str | None = None, level: int = logging.INFO) -> Monitor:
+        """Log one line per layer of each recorded step (lowest head entropy, highest logit), and
+        each alert as a warning, to ``logger`` (a Logger or a name; default "dotattn")."""
+        log = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger or "dotattn")
+
+        def export(report: StepReport) -> None:
+            for s in report.layers.values():
+                low = int(s.entropy.argmin()) if s.heads else 0
+                log.log(level, "attention step %d %s: entropy min %.4g (head %d) mean %.4g, max logit %.4g, "
+                        "max prob %.4g", report.step, s.name, float(s.entropy[low]), low, float(s.entropy.mean()),
+                        float(s.max_logit.max()), float(s.max_prob.mean()))
+            for alert in report.alerts:
+                log.warning("attention %s", alert)
+        return self.add_exporter(export)
+
+    def to_tensorboard(self, writer, prefix: str = "attention") -> Monitor:
+        """Write each recorded step to a ``torch.utils.tensorboard.SummaryWriter`` (pip install
+        dotattn[monitor]): per layer the scalars ``{prefix}/{layer}/entropy_min``,
+        ``entropy_mean``, ``max_logit``, ``max_prob``, and layers x heads heatmap images
+        ``{prefix}/entropy`` (normalized entropy, 1 = uniform) and ``{prefix}/max_logit``
+        (scaled to the step's largest), brighter = higher."""
+        def export(report: StepReport) -> None:
+            layers = list(report.layers.values())
+            for s in layers:
+                tag = f"{prefix}/{s.name}"
+                writer.add_scalar(f"{tag}/entropy_min", float(s.entropy.min()), report.step)
+                writer.add_scalar(f"{tag}/entropy_mean", float(s.entropy.mean()), report.step)
+                writer.add_scalar(f"{tag}/max_logit", float(s.max_logit.max()), report.step)
+                writer.add_scalar(f"{tag}/max_prob", float(s.max_prob.mean()), report.step)
+            H = max(s.heads for s in layers)
+            for name, grid in (("entropy", _grid(layers, H, lambda s: s.normalized_entropy)),
+                               ("max_logit", _grid(layers, H, lambda s: s.max_logit))):
+                top = grid.nan_to_num(nan=0.0, neginf=0.0).abs().amax().clamp(min=1e-12)
+                image = (grid / top if name == "max_logit" else grid).nan_to_num(0.0).clamp(0, 1)
+                writer.add_image(f"{prefix}/{name}", image[None], report.step, dataformats="CHW")
+            for alert in report.alerts:
+                writer.add_text(f"{prefix}/alerts", str(alert), report.step)
+        return self.add_exporter(export)
+
+    def watch(self, entropy_below: float | None = None, logit_growth: float | None = None,
+              window: int = 10) -> Monitor:
+        """Early warning of training instability, checked as each recorded step ends: an
+        :class:`Alert` (a warning, a log line, and in ``StepReport.alerts``) for a head whose
+        mean entropy (nats) falls below ``entropy_below`` (attention entropy collapse), or whose
+        max logit rose by more than ``logit_growth`` within the last ``window`` steps (attention
+        logit growth, the reason for QK-layernorm). Each head alerts once per kind."""
+        if entropy_below is None and logit_growth is None:
+            raise ValueError("watch needs entropy_below=, logit_growth= or both")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int (steps), got {window!r}")
+        self._watch = {"entropy_below": entropy_below, "logit_growth": logit_growth, "window": window,
+                       "seen": {}, "raised": set()}
+        return self
+
+    def _check(self, step: int, layers: dict[str, AttentionStats]) -> list[Alert]:
+        w = self._watch
+        if w is None:
+            return []
+        alerts = []
+        for s in layers.values():
+            seen = w["seen"].setdefault(s.name, [])  # (step, max logit per head), the window's steps
+            seen.append((step, s.max_logit))
+            while seen and seen[0][0] <= step - w["window"]:
+                seen.pop(0)
+            low = torch.stack([m for _, m in seen]).amin(0)
+            for h in range(s.heads):
+                tests = []
+                if w["entropy_below"] is not None:
+                    tests.append(("entropy collapse", float(s.entropy[h]), w["entropy_below"],
+                                  s.rows[h] > 0 and s.entropy[h] < w["entropy_below"]))
+                if w["logit_growth"] is not None:
+                    rise = float(s.max_logit[h] - low[h]) if torch.isfinite(low[h]) else 0.0
+                    tests.append(("logit growth", rise, w["logit_growth"], rise > w["logit_growth"]))
+                for what, value, threshold, hit in tests:
+                    if hit and (s.name, h, what) not in w["raised"]:
+                        w["raised"].add((s.name, h, what))
+                        alerts.append(Alert(step, s.name, h, what, value, threshold))
+        return alerts
 
     def __iter__(self) -> Iterator[AttentionStats]:
         return iter(self.layers.values())
@@ -237,9 +422,7 @@ class Monitor:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 1.2 + 0.45 * len(layers)),
                                  constrained_layout=True)
         for ax, (label, attr) in zip(axes, panels):
-            grid = torch.full((len(layers), H), float("nan"))
-            for i, s in enumerate(layers):
-                grid[i, : s.heads] = getattr(s, attr)
+            grid = _grid(layers, H, lambda s: getattr(s, attr))
             im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
             ax.set_title(label, fontsize=10)
             ax.set_xlabel("head")
@@ -253,6 +436,14 @@ class Monitor:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def _grid(layers: list[AttentionStats], H: int, value: Callable[[AttentionStats], torch.Tensor]) -> torch.Tensor:
+    """(layers, H) of one per-head figure, NaN where a layer has fewer heads."""
+    grid = torch.full((len(layers), H), float("nan"))
+    for i, s in enumerate(layers):
+        grid[i, : s.heads] = value(s).float()
+    return grid
 
 
 def _short(name: str) -> str:
@@ -290,9 +481,11 @@ def measure(problem: Problem, result: AttentionResult, name: str) -> AttentionSt
         t_max = torch.full((N, Hkv, G, Lq), neg, dtype=dtype)
         pt_sum, first = (torch.zeros(N, Hkv, G, Lq, dtype=dtype) for _ in range(2))
         codes = None
-        if mask is not None:  # one code per tile: the loosest over batch rows and heads
+        if mask is not None:  # one code per tile over batch rows and heads: PARTIAL where they differ
             codes = mask.block_map(Lq, Lk, BLOCK, BLOCK)
-            codes = codes.reshape(-1, *codes.shape[-2:]).amax(0)  # (nQ, nK)
+            codes = codes.reshape(-1, *codes.shape[-2:])
+            lo, hi = codes.amin(0), codes.amax(0)  # (nQ, nK)
+            codes = torch.where(lo == hi, hi, masks.PARTIAL)
         for qi, q0 in enumerate(range(0, Lq, BLOCK)):
             q1 = min(q0 + BLOCK, Lq)
             rows = q[..., q0:q1, :].reshape(N, Hkv, G * (q1 - q0), E)
@@ -326,19 +519,46 @@ def measure(problem: Problem, result: AttentionResult, name: str) -> AttentionSt
                 if k0 == 0:
                     first[..., row] = p[..., 0]
 
-        entropy = -pt_sum.double()
-        normalized = torch.where(allowed > 1, entropy / allowed.clamp(min=2).log(), 0)
-        out_finite = torch.isfinite(result.output).all(-1).reshape(valid.shape)
+        return _per_head(name, result, lse.reshape(N, Hq, Lq), allowed, s_sum, s_sq, -pt_sum, t_max + shift[..., 0],
+                         t_max, first)
 
-        def per_head(x: torch.Tensor) -> torch.Tensor:  # (N, Hkv, G, Lq), summed over valid rows -> (Hq,)
-            return torch.where(valid, x.double(), 0).reshape(N, Hq, Lq).sum((0, 2))
 
-        return AttentionStats(
-            name=name, calls=1,
-            rows=per_head(torch.ones_like(lse)),
-            masked_rows=(lse == float("-inf")).reshape(N, Hq, Lq).sum((0, 2)).double(),
-            nonfinite_rows=(~out_finite | torch.isnan(lse)).reshape(N, Hq, Lq).sum((0, 2)).double(),
-            pairs=per_head(allowed), score_sum=per_head(s_sum), score_sq_sum=per_head(s_sq),
-            entropy_sum=per_head(entropy), normalized_entropy_sum=per_head(normalized),
-            max_prob_sum=per_head(t_max.exp()), first_mass_sum=per_head(first),
-        )
+def measure_fused(problem: Problem, result: AttentionResult, row_stats: torch.Tensor, name: str) -> AttentionStats:
+    """Statistics of one call from the per-row figures its engine computed while it ran
+    (``problem.derived["row_stats"]``, (N, Hq, Lq, 6): Σ p·s, max s, Σ s, Σ s², allowed keys,
+    s of key 0; see csrc/tiled.cpp), so no second pass over the scores: entropy = lse - Σ p·s,
+    max prob = exp(max s - lse), first-token mass = exp(s of key 0 - lse)."""
+    N, Hq, Lq = row_stats.shape[:3]
+    with torch.no_grad():
+        lse = result.lse.reshape(N, Hq, Lq).to(row_stats.dtype)
+        ps, top, s_sum, s_sq, allowed, first = row_stats.unbind(-1)
+        shift = torch.where(torch.isfinite(lse), lse, 0)
+        return _per_head(name, result, lse, allowed, s_sum, s_sq, lse - ps, top, top - shift, (first - shift).exp())
+
+
+def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, allowed: torch.Tensor, s_sum: torch.Tensor,
+              s_sq: torch.Tensor, entropy: torch.Tensor, top: torch.Tensor, log_max_prob: torch.Tensor,
+              first: torch.Tensor) -> AttentionStats:
+    """One call's AttentionStats from its per-row figures, each (N, Hq, Lq) or reshapeable to it,
+    summed (or, for the max logit, maximised) over the rows that see a key and hold no NaN."""
+    N, Hq, Lq = lse.shape
+    valid = torch.isfinite(lse)
+    out_finite = torch.isfinite(result.output).all(-1).reshape(N, Hq, Lq)
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # summed over valid rows -> (Hq,)
+        return torch.where(valid, x.reshape(N, Hq, Lq).double(), 0).sum((0, 2))
+
+    entropy = entropy.reshape(N, Hq, Lq).double()
+    allowed = allowed.reshape(N, Hq, Lq).double()
+    normalized = torch.where(allowed > 1, entropy / allowed.clamp(min=2).log(), 0)
+    top = torch.where(valid, top.reshape(N, Hq, Lq).double(), float("-inf")).transpose(0, 1).reshape(Hq, -1)
+    return AttentionStats(
+        name=name, calls=1,
+        rows=valid.sum((0, 2)).double(),
+        masked_rows=(lse == float("-inf")).sum((0, 2)).double(),
+        nonfinite_rows=(~out_finite | torch.isnan(lse)).sum((0, 2)).double(),
+        pairs=per_head(allowed), score_sum=per_head(s_sum), score_sq_sum=per_head(s_sq),
+        entropy_sum=per_head(entropy), normalized_entropy_sum=per_head(normalized),
+        max_prob_sum=per_head(log_max_prob.exp()), first_mass_sum=per_head(first),
+        max_logit=top.amax(1) if top.shape[1] else top.new_full((Hq,), float("-inf")),
+    )

@@ -21,10 +21,13 @@ from dotattn.masks import Mask
 
 
 class Observer(Protocol):
-    """What watches every call in a context (``dotattn.diagnostics.Monitor`` is one)."""
+    """What watches the calls in a context (``dotattn.diagnostics.Monitor`` is one)."""
+
+    recording: bool  # whether it records the calls now (a sampling monitor skips most)
 
     def record(self, problem: Problem, result: AttentionResult) -> None:
-        """One call's problem and result, which carries the lse."""
+        """One call's problem and result, which carries the lse; an engine that can has left
+        each row's statistics in ``problem.derived["row_stats"]``."""
 
 
 # The observer of the calls in this context, or None; a Monitor sets itself here on entering,
@@ -91,10 +94,10 @@ def scaled_dot_product_attention(
     # The steps of a call in line, not in helpers: a decoding step runs them with their code out
     # of cache, where each function called costs microseconds.
     observer = OBSERVER.get()
-    if observer is None:
+    if observer is None or not observer.recording:
         result = engines.select(problem, engine).run(problem)
-    else:  # observers get the lse, which every engine has at hand
-        observed = dataclasses.replace(problem, return_lse=True)
+    else:  # observers get the lse, which every engine has at hand, and the row statistics where it can
+        observed = dataclasses.replace(problem, return_lse=True, stats=True)
         result = engines.select(observed, engine).run(observed)
         observer.record(observed, result)
         if not problem.return_lse:

@@ -63,11 +63,11 @@ try:
 except ImportError as e:
     raise ImportError(f"dotattn.hf needs transformers ({e}); install it with: pip install 'dotattn[hf]'") from e
 
-from dotattn import engines, masks
+from dotattn import diagnostics, engines, masks
 from dotattn._text import table
 from dotattn.functional import OBSERVER, scaled_dot_product_attention
 
-__all__ = ["LayerCall", "attention_forward", "build_mask", "explain", "register"]
+__all__ = ["LayerCall", "MonitorCallback", "attention_forward", "build_mask", "explain", "register"]
 
 # Older transformers size masks by cache_position instead, which build_mask does not read.
 if "q_length" not in inspect.signature(sdpa_mask).parameters:
@@ -347,6 +347,8 @@ def explain(model: torch.nn.Module, **inputs) -> list[LayerCall]:
     running: list[str] = []
 
     class _Recorder:
+        recording = True
+
         def record(self, problem, result) -> None:
             shape = f"q {tuple(problem.query.shape)} k {tuple(problem.key.shape)}"
             calls.append(LayerCall(running[-1] if running else "?", shape, repr(problem.mask),
@@ -375,3 +377,35 @@ def explain(model: torch.nn.Module, **inputs) -> list[LayerCall]:
             for c in calls]
     print(table(["layer", "shapes", "mask", "engine"], rows))
     return calls
+
+
+class MonitorCallback(transformers.TrainerCallback):
+    """A transformers ``TrainerCallback`` that records the model's attention every ``every``
+    optimizer steps with a :class:`dotattn.diagnostics.Monitor`, numbered by the trainer's
+    ``global_step``, and hands each recorded step to the monitor's exporters and watch:
+
+        monitor = Monitor(every=50).to_tensorboard(writer).watch(entropy_below=0.1, logit_growth=5.0)
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[dotattn.hf.MonitorCallback(monitor)])
+
+    ``monitor``: a Monitor without a model (the callback gives it the trainer's model and ends
+    each step itself); default ``Monitor(every=every)``. The model must run dotattn's
+    ``attn_implementation`` (``register``). Calls made by evaluation during training count
+    towards the step in which it runs."""
+
+    def __init__(self, monitor: diagnostics.Monitor | None = None, *, every: int = 50) -> None:
+        self.monitor = diagnostics.Monitor(every=every) if monitor is None else monitor
+        if self.monitor.model is not None or self.monitor.steps != "manual":
+            raise ValueError("MonitorCallback gives the monitor the trainer's model and ends its steps: "
+                             "pass a Monitor built without a model (Monitor(every=...))")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.monitor.model = model
+        self.monitor.__enter__()
+        self.monitor.step(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.monitor.step(state.global_step)  # ends the step just taken; the next has this number
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.monitor.__exit__(None, None, None)
+        self.monitor.model = None

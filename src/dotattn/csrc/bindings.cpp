@@ -9,7 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
   m.attr("torch_version") = DOTATTN_TORCH_VERSION;  // the torch this module was built against
   m.def("forward", &dotattn::forward,
-        "out, lse = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, softcap)");
+        "out, lse[, row_stats] = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, "
+        "softcap, stats); with stats, row_stats (N, Hq, Lq, 6) holds each row's monitor figures (tiled.cpp)");
   m.def("backward", &dotattn::backward,
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, softcap, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");

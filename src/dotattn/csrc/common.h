@@ -107,6 +107,32 @@ inline float exp_sum(float* x, int n, float sub) {
   return hsum(acc);
 }
 
+// What a monitored row adds up over its allowed keys (finite scores), for the statistics
+// a Monitor reports: Σ e·s with e = exp(s - sub) (rescaled like the row sum), Σ s, Σ s², count.
+template <typename T>
+struct ScoreSums {
+  T ps = 0, sum = 0, sq = 0, count = 0;
+};
+
+// exp_sum that also adds the row's ScoreSums; masked scores (-inf) add nothing to any of them.
+inline float exp_sum_stats(float* x, int n, float sub, ScoreSums<float>& out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  vfloat acc = {}, ps = {}, sum = {}, sq = {}, count = {};
+  for_vectors(x, n, neg_inf, [&](vfloat v) {
+    const vint seen = v > neg_inf;
+    const vfloat s = seen ? v : vfloat{};  // 0 where masked, so that 0·s stays 0
+    const vfloat e = vexp_nonpos(v - sub);
+    acc += e;
+    ps += e * s;
+    sum += s;
+    sq += s * s;
+    count += seen ? vfloat{} + 1.0f : vfloat{};
+    return e;
+  });
+  out = {hsum(ps), hsum(sum), hsum(sq), hsum(count)};
+  return hsum(acc);
+}
+
 inline float exp_nonpos(float x) {
   float buf = x;
   exp_sum(&buf, 1, 0.0f);
@@ -124,6 +150,17 @@ inline double exp_sum(double* x, int n, double sub) {
   double sum = 0;
   for (int c = 0; c < n; ++c) sum += (x[c] = std::exp(x[c] - sub));
   return sum;
+}
+
+inline double exp_sum_stats(double* x, int n, double sub, ScoreSums<double>& out) {
+  double total = 0;
+  out = {};
+  for (int c = 0; c < n; ++c) {
+    const double v = x[c];
+    total += (x[c] = std::exp(v - sub));
+    if (v > -std::numeric_limits<double>::infinity()) out = {out.ps + x[c] * v, out.sum + v, out.sq + v * v, out.count + 1};
+  }
+  return total;
 }
 
 inline double exp_nonpos(double x) { return std::exp(x); }

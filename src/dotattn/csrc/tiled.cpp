@@ -257,13 +257,21 @@ void soft_cap(T* s, int ld, int rows, int cols, T c, T* deriv) {
 // Forward
 // ---------------------------------------------------------------------------
 
+// The per-row statistics a monitored forward writes, (N, Hq, Lq, STATS) in the compute type;
+// s is the logit the softmax sees (scaled, soft-capped, plus a float mask), p its probability:
+//   0 Σ p·s  (entropy = lse - this)     1 max s      2 Σ s    3 Σ s²    4 allowed keys
+//   5 s of key 0 (-inf where it is masked)
+// A row with no allowed key gets 0, -inf, 0, 0, 0, -inf.
+constexpr int STATS = 6;
+
 // In is the storage type of q, k, v (float, double, or bfloat16 computed with bfloat16
 // GEMMs into float32); T the compute type of scores, softmax, accumulator and out (which
 // backward's delta = rowsum(dO·O) reads: rounded to bfloat16, it cost dk the 2x rule).
+// stats_p: null, or where the STATS figures of each row go (see above).
 template <typename In, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
-                  const Dropout& dropout, double softcap) {
+                  const Dropout& dropout, double softcap, T* stats_p) {
   const auto [N, Hq, Lq, E, Hkv, Lk, Ev, G, nQ, nK] = Sizes::of(q, k, v, bq, bk);
   const T scale = static_cast<T>(scale_), cap = static_cast<T>(softcap);
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -279,6 +287,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<T> s(static_cast<size_t>(bq) * bk), acc(static_cast<size_t>(bq) * Ev);
     std::vector<In> p_in(narrow_gemm ? static_cast<size_t>(bq) * bk : 0);
     std::vector<T> m_i(bq), l_i(bq), alpha(bq);
+    std::vector<ScoreSums<T>> sums_i(stats_p ? bq : 0);  // Σ p·s rescaled like l_i, then Σ s, Σ s², count
+    std::vector<T> first_i(stats_p ? bq : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int qi = static_cast<int>(t % nQ);
@@ -287,6 +297,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int rows = static_cast<int>(std::min<int64_t>(bq, Lq - q0));
       std::fill(m_i.begin(), m_i.end(), neg_inf);
       std::fill(l_i.begin(), l_i.end(), T(0));
+      std::fill(sums_i.begin(), sums_i.end(), ScoreSums<T>{});
+      std::fill(first_i.begin(), first_i.end(), neg_inf);
       bool first = true;
       for (int kj = 0; kj < nK; ++kj) {
         const int32_t code = mask.code(n, h, qi, kj);
@@ -302,14 +314,23 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              K.ld(), T(0), s.data(), bk);
         if (cap > 0) soft_cap<T>(s.data(), bk, rows, cols, cap, nullptr);
         if (code != FULL_TILE) mask.apply(code, s.data(), bk, rows, cols, n, h, q0, k0);  // partial tile: mask
+        if (stats_p && k0 == 0) {
+          for (int r = 0; r < rows; ++r) first_i[r] = s[static_cast<int64_t>(r) * bk];
+        }
         // Online softmax: new row max, rescale factor, P~ = exp(S - m) in place, row sums.
         for (int r = 0; r < rows; ++r) {
           T* sr = s.data() + static_cast<int64_t>(r) * bk;
           const T m_new = std::max(m_i[r], row_max(sr, cols));
           const T m_safe = m_new == neg_inf ? T(0) : m_new;
-          const T sum = exp_sum(sr, cols, m_safe);
           alpha[r] = exp_nonpos(m_i[r] - m_safe);
-          l_i[r] = l_i[r] * alpha[r] + sum;
+          if (stats_p) {
+            ScoreSums<T> add;
+            l_i[r] = l_i[r] * alpha[r] + exp_sum_stats(sr, cols, m_safe, add);
+            ScoreSums<T>& to = sums_i[r];
+            to = {to.ps * alpha[r] + add.ps, to.sum + add.sum, to.sq + add.sq, to.count + add.count};
+          } else {
+            l_i[r] = l_i[r] * alpha[r] + exp_sum(sr, cols, m_safe);
+          }
           m_i[r] = m_new;
         }
         if (dropout.on) dropout.apply(s.data(), bk, n * Hq + h, q0, rows, k0, cols);
@@ -334,6 +355,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T inv = alive ? T(1) / l_i[r] : T(0);
         for (int64_t c = 0; c < Ev; ++c) orow[c] = alive ? acc[r * Ev + c] * inv : T(0);
         lse_row[r] = alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
+        if (stats_p) {
+          T* st = stats_p + ((n * Hq + h) * Lq + q0 + r) * STATS;
+          const ScoreSums<T>& sum = sums_i[r];
+          st[0] = alive ? sum.ps * inv : T(0);
+          st[1] = alive ? m_i[r] : neg_inf;
+          st[2] = sum.sum;
+          st[3] = sum.sq;
+          st[4] = sum.count;
+          st[5] = first_i[r];
+        }
       }
     }
   }
@@ -477,25 +508,27 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
                                 const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
-                                double dropout_p, int64_t seed, double softcap) {
+                                double dropout_p, int64_t seed, double softcap, bool stats) {
   check_inputs(q, k, v);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, Lq, Ev}, q.options().dtype(compute_type(q)));
   at::Tensor lse = at::empty({N, Hq, Lq}, q.options().dtype(compute_type(q)));
+  at::Tensor row_stats = stats ? at::empty({N, Hq, Lq, STATS}, q.options().dtype(compute_type(q))) : at::Tensor();
   const Dropout dropout(dropout_p, seed);
   switch (q.scalar_type()) {
     case at::kFloat:
       forward_impl<float, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq,
-                                 bk, dropout, softcap);
+                                 bk, dropout, softcap, stats ? row_stats.data_ptr<float>() : nullptr);
       break;
     case at::kDouble:
       forward_impl<double, double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale,
-                                   bq, bk, dropout, softcap);
+                                   bq, bk, dropout, softcap, stats ? row_stats.data_ptr<double>() : nullptr);
       break;
     default:  // bfloat16, checked by check_inputs
       forward_impl<at::BFloat16, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
-                                        scale, bq, bk, dropout, softcap);
+                                        scale, bq, bk, dropout, softcap, stats ? row_stats.data_ptr<float>() : nullptr);
   }
+  if (stats) return {out, lse, row_stats};
   return {out, lse};
 }
 
