@@ -250,3 +250,15 @@ def test_minilm_compiles_with_no_break_in_dotattn():
         compiled = torch.compile(model, backend=CountingBackend())
         torch.testing.assert_close(compiled(**batch).last_hidden_state, model(**batch).last_hidden_state,
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_explain_names_what_cannot_run_under_compile():
+    q, k, v = qkv(1, 2, 8, 4)
+    assert dotattn.explain(q, k, v, is_causal=True).compile_limits == ()
+    mask = masks.from_mask_mod(lambda b, h, i, j: i >= j, 1, 1, 8, 8)
+    explanation = dotattn.explain(q, k, v, mask=mask, return_weights=True, dropout_p=0.1,
+                                  generator=torch.Generator().manual_seed(0))
+    text = str(explanation)
+    assert len(explanation.compile_limits) == 3
+    for words in ("under torch.compile: return_weights=True", "generator=", "cannot cross into the operator"):
+        assert words in text

@@ -34,7 +34,28 @@ import torch
 from dotattn import engines, masks
 from dotattn._inputs import lse_dtype, prepare
 
-__all__ = ["attention"]
+__all__ = ["attention", "limits"]
+
+
+def limits(mask: masks.Mask | None, dropout_p: float, generator: torch.Generator | None,
+           return_weights: bool) -> list[str]:
+    """Why a call with these arguments cannot run under torch.compile or torch.export, as
+    sentences that say what to do instead (empty when it can). The traced call raises the
+    first; ``dotattn.explain`` lists them all."""
+    found = []
+    if return_weights:
+        found.append("return_weights=True is not supported (the weights are an (Lq, Lk) tensor the fused engines "
+                     "never form); compute them eagerly, e.g. in a function wrapped with torch.compiler.disable")
+    if generator is not None and dropout_p > 0:
+        found.append("dropout with a generator= is not supported (the generator's state cannot be read while "
+                     "tracing); leave generator=None and seed torch's default generator with torch.manual_seed(...)")
+    if mask is not None:
+        try:
+            mask.spec([])
+        except NotImplementedError as e:
+            found.append(f"the mask cannot cross into the operator: {e}; run this call eagerly "
+                         "(torch.compiler.disable)")
+    return found
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,11 +149,6 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One call as the operator: out (*batch, Hq, Lq, Ev) and lse (*batch, Hq, Lq). Reads no
     tensor data, so it traces as one node; ``mask`` is everything ANDed (attn_mask, is_causal, mask)."""
-    if generator is not None and dropout_p > 0:
-        raise ValueError(
-            "dropout with a generator= is not supported under torch.compile or torch.export (the "
-            "generator's state cannot be read while tracing); leave generator=None and seed torch's "
-            "default generator with torch.manual_seed(...) instead")
     tensors: list[torch.Tensor] = []
     spec = "" if mask is None else mask.spec(tensors)
     seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0

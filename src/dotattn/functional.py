@@ -111,11 +111,6 @@ def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
             return_lse, return_weights, generator, softcap) -> torch.Tensor | AttentionResult:
     """The call under torch.compile or torch.export: one ``dotattn::attention`` operator
     (``dotattn._ops``), which checks the arguments and picks the engine when it runs."""
-    if return_weights:
-        raise ValueError(
-            "return_weights=True is not supported under torch.compile or torch.export (the weights are an "
-            "(Lq, Lk) tensor the fused engines never form); compute them eagerly, e.g. in a function "
-            "wrapped with torch.compiler.disable")
     parts = []
     if attn_mask is not None:
         parts.append(masks.dense(attn_mask))
@@ -124,6 +119,9 @@ def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     if mask is not None:
         parts.append(mask)
     combined = functools.reduce(operator.and_, parts) if parts else None
+    found = _ops.limits(combined, dropout_p, generator, return_weights)
+    if found:
+        raise ValueError(f"under torch.compile or torch.export, {found[0]}")
     squeeze = query.dim() == key.dim() == value.dim() == 2
     q, k, v = (x.unsqueeze(0) if x.dim() == 2 else x for x in (query, key, value))  # as prepare() does
     out, lse = _ops.attention(q, k, v, combined, dropout_p, scale, enable_gqa, engine, generator, softcap)
@@ -157,4 +155,5 @@ def explain(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
     )
-    return engines.explain_problem(problem, engine)
+    limits = _ops.limits(problem.mask, problem.dropout_p, problem.generator, problem.return_weights)
+    return dataclasses.replace(engines.explain_problem(problem, engine), compile_limits=tuple(limits))

@@ -73,12 +73,15 @@ class Explanation:
     requested: what the caller asked for ("auto" or a name), after ``use_engine``
     rejected:  engine name -> reasons, for every other engine considered
     detail:    how the chosen engine will run it (e.g. "compiled kernel"), or None
+    compile_limits: why the call cannot run under torch.compile or torch.export (empty when
+               it can; ``dotattn.explain`` fills it)
     """
 
     engine: str | None
     requested: str
     rejected: dict[str, list[str]]
     detail: str | None = None
+    compile_limits: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         if self.engine is None:
@@ -87,6 +90,7 @@ class Explanation:
             how = "chosen by auto" if self.requested == "auto" else "requested"
             lines = [f"engine: {self.engine} ({how})" + (f": {self.detail}" if self.detail else "")]
         lines += [f"  {name}: " + "; ".join(reasons) for name, reasons in self.rejected.items()]
+        lines += [f"  under torch.compile: {limit}" for limit in self.compile_limits]
         return "\n".join(lines)
 
 
