@@ -204,3 +204,28 @@ def test_trainer_callback_records_every_n_steps(tmp_path, monkeypatch):
     assert diagnostics.active() is None and callback.monitor.model is None
     with pytest.raises(ValueError, match="without a model"):
         dotattn.hf.MonitorCallback(diagnostics.Monitor(model))
+
+
+def test_diagnose_reads_the_logs_back_and_replays_the_watch(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dotattn.cli import main
+
+    q, k, v = qkv(1, 4, 32, 8)
+    writer = SummaryWriter(tmp_path)
+    with diagnostics.Monitor().to_tensorboard(writer) as monitor:
+        for step in range(8):
+            grown = q.clone()
+            grown[:, 1] *= 1 + 2 * step  # one head of call 0 grows its logits; call 1 stays
+            dotattn.scaled_dot_product_attention(grown, k, v)
+            dotattn.scaled_dot_product_attention(q, k, v)
+            monitor.step()
+    writer.close()
+    series = diagnostics.read_tensorboard(tmp_path)
+    assert set(series) == {"call 0", "call 1"} and [s for s, _ in series["call 0"]["max_logit"]] == list(range(8))
+    assert main(["diagnose", "--logs", str(tmp_path), "--window", "4", "--logit-growth", "8",
+                 "--entropy-below", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "early warnings" in out and "call 0 a head: logit growth" in out and "call 0 a head: entropy collapse" in out
+    assert "call 1 a head" not in out

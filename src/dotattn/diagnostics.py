@@ -58,7 +58,8 @@ from dotattn._text import table
 from dotattn.engines.base import AttentionResult
 from dotattn.functional import OBSERVER
 
-__all__ = ["Alert", "AttentionInstabilityWarning", "AttentionStats", "Flag", "Monitor", "StepReport", "active"]
+__all__ = ["Alert", "AttentionInstabilityWarning", "AttentionStats", "Flag", "Monitor", "StepReport", "Watch",
+           "active", "read_tensorboard"]
 
 BLOCK = 256  # query and key tile of the statistics pass
 
@@ -158,14 +159,61 @@ class Alert:
 
     step: int
     layer: str
-    head: int
+    head: int | None  # None: some head of the layer (figures read from a log hold the layer's extreme)
     what: str
     value: float
     threshold: float
 
     def __str__(self) -> str:
-        return (f"step {self.step}: {self.layer} head {self.head}: {self.what} "
+        head = "a head" if self.head is None else f"head {self.head}"
+        return (f"step {self.step}: {self.layer} {head}: {self.what} "
                 f"({self.value:.3g}, threshold {self.threshold:.3g})")
+
+
+class Watch:
+    """The early-warning rules, fed one step at a time per layer (a Monitor's, or the series
+    ``read_tensorboard`` returns):
+
+    entropy collapse  a head's mean row entropy (nats) below ``entropy_below`` (Zhai et al.
+                      2023: it falls towards 0 before the loss diverges)
+    logit growth      a head's max logit more than ``logit_growth`` above its lowest value
+                      in the last ``window`` steps (Dehghani et al. 2023, Wortsman et al.
+                      2023: the reason for QK-layernorm)
+
+    Each (layer, head, kind) alerts once."""
+
+    def __init__(self, entropy_below: float | None = None, logit_growth: float | None = None, window: int = 10):
+        if entropy_below is None and logit_growth is None:
+            raise ValueError("watch needs entropy_below=, logit_growth= or both")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window must be a positive int (steps), got {window!r}")
+        self.entropy_below, self.logit_growth, self.window = entropy_below, logit_growth, window
+        self._seen: dict[str, list[tuple[int, torch.Tensor]]] = {}  # layer -> the window's (step, max logit)
+        self._raised: set[tuple[str, int | None, str]] = set()
+
+    def check(self, step: int, layer: str, entropy: torch.Tensor, max_logit: torch.Tensor,
+              heads: list[int | None] | None = None) -> list[Alert]:
+        """The new alerts at ``step`` for ``layer``, given per head its entropy (NaN for a head
+        that saw no row) and max logit, (H,) each; ``heads`` names them (default 0..H-1)."""
+        seen = self._seen.setdefault(layer, [])
+        seen.append((step, max_logit))
+        while seen[0][0] <= step - self.window:
+            seen.pop(0)
+        low = torch.stack([m for _, m in seen]).amin(0)
+        alerts = []
+        for h, name in enumerate(heads or range(len(entropy))):
+            tests = []
+            if self.entropy_below is not None:
+                e = float(entropy[h])
+                tests.append(("entropy collapse", e, self.entropy_below, e < self.entropy_below))  # NaN: False
+            if self.logit_growth is not None:
+                rise = float(max_logit[h] - low[h]) if torch.isfinite(low[h]) else 0.0
+                tests.append(("logit growth", rise, self.logit_growth, rise > self.logit_growth))
+            for what, value, threshold, hit in tests:
+                if hit and (layer, name, what) not in self._raised:
+                    self._raised.add((layer, name, what))
+                    alerts.append(Alert(step, layer, name, what, value, threshold))
+        return alerts
 
 
 class AttentionInstabilityWarning(UserWarning):
@@ -216,7 +264,7 @@ class Monitor:
         self.recording = self._records(0)  # whether this step's calls are recorded (read by every call)
         self._step_layers: dict[str, AttentionStats] = {}
         self._exporters: list[Callable[[StepReport], None]] = []
-        self._watch: dict | None = None
+        self._watch: Watch | None = None
         self._calls = 0
         self._running: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -335,43 +383,18 @@ class Monitor:
 
     def watch(self, entropy_below: float | None = None, logit_growth: float | None = None,
               window: int = 10) -> Monitor:
-        """Early warning of training instability, checked as each recorded step ends: an
-        :class:`Alert` (a warning, a log line, and in ``StepReport.alerts``) for a head whose
-        mean entropy (nats) falls below ``entropy_below`` (attention entropy collapse), or whose
-        max logit rose by more than ``logit_growth`` within the last ``window`` steps (attention
-        logit growth, the reason for QK-layernorm). Each head alerts once per kind."""
-        if entropy_below is None and logit_growth is None:
-            raise ValueError("watch needs entropy_below=, logit_growth= or both")
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int (steps), got {window!r}")
-        self._watch = {"entropy_below": entropy_below, "logit_growth": logit_growth, "window": window,
-                       "seen": {}, "raised": set()}
+        """Early warning of training instability, checked as each recorded step ends (see
+        :class:`Watch`): an :class:`Alert` (a warning, a log line, and in ``StepReport.alerts``)
+        for a head whose mean entropy falls below ``entropy_below`` or whose max logit rose by
+        more than ``logit_growth`` within the last ``window`` steps."""
+        self._watch = Watch(entropy_below, logit_growth, window)
         return self
 
     def _check(self, step: int, layers: dict[str, AttentionStats]) -> list[Alert]:
-        w = self._watch
-        if w is None:
+        if self._watch is None:
             return []
-        alerts = []
-        for s in layers.values():
-            seen = w["seen"].setdefault(s.name, [])  # (step, max logit per head), the window's steps
-            seen.append((step, s.max_logit))
-            while seen and seen[0][0] <= step - w["window"]:
-                seen.pop(0)
-            low = torch.stack([m for _, m in seen]).amin(0)
-            for h in range(s.heads):
-                tests = []
-                if w["entropy_below"] is not None:
-                    tests.append(("entropy collapse", float(s.entropy[h]), w["entropy_below"],
-                                  s.rows[h] > 0 and s.entropy[h] < w["entropy_below"]))
-                if w["logit_growth"] is not None:
-                    rise = float(s.max_logit[h] - low[h]) if torch.isfinite(low[h]) else 0.0
-                    tests.append(("logit growth", rise, w["logit_growth"], rise > w["logit_growth"]))
-                for what, value, threshold, hit in tests:
-                    if hit and (s.name, h, what) not in w["raised"]:
-                        w["raised"].add((s.name, h, what))
-                        alerts.append(Alert(step, s.name, h, what, value, threshold))
-        return alerts
+        return [a for s in layers.values()
+                for a in self._watch.check(step, s.name, s.entropy.masked_fill(s.rows == 0, float("nan")), s.max_logit)]
 
     def __iter__(self) -> Iterator[AttentionStats]:
         return iter(self.layers.values())
@@ -562,3 +585,25 @@ def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, allowed: to
         max_prob_sum=per_head(log_max_prob.exp()), first_mass_sum=per_head(first),
         max_logit=top.amax(1) if top.shape[1] else top.new_full((Hq,), float("-inf")),
     )
+
+
+def read_tensorboard(path: str | Path, prefix: str = "attention") -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What ``Monitor.to_tensorboard`` wrote to the event files under ``path``: layer -> figure
+    (entropy_min, entropy_mean, max_logit, max_prob) -> [(step, value)] in step order. Needs
+    tensorboard (pip install dotattn[monitor])."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    runs = EventMultiplexer(size_guidance={"scalars": 0}).AddRunsFromDirectory(str(path))
+    runs.Reload()
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for run, tags in runs.Runs().items():
+        for tag in tags.get("scalars", []):
+            if not tag.startswith(prefix + "/") or tag.count("/") < 2:
+                continue
+            layer, figure = tag[len(prefix) + 1:].rsplit("/", 1)
+            points = series.setdefault(layer, {}).setdefault(figure, [])
+            points += [(e.step, e.value) for e in runs.Scalars(run, tag)]
+    for figures in series.values():
+        for points in figures.values():
+            points.sort()
+    return series

@@ -4,6 +4,10 @@ Every sentence is run on its own (no padding rows to blur the statistics) and th
 add up per layer; the table has one line per layer and head, and heads that are
 saturated, near-uniform, sinks on the first token, or saw masked or non-finite rows are
 flagged. A heatmap of the three key statistics (layers x heads) goes to ``--out``.
+
+``--logs DIR`` instead reads what ``Monitor.to_tensorboard`` wrote during a training run:
+per layer, the recorded steps, the lowest head entropy and the max logit, and the early
+warnings of ``diagnostics.Watch`` (``--entropy-below``, ``--logit-growth``, ``--window``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import dotattn
 from dotattn.cli.demo import SENTENCE
 from dotattn.cli.explain import load_model
+from dotattn._text import table
 from dotattn.diagnostics import Monitor
 
 SENTENCES = (
@@ -34,7 +39,39 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--uniform", type=float, default=0.9, help="flag heads whose normalized entropy exceeds this")
     p.add_argument("--sink", type=float, default=0.5, help="flag heads whose first-token mass exceeds this")
     p.add_argument("--out", type=Path, default=Path("out/diagnose"), help="folder for the PNG (default out/diagnose)")
+    p.add_argument("--logs", type=Path, help="read a training run's TensorBoard logs (Monitor.to_tensorboard) instead")
+    p.add_argument("--entropy-below", type=float, default=0.1, help="with --logs: alert below this head entropy (nats)")
+    p.add_argument("--logit-growth", type=float, default=5.0,
+                   help="with --logs: alert when a max logit rises more than this within --window steps")
+    p.add_argument("--window", type=int, default=100, help="with --logs: the logit-growth window, in steps")
     p.set_defaults(run=run)
+
+
+def read_logs(args: argparse.Namespace) -> int:
+    """Summarise a run's TensorBoard logs and replay the early-warning rules over them."""
+    from dotattn.diagnostics import Watch, read_tensorboard
+
+    series = read_tensorboard(args.logs)
+    if not series:
+        raise ValueError(f"no attention scalars under {args.logs}; write them with Monitor.to_tensorboard(writer)")
+    watch = Watch(args.entropy_below, args.logit_growth, args.window)
+    rows, alerts = [], []
+    for layer, figures in series.items():
+        entropy, logit = dict(figures.get("entropy_min", [])), dict(figures.get("max_logit", []))
+        for step in sorted(entropy.keys() & logit.keys()):
+            alerts += watch.check(step, layer, torch.tensor([entropy[step]]), torch.tensor([logit[step]]), [None])
+        steps = sorted(entropy)
+        low = min(entropy.items(), key=lambda kv: kv[1]) if entropy else (None, float("nan"))
+        rows.append([layer, str(len(steps)), f"{steps[0]}-{steps[-1]}" if steps else "",
+                     f"{low[1]:.3f} (step {low[0]})", f"{logit[max(logit)]:.2f}" if logit else "",
+                     f"{max(logit.values()):.2f}" if logit else ""])
+    print(f"attention figures in {args.logs} (entropy in nats, over each layer's heads):")
+    print(table(["layer", "recorded steps", "steps", "lowest entropy", "last max logit", "highest max logit"], rows))
+    print(f"\nearly warnings (entropy below {args.entropy_below}, max logit rising over {args.logit_growth} "
+          f"within {args.window} steps): {len(alerts)}")
+    for alert in sorted(alerts, key=lambda a: a.step):
+        print(f"  {alert}")
+    return 0
 
 
 def diagnose(sentences: list[str], engine: str = "auto") -> Monitor:
@@ -54,6 +91,8 @@ def diagnose(sentences: list[str], engine: str = "auto") -> Monitor:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.logs is not None:
+        return read_logs(args)
     if not args.sentences:
         raise ValueError("give at least one sentence, or none for the defaults")
     monitor = diagnose(args.sentences, args.engine)
