@@ -15,7 +15,7 @@ without it (this file run as a script), which prints one line per compiled kerne
 Variants (one problem each, forward + backward): float16, bfloat16, float32 exact and
 TF32, head dims 64, 80, 128, 256; masks: none, row spans, a boolean tensor, a
 block-sparse layout, a float bias (broadcast: atomic dS, and deterministic), dropout,
-and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
+logit soft-capping with a float bias, and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
 and MQA steps, with a KV cache's row spans and without a mask, in each dtype. sm_80 compiles a subset (no mask in float16, everything at once
 in bfloat16). Each kernel compiles in the tuner's smallest fitting config, to keep the
 test near a minute on a 2-core machine; ``python tests/test_triton_compile.py 90
@@ -99,6 +99,9 @@ def _variants():
                     & masks.dense(torch.rand(L, L, generator=torch.Generator().manual_seed(0)) > 0.1),
                     dropout_p=0.1, generator=torch.Generator().manual_seed(0))
 
+    def softcap():
+        return dict(softcap=30.0, attn_mask=torch.randn(L, L))  # the cap, and the mask's dS taken after it
+
     def plain():
         return {}
 
@@ -114,6 +117,7 @@ def _variants():
         ("bias deterministic", f16, 128, False, dict(deterministic=True), bias),
         ("dropout", bf16, 64, False, {}, dropout),
         ("everything", bf16, 128, False, {}, everything),
+        ("softcap", bf16, 128, False, {}, softcap),
         ("spans", f32, 64, False, {}, spans),
         ("spans tf32", f32, 128, True, {}, spans),
     ]

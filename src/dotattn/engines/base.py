@@ -101,7 +101,7 @@ class Support:
                 if not isinstance(leaf, self.mask_kinds):
                     reasons.append(f"mask {leaf!r} is not supported")
         if problem.softcap and not self.softcap:
-            reasons.append(f"softcap={problem.softcap} is not supported (the reference, tiled and split_k engines take it on CPU)")
+            reasons.append(f"softcap={problem.softcap} is not supported (the reference, tiled and split_k engines take it on CPU, triton on CUDA)")
         if problem.dropout_p > 0 and not self.dropout:
             reasons.append(f"dropout_p={problem.dropout_p} is not supported (use dropout_p=0)")
         if problem.requires_grad and not self.backward:

@@ -46,6 +46,7 @@ Ev value dim, R = G·Lq rows per kv head, S parts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -92,13 +93,15 @@ class SplitKEngine(Engine):
         self._both = Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
                              dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
                                         "cuda": triton_kernels.support().dtypes},
-                             softcap=True)  # the C++ kernel's; the Triton kernels' reason is in extra_reasons
+                             softcap=True)  # the C++ kernel's; the split-K Triton kernels' reason is in extra_reasons
 
     @property
     def support(self) -> Support:
         """Both kernels' (``kernel="auto"``), or the Triton kernels' alone, which in Triton's
         interpreter take CPU tensors too."""
-        return triton_kernels.support() if self.kernel == "triton" else self._both
+        if self.kernel == "triton":  # the split-K Triton kernels do not soft-cap
+            return dataclasses.replace(triton_kernels.support(), softcap=False)
+        return self._both
 
     def _on_triton(self, problem: Problem) -> bool:
         return self.kernel == "triton" or problem.device_type == "cuda"
@@ -111,8 +114,9 @@ class SplitKEngine(Engine):
         limit = triton_kernels.support().max_head_dim
         if self.kernel == "auto" and max(p.E, p.Ev) > limit:
             reasons.append(f"head dim {max(p.E, p.Ev)} is above the Triton kernels' limit {limit}")
-        if self.kernel == "auto" and p.softcap:
-            reasons.append(f"softcap={p.softcap} is not supported by the Triton kernels (the CPU kernel takes it)")
+        if p.softcap:
+            reasons.append(f"softcap={p.softcap} is not supported by the split-K Triton kernels (the CPU kernel "
+                           "and the triton engine take it)")
         return reasons
 
     def fallback(self, problem: Problem) -> Engine:

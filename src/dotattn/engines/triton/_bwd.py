@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dotattn.engines.triton._fwd import _dot, _dot_rounded, _keep, _tile_allowed, _tile_bias
+from dotattn.engines.triton._fwd import _dot, _dot_rounded, _keep, _soft_cap, _tile_allowed, _tile_bias
 
 
 @triton.jit
@@ -53,10 +53,10 @@ def _attn_bwd_dkdv_inner(
     offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
     span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
     layout_bk, bias_base, stride_bm, stride_bk,
-    seed, bh, threshold_shifted, inv_keep,
+    seed, bh, threshold_shifted, inv_keep, cap2,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of dk/dv for one query head: ``count`` query tiles, in the transposed
@@ -72,6 +72,8 @@ def _attn_bwd_dkdv_inner(
         lse = tl.load(lse_base + offs_m, mask=in_m, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
         sT = _dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
+        if HAS_CAP:
+            sT, tT = _soft_cap(sT, cap2)
         if MASKED:  # partial tile: apply the mask
             if HAS_BIAS:
                 sT += _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, True)
@@ -95,6 +97,8 @@ def _attn_bwd_dkdv_inner(
         else:
             dv = _dot_rounded(pT, do, dv, PRECISION, UPCAST, SPLIT)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_CAP:  # to the scores before the cap
+            dsT = dsT * (1.0 - tT * tT)
         dk = _dot_rounded(dsT, tl.trans(qT), dk, PRECISION, UPCAST, SPLIT)
     return dk, dv
 
@@ -112,11 +116,11 @@ def attn_bwd_dkdv(
     Layout, stride_lb, stride_lh, stride_lr, stride_lc, layout_bq, layout_bk,
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    seed, threshold_shifted, inv_keep,
+    seed, threshold_shifted, inv_keep, cap2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dk (N, Hkv, Lk, E), dv (N, Hkv, Lk, Ev); grid (cdiv(Lk, BLOCK_N), N·Hkv).
@@ -154,8 +158,9 @@ def attn_bwd_dkdv(
             offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc,
             layout_bq, layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_M, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_M, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
+            UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
         dk, dv = _attn_bwd_dkdv_inner(
@@ -164,8 +169,9 @@ def attn_bwd_dkdv(
             offs_n, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo_base, span_hi_base, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc,
             layout_bq, layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_M, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION, UPCAST, SPLIT,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_M, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
+            UPCAST, SPLIT,
         )
     out = bhk.to(tl.int64) * Lk
     tl.store(DK + (out + offs_n[:, None]) * E + offs_e[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -183,10 +189,10 @@ def _attn_bwd_dq_inner(
     span_lo, span_hi, allowed_base, stride_am, stride_ak,
     layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
     bias_base, stride_bm, stride_bk,
-    seed, bh, threshold_shifted, inv_keep,
+    seed, bh, threshold_shifted, inv_keep, cap2,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
     STORE_DS: tl.constexpr, ATOMIC_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -203,6 +209,8 @@ def _attn_bwd_dq_inner(
         vT = tl.load(v_base + offs_n[None, :] * stride_vl + offs_ev[:, None] * stride_ve,
                      mask=in_n[None, :] & (offs_ev[:, None] < Ev), other=0.0)
         s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
+        if HAS_CAP:
+            s, t = _soft_cap(s, cap2)
         if MASKED:
             if HAS_BIAS:
                 s += _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, False)
@@ -223,6 +231,8 @@ def _attn_bwd_dq_inner(
                 tl.atomic_add(ds_ptrs, ds, mask=(offs_m[:, None] < Lq) & in_n[None, :])
             else:
                 tl.store(ds_ptrs, ds, mask=(offs_m[:, None] < Lq) & in_n[None, :])
+        if HAS_CAP:  # to the scores before the cap (the mask's gradient above is after it)
+            ds = ds * (1.0 - t * t)
         dq = _dot_rounded(ds, tl.trans(kT), dq, PRECISION, UPCAST, SPLIT)
     return dq
 
@@ -241,11 +251,11 @@ def attn_bwd_dq(
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
     stride_gb, stride_gh, stride_gm, stride_gk,  # DS: (N, Hq, Lq, Lk), or the bias's shape when ATOMIC_DS
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    n_k_tiles, seed, threshold_shifted, inv_keep,
+    n_k_tiles, seed, threshold_shifted, inv_keep, cap2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
     STORE_DS: tl.constexpr, ATOMIC_DS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -290,8 +300,8 @@ def attn_bwd_dq(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP,
             STORE_DS, ATOMIC_DS, PRECISION, UPCAST, SPLIT,
         )
         # partial tiles: apply the mask
@@ -302,8 +312,8 @@ def attn_bwd_dq(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP,
             STORE_DS, ATOMIC_DS, PRECISION, UPCAST, SPLIT,
         )
     else:
@@ -314,8 +324,8 @@ def attn_bwd_dq(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP,
             STORE_DS, ATOMIC_DS, PRECISION, UPCAST, SPLIT,
         )
     tl.store(DQ + (bh.to(tl.int64) * Lq + offs_m[:, None]) * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),

@@ -46,6 +46,20 @@ def _dot_rounded(p, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (1 - 2 / (e^2x + 1)): Triton's language has no tanh of its own."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _soft_cap(s, cap2):
+    """Logit soft-capping on scores in log2 units: s -> cap2·tanh(s / cap2), with cap2 the cap
+    in log2 units (softcap · log2 e), and the tanh, whose 1 - tanh² backward multiplies into dS."""
+    t = _tanh(s / cap2)
+    return cap2 * t, t
+
+
+@triton.jit
 def _mix32(x):
     """lowbias32 on uint32 values held in int64, as ``dotattn._dropout.mix32``: a product
     wraps in int64, and its low 32 bits are the uint32 product."""
@@ -146,10 +160,10 @@ def _attn_fwd_inner(
     span_lo, span_hi, allowed_base, stride_am, stride_ak,
     layout_base, stride_lr, stride_lc, layout_bq, layout_bk,
     bias_base, stride_bm, stride_bk,
-    seed, bh, threshold_shifted, inv_keep,
+    seed, bh, threshold_shifted, inv_keep, cap2,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One phase of the forward: fold ``count`` key tiles into the running m_i, l_i, acc."""
@@ -164,6 +178,8 @@ def _attn_fwd_inner(
         kT = tl.load(k_ptrs, mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < E), other=0.0)
         v = tl.load(v_ptrs, mask=(offs_n[:, None] < Lk) & (offs_ev[None, :] < Ev), other=0.0)
         s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
+        if HAS_CAP:  # before the mask, as the reference does
+            s, _ = _soft_cap(s, cap2)
         if MASKED:  # partial tile: apply the mask
             if HAS_BIAS:
                 s += _tile_bias(offs_m, offs_n, Lq, Lk, bias_base, stride_bm, stride_bk, False)
@@ -195,11 +211,11 @@ def attn_fwd(
     Bias, stride_bb, stride_bh, stride_bm, stride_bk,
     # the block map as tile lists (Nm, Hm, nQ[, nK]): FULL tiles, then PARTIAL tiles
     FullCount, FullIdx, PartCount, PartIdx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    n_k_tiles, seed, threshold_shifted, inv_keep,
+    n_k_tiles, seed, threshold_shifted, inv_keep, cap2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) float32, log2 units; grid (cdiv(Lq, BLOCK_M), N·Hq)."""
@@ -237,8 +253,8 @@ def attn_fwd(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
             UPCAST, SPLIT,
         )
         # partial tiles (the diagonal band, the edges): apply the mask
@@ -248,8 +264,8 @@ def attn_fwd(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
             UPCAST, SPLIT,
         )
     else:  # no mask: every tile is full
@@ -259,8 +275,8 @@ def attn_fwd(
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
-            seed, bh, threshold_shifted, inv_keep,
-            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, PRECISION,
+            seed, bh, threshold_shifted, inv_keep, cap2,
+            BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
             UPCAST, SPLIT,
         )
 

@@ -67,7 +67,8 @@ def compiled_too_early() -> bool:
 
 
 # CUDA only; CPU tensors too while Triton interprets (TRITON_INTERPRET=1), for tests
-_SUPPORT = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256)
+_SUPPORT = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256,
+                   softcap=True)  # the prefill kernels'; the decoding kernels' reason is split_k's
 
 
 def support() -> Support:
@@ -136,11 +137,14 @@ class Call:
         # kernels store float32 and torch rounds to nearest; a GPU rounds to nearest itself.
         self.store_dtype = torch.float32 if self.interpreted else dtype
         self.empty = 0 in (self.N, p.Hq, p.Lq, p.Lk)
+        # the scalars every kernel takes after its tile lists: the dropout seed, its threshold
+        # (shifted to fit an int32) and 1/keep, then the soft cap in the kernels' log2 units
         if p.dropout_p > 0:
             threshold = min(int(round(p.dropout_p * 2**32)), 2**32 - 1)
-            self.dropout = (p.dropout_seed, threshold - 2**31, 1.0 / (1.0 - p.dropout_p))
+            self.scalars = (p.dropout_seed, threshold - 2**31, 1.0 / (1.0 - p.dropout_p))
         else:
-            self.dropout = (0, 0, 1.0)
+            self.scalars = (0, 0, 1.0)
+        self.scalars += (p.softcap * LOG2E if p.softcap else 1.0,)
 
     def _mask_args(self, bias: torch.Tensor | None) -> list:
         """SpanLo, SpanHi and their strides, then Allowed, Layout (and its block sizes), Bias, each with strides."""
@@ -162,7 +166,7 @@ class Call:
         return dict(
             HAS_SPANS=self.parts.lo is not None, HAS_ALLOWED=self.parts.allowed is not None,
             HAS_LAYOUT=self.parts.layout is not None,
-            HAS_BIAS=bias is not None, HAS_DROPOUT=p.dropout_p > 0,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=p.dropout_p > 0, HAS_CAP=p.softcap > 0,
             PRECISION=self.precision, UPCAST=self.upcast, SPLIT=self.split and p.dtype != torch.float32,
         )
 
@@ -201,7 +205,7 @@ class Call:
             kernels().fwd.attn_fwd[grid](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E,
-                *self._mask_args(bias), *lists, -(-p.Lk // bn), *self.dropout,
+                *self._mask_args(bias), *lists, -(-p.Lk // bn), *self.scalars,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
                 HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias),
                 num_warps=warps, num_stages=stages,
@@ -292,7 +296,7 @@ class Call:
                 kern.bwd.attn_bwd_dkdv[(-(-p.Lk // bn), self.N * p.Hkv)](
                     qc, kc, vc, do, lse, delta, dk, dv, *common,
                     p.Hq, p.Hkv, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E, p.scale,
-                    *self._mask_args(bias), *self._lists(bm, bn, True), *self.dropout,
+                    *self._mask_args(bias), *self._lists(bm, bn, True), *self.scalars,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
                     EVEN_N=p.Lk % bn == 0, **self._flags(bias), num_warps=warps, num_stages=stages,
                 )
@@ -305,7 +309,7 @@ class Call:
                 kern.bwd.attn_bwd_dq[(-(-p.Lq // bm), self.N * p.Hq)](
                     qc, kc, vc, do, lse, delta, dq, ds if ds is not None else dq, *common,
                     p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E, p.scale,
-                    *self._mask_args(bias), *ds_strides, *lists, -(-p.Lk // bn), *self.dropout,
+                    *self._mask_args(bias), *ds_strides, *lists, -(-p.Lk // bn), *self.scalars,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
                     HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias),
                     STORE_DS=ds is not None, ATOMIC_DS=atomic, num_warps=warps, num_stages=stages,
