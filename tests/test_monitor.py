@@ -100,10 +100,11 @@ def test_each_forward_of_the_model_is_a_step():
     model = torch.nn.Sequential(MultiHeadAttention(16, 4), MultiHeadAttention(16, 2))
     x = torch.randn(2, 10, 16)
     seen = []
+    plain = model(x)
     with diagnostics.Monitor(model, every=2) as monitor:
         monitor.add_exporter(seen.append)
         for _ in range(5):
-            model(x)
+            assert torch.equal(model(x), plain)  # the step-ending hook leaves the output alone
     assert [r.step for r in seen] == [0, 2, 4]
     assert list(seen[0].layers) == ["0", "1"] and seen[0].layers["1"].heads == 2
     assert monitor.layers["0"].calls == 3
@@ -229,3 +230,14 @@ def test_diagnose_reads_the_logs_back_and_replays_the_watch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "early warnings" in out and "call 0 a head: logit growth" in out and "call 0 a head: entropy collapse" in out
     assert "call 1 a head" not in out
+
+
+def test_the_watch_flags_the_diverging_run_ahead_of_its_spike_and_not_the_stable_one():
+    from dotattn.cli import instability
+
+    plain = instability.train(qk_norm=False, seed=0, steps=100)
+    stable = instability.train(qk_norm=True, seed=0, steps=100)
+    assert plain.spike is not None and plain.flag is not None
+    assert plain.spike - plain.flag.step >= 20  # seed 0: alert at 43, spike at 85
+    assert stable.spike is None and stable.flag is None
+    assert plain.max_logit[plain.spike].max() > 10 * stable.max_logit[plain.spike].max()

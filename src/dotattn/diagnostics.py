@@ -284,7 +284,7 @@ class Monitor:
                 self._hooks.append(module.register_forward_pre_hook(self._entering(name or "model")))
                 self._hooks.append(module.register_forward_hook(self._leaving))
             if self.steps == "forward":
-                self._hooks.append(self.model.register_forward_hook(lambda *_: self.step()))
+                self._hooks.append(self.model.register_forward_hook(self._forward_done))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -303,6 +303,9 @@ class Monitor:
 
     def _leaving(self, module, args, output) -> None:
         self._running.pop()
+
+    def _forward_done(self, module, args, output) -> None:  # a hook that returned something would replace the output
+        self.step()
 
     def record(self, problem: Problem, result: AttentionResult) -> None:
         """Add one call's statistics; ``result`` must carry the lse. Uses the figures the engine

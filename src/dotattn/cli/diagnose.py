@@ -5,6 +5,11 @@ add up per layer; the table has one line per layer and head, and heads that are
 saturated, near-uniform, sinks on the first token, or saw masked or non-finite rows are
 flagged. A heatmap of the three key statistics (layers x heads) goes to ``--out``.
 
+``--train`` instead trains a small transformer twice on CPU at a high learning rate, with
+plain attention and with QK-layernorm, under a watching Monitor, and reports how far ahead
+of the plain run's loss spike the first alert came (``dotattn.cli.instability``); the plot
+goes to ``--out``.
+
 ``--logs DIR`` instead reads what ``Monitor.to_tensorboard`` wrote during a training run:
 per layer, the recorded steps, the lowest head entropy and the max logit, and the early
 warnings of ``diagnostics.Watch`` (``--entropy-below``, ``--logit-growth``, ``--window``).
@@ -39,6 +44,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--uniform", type=float, default=0.9, help="flag heads whose normalized entropy exceeds this")
     p.add_argument("--sink", type=float, default=0.5, help="flag heads whose first-token mass exceeds this")
     p.add_argument("--out", type=Path, default=Path("out/diagnose"), help="folder for the PNG (default out/diagnose)")
+    p.add_argument("--train", action="store_true",
+                   help="train a small transformer into instability and back it with QK-layernorm, under a watch")
+    p.add_argument("--seed", type=int, default=0, help="with --train: the seed of both runs")
     p.add_argument("--logs", type=Path, help="read a training run's TensorBoard logs (Monitor.to_tensorboard) instead")
     p.add_argument("--entropy-below", type=float, default=0.1, help="with --logs: alert below this head entropy (nats)")
     p.add_argument("--logit-growth", type=float, default=5.0,
@@ -90,9 +98,30 @@ def diagnose(sentences: list[str], engine: str = "auto") -> Monitor:
     return monitor
 
 
+def train(args: argparse.Namespace) -> int:
+    """Both instability runs under a watching Monitor, their reports and the plot."""
+    from dotattn.cli import instability
+
+    print("a 2-layer transformer on a copy task, AdamW lr 0.2, under Monitor(model).watch(entropy_below="
+          f"{instability.ENTROPY_BELOW}, logit_growth={instability.LOGIT_GROWTH:g}, window={instability.WINDOW})\n")
+    runs = [instability.train(qk_norm, args.seed) for qk_norm in (False, True)]
+    for run in runs:
+        print(instability.report(run) + "\n")
+    try:
+        path = args.out / "instability.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        instability.plot(runs, str(path), f"lr 0.2, warmup 100, seed {args.seed}")
+        print(f"wrote {path}")
+    except ImportError:
+        print("matplotlib is not installed, so no plot (pip install 'dotattn[plots]')")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.logs is not None:
         return read_logs(args)
+    if args.train:
+        return train(args)
     if not args.sentences:
         raise ValueError("give at least one sentence, or none for the defaults")
     monitor = diagnose(args.sentences, args.engine)
