@@ -576,21 +576,22 @@ def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, allowed: to
         out_finite = torch.isfinite(result.output).all(-1)
     out_finite = out_finite.reshape(N, Hq, Lq)
 
-    def per_head(x: torch.Tensor) -> torch.Tensor:  # summed over valid rows -> (Hq,)
-        return torch.where(valid, x.reshape(N, Hq, Lq).double(), 0).sum((0, 2))
-
-    entropy = entropy.reshape(N, Hq, Lq).double()
-    allowed = allowed.reshape(N, Hq, Lq).double()
+    # The row figures in one (N, Hq, Lq, 8) float64 tensor, summed over valid rows in one op:
+    # a monitored call pays per op, not per row.
+    rows = torch.stack([x.reshape(N, Hq, Lq) for x in (allowed, s_sum, s_sq, entropy, log_max_prob, first)], -1)
+    rows = rows.double()
+    allowed, entropy = rows[..., 0], rows[..., 3]
     normalized = torch.where(allowed > 1, entropy / allowed.clamp(min=2).log(), 0)
+    rows = torch.cat([rows, normalized[..., None], valid[..., None].double()], -1)
+    rows[..., 4].exp_()  # log max prob -> max prob
+    sums = torch.where(valid[..., None], rows, 0).sum((0, 2))  # (Hq, 8)
     top = torch.where(valid, top.reshape(N, Hq, Lq).double(), float("-inf")).transpose(0, 1).reshape(Hq, -1)
     return AttentionStats(
-        name=name, calls=1,
-        rows=valid.sum((0, 2)).double(),
+        name=name, calls=1, rows=sums[:, 7],
         masked_rows=(lse == float("-inf")).sum((0, 2)).double(),
         nonfinite_rows=(~out_finite | torch.isnan(lse)).sum((0, 2)).double(),
-        pairs=per_head(allowed), score_sum=per_head(s_sum), score_sq_sum=per_head(s_sq),
-        entropy_sum=per_head(entropy), normalized_entropy_sum=per_head(normalized),
-        max_prob_sum=per_head(log_max_prob.exp()), first_mass_sum=per_head(first),
+        pairs=sums[:, 0], score_sum=sums[:, 1], score_sq_sum=sums[:, 2], entropy_sum=sums[:, 3],
+        normalized_entropy_sum=sums[:, 6], max_prob_sum=sums[:, 4], first_mass_sum=sums[:, 5],
         max_logit=top.amax(1) if top.shape[1] else top.new_full((Hq,), float("-inf")),
     )
 

@@ -115,9 +115,23 @@ struct ScoreSums {
 };
 
 // exp_sum that also adds the row's ScoreSums; masked scores (-inf) add nothing to any of them.
-inline float exp_sum_stats(float* x, int n, float sub, ScoreSums<float>& out) {
+// full: no score is masked (a FULL tile), so none needs testing.
+inline float exp_sum_stats(float* x, int n, float sub, ScoreSums<float>& out, bool full) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   vfloat acc = {}, ps = {}, sum = {}, sq = {}, count = {};
+  if (full && n % kW == 0) {
+    for (int c = 0; c < n; c += kW) {
+      const vfloat s = vload(x + c);
+      const vfloat e = vexp_nonpos(s - sub);
+      acc += e;
+      ps += e * s;
+      sum += s;
+      sq += s * s;
+      vstore(x + c, e);
+    }
+    out = {hsum(ps), hsum(sum), hsum(sq), static_cast<float>(n)};
+    return hsum(acc);
+  }
   for_vectors(x, n, neg_inf, [&](vfloat v) {
     const vint seen = v > neg_inf;
     const vfloat s = seen ? v : vfloat{};  // 0 where masked, so that 0·s stays 0
@@ -152,7 +166,7 @@ inline double exp_sum(double* x, int n, double sub) {
   return sum;
 }
 
-inline double exp_sum_stats(double* x, int n, double sub, ScoreSums<double>& out) {
+inline double exp_sum_stats(double* x, int n, double sub, ScoreSums<double>& out, bool /*full*/) {
   double total = 0;
   out = {};
   for (int c = 0; c < n; ++c) {

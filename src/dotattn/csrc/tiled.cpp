@@ -325,7 +325,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           alpha[r] = exp_nonpos(m_i[r] - m_safe);
           if (stats_p) {
             ScoreSums<T> add;
-            l_i[r] = l_i[r] * alpha[r] + exp_sum_stats(sr, cols, m_safe, add);
+            l_i[r] = l_i[r] * alpha[r] + exp_sum_stats(sr, cols, m_safe, add, code == FULL_TILE && cap == 0);
             ScoreSums<T>& to = sums_i[r];
             to = {to.ps * alpha[r] + add.ps, to.sum + add.sum, to.sq + add.sq, to.count + add.count};
           } else {
