@@ -545,28 +545,32 @@ def measure(problem: Problem, result: AttentionResult, name: str) -> AttentionSt
                 if k0 == 0:
                     first[..., row] = p[..., 0]
 
-        return _per_head(name, result, lse.reshape(N, Hq, Lq), allowed, s_sum, s_sq, -pt_sum, t_max + shift[..., 0],
-                         t_max, first)
+        # per row, in the kernel's layout (csrc/tiled.cpp): sees a key, allowed keys, Σ s, Σ s²,
+        # entropy, normalized entropy, max prob, first-token mass, max logit
+        entropy = -pt_sum.double()
+        normalized = torch.where(allowed > 1, entropy / allowed.clamp(min=2).log(), 0)
+        top = torch.where(valid, t_max + shift[..., 0], float("-inf")).double()
+        rows = torch.stack([valid.double(), allowed, s_sum, s_sq, entropy, normalized, t_max.double().exp(),
+                            first.double(), top], -1)
+        return _per_head(name, result, lse.reshape(N, Hq, Lq), rows.reshape(N, Hq, Lq, 9))
 
 
 def measure_fused(problem: Problem, result: AttentionResult, row_stats: torch.Tensor, name: str) -> AttentionStats:
     """Statistics of one call from the per-row figures its engine computed while it ran
-    (``problem.derived["row_stats"]``, (N, Hq, Lq, 6): Σ p·s, max s, Σ s, Σ s², allowed keys,
-    s of key 0; see csrc/tiled.cpp), so no second pass over the scores: entropy = lse - Σ p·s,
-    max prob = exp(max s - lse), first-token mass = exp(s of key 0 - lse)."""
+    (``problem.derived["row_stats"]``, (N, Hq, Lq, 9), the layout of csrc/tiled.cpp), so with no
+    second pass over the scores and two reductions."""
     N, Hq, Lq = row_stats.shape[:3]
     with torch.no_grad():
-        lse = result.lse.reshape(N, Hq, Lq).to(row_stats.dtype)
-        ps, top, s_sum, s_sq, allowed, first = row_stats.unbind(-1)
-        shift = torch.where(torch.isfinite(lse), lse, 0)
-        return _per_head(name, result, lse, allowed, s_sum, s_sq, lse - ps, top, top - shift, (first - shift).exp())
+        return _per_head(name, result, result.lse.reshape(N, Hq, Lq), row_stats)
 
 
-def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, allowed: torch.Tensor, s_sum: torch.Tensor,
-              s_sq: torch.Tensor, entropy: torch.Tensor, top: torch.Tensor, log_max_prob: torch.Tensor,
-              first: torch.Tensor) -> AttentionStats:
-    """One call's AttentionStats from its per-row figures, each (N, Hq, Lq) or reshapeable to it,
-    summed (or, for the max logit, maximised) over the rows that see a key and hold no NaN."""
+# What a row that does not count adds: nothing to the sums, -inf to the max logit.
+_NOTHING = (0.0,) * 8 + (float("-inf"),)
+
+
+def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, rows: torch.Tensor) -> AttentionStats:
+    """One call's AttentionStats from its per-row figures ``rows`` (N, Hq, Lq, 9) in the kernel's
+    layout, summed (the max logit maximised) over the rows that see a key and hold no NaN."""
     N, Hq, Lq = lse.shape
     valid = torch.isfinite(lse)
     # One pass: a row's sum is finite when all its entries are (bar an overflow, which the exact
@@ -575,24 +579,18 @@ def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, allowed: to
     if not bool(out_finite.all()):
         out_finite = torch.isfinite(result.output).all(-1)
     out_finite = out_finite.reshape(N, Hq, Lq)
-
-    # The row figures in one (N, Hq, Lq, 8) float64 tensor, summed over valid rows in one op:
-    # a monitored call pays per op, not per row.
-    rows = torch.stack([x.reshape(N, Hq, Lq) for x in (allowed, s_sum, s_sq, entropy, log_max_prob, first)], -1)
-    rows = rows.double()
-    allowed, entropy = rows[..., 0], rows[..., 3]
-    normalized = torch.where(allowed > 1, entropy / allowed.clamp(min=2).log(), 0)
-    rows = torch.cat([rows, normalized[..., None], valid[..., None].double()], -1)
-    rows[..., 4].exp_()  # log max prob -> max prob
-    sums = torch.where(valid[..., None], rows, 0).sum((0, 2))  # (Hq, 8)
-    top = torch.where(valid, top.reshape(N, Hq, Lq).double(), float("-inf")).transpose(0, 1).reshape(Hq, -1)
+    masked = lse == float("-inf")
+    if not bool((valid | masked).all()):  # rows that saw NaN or inf: left out, as a masked row is
+        rows = torch.where(valid[..., None], rows, rows.new_tensor(_NOTHING))
+    sums = rows[..., :8].sum((0, 2), dtype=torch.float64)  # (Hq, 8)
+    top = rows[..., 8].transpose(0, 1).reshape(Hq, -1)
     return AttentionStats(
-        name=name, calls=1, rows=sums[:, 7],
-        masked_rows=(lse == float("-inf")).sum((0, 2)).double(),
+        name=name, calls=1, rows=sums[:, 0],
+        masked_rows=masked.sum((0, 2)).double(),
         nonfinite_rows=(~out_finite | torch.isnan(lse)).sum((0, 2)).double(),
-        pairs=sums[:, 0], score_sum=sums[:, 1], score_sq_sum=sums[:, 2], entropy_sum=sums[:, 3],
-        normalized_entropy_sum=sums[:, 6], max_prob_sum=sums[:, 4], first_mass_sum=sums[:, 5],
-        max_logit=top.amax(1) if top.shape[1] else top.new_full((Hq,), float("-inf")),
+        pairs=sums[:, 1], score_sum=sums[:, 2], score_sq_sum=sums[:, 3], entropy_sum=sums[:, 4],
+        normalized_entropy_sum=sums[:, 5], max_prob_sum=sums[:, 6], first_mass_sum=sums[:, 7],
+        max_logit=top.amax(1).double() if top.shape[1] else top.new_full((Hq,), float("-inf"), dtype=torch.float64),
     )
 
 

@@ -257,12 +257,15 @@ void soft_cap(T* s, int ld, int rows, int cols, T c, T* deriv) {
 // Forward
 // ---------------------------------------------------------------------------
 
-// The per-row statistics a monitored forward writes, (N, Hq, Lq, STATS) in the compute type;
-// s is the logit the softmax sees (scaled, soft-capped, plus a float mask), p its probability:
-//   0 Σ p·s  (entropy = lse - this)     1 max s      2 Σ s    3 Σ s²    4 allowed keys
-//   5 s of key 0 (-inf where it is masked)
-// A row with no allowed key gets 0, -inf, 0, 0, 0, -inf.
-constexpr int STATS = 6;
+// The per-row statistics a monitored forward writes, (N, Hq, Lq, STATS) in the compute type,
+// in the form a Monitor sums over rows (0-7) and maximises (8), so that Python needs two
+// reductions per call; s is the logit the softmax sees (scaled, soft-capped, plus a float
+// mask), p its probability:
+//   0 1 (the row sees a key)   1 allowed keys   2 Σ s   3 Σ s²   4 entropy = lse - Σ p·s
+//   5 entropy / log(allowed keys), 0 for one key   6 max p = exp(max s - lse)
+//   7 p of key 0   8 max s
+// A row with no allowed key gets 0 in 0-7 and -inf in 8.
+constexpr int STATS = 9;
 
 // In is the storage type of q, k, v (float, double, or bfloat16 computed with bfloat16
 // GEMMs into float32); T the compute type of scores, softmax, accumulator and out (which
@@ -325,7 +328,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           alpha[r] = exp_nonpos(m_i[r] - m_safe);
           if (stats_p) {
             ScoreSums<T> add;
-            l_i[r] = l_i[r] * alpha[r] + exp_sum_stats(sr, cols, m_safe, add, code == FULL_TILE && cap == 0);
+            l_i[r] = l_i[r] * alpha[r] + exp_sum_stats(sr, cols, m_safe, add, code == FULL_TILE);
             ScoreSums<T>& to = sums_i[r];
             to = {to.ps * alpha[r] + add.ps, to.sum + add.sum, to.sq + add.sq, to.count + add.count};
           } else {
@@ -358,12 +361,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (stats_p) {
           T* st = stats_p + ((n * Hq + h) * Lq + q0 + r) * STATS;
           const ScoreSums<T>& sum = sums_i[r];
-          st[0] = alive ? sum.ps * inv : T(0);
-          st[1] = alive ? m_i[r] : neg_inf;
+          const T lse_r = lse_row[r], entropy = alive ? lse_r - sum.ps * inv : T(0);
+          st[0] = alive ? T(1) : T(0);
+          st[1] = sum.count;
           st[2] = sum.sum;
           st[3] = sum.sq;
-          st[4] = sum.count;
-          st[5] = first_i[r];
+          st[4] = entropy;
+          st[5] = alive && sum.count > 1 ? entropy / std::log(sum.count) : T(0);
+          st[6] = alive ? std::exp(m_i[r] - lse_r) : T(0);
+          st[7] = alive ? std::exp(first_i[r] - lse_r) : T(0);
+          st[8] = alive ? m_i[r] : neg_inf;
         }
       }
     }
