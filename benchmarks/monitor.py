@@ -2,7 +2,7 @@
 monitored one (the tiled kernel computes the statistics while it runs), and a plain call
 followed by the tile pass that measures them afterwards (``diagnostics.measure``, what other
 engines get); then a decoding step inside a sampling monitor's skipped step against a plain
-one; and the peak memory of the monitored call next to the L x L weights it never builds.
+one, and a monitored decoding step (the split-K kernel's own figures); and the peak memory of the monitored call next to the L x L weights it never builds.
 
     python -m benchmarks.monitor                   # B1 H8 E64 float32, L 1024 and 4096, full and causal
     python -m benchmarks.monitor --lengths 2048 --masks window256
@@ -75,6 +75,30 @@ def sampled_decoding(keys: int, repeats: int) -> None:
           f"{t_skipped * 1e4:.1f} µs ({t_skipped / t_alone:.3f}x)")
 
 
+def monitored_decoding(keys: int, repeats: int) -> None:
+    """A decoding step (as in sampled_decoding) plain, recorded by a Monitor (the split-K kernel
+    computes the statistics while it runs), and plain followed by the tile pass."""
+    q, k, v, mask = decoding_step(1, 32, 8, keys, torch.float32)
+
+    def plain() -> torch.Tensor:
+        return dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True)
+
+    monitor = diagnostics.Monitor()
+
+    def fused() -> None:
+        with monitor:
+            plain()
+
+    def tile_pass() -> None:
+        result = dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, return_lse=True)
+        diagnostics.measure(prepare(q, k, v, mask=mask, enable_gqa=True), result, "call 0")
+
+    t_plain, t_fused, t_pass = timed([plain, fused, tile_pass], repeats)
+    print(f"decoding step, {keys} keys, split_k: plain {t_plain * 1e6:.1f} µs, monitored (in the kernel) "
+          f"{t_fused * 1e6:.1f} µs ({t_fused / t_plain:.2f}x), tile pass afterwards {t_pass * 1e6:.1f} µs "
+          f"({t_pass / t_plain:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,4096")
@@ -88,6 +112,8 @@ def main() -> None:
     calls(B, H, E, [int(x) for x in args.lengths.split(",")], args.masks.split(","), args.repeats)
     for keys in (16, 4096):
         sampled_decoding(keys, 4 * args.repeats)
+    for keys in (1024, 4096, 16384):
+        monitored_decoding(keys, 20 * args.repeats)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dotattn import diagnostics, engines, masks
 from dotattn._inputs import prepare
 from dotattn.engines import _tiled_kernel
 from dotattn.nn import MultiHeadAttention
-from tests.conftest import qkv
+from tests.conftest import TRITON_MISSING, qkv
 
 FUSED_MASKS = {
     "none": None,
@@ -28,20 +28,25 @@ FUSED_MASKS = {
 }
 
 
-def _fused_and_oracle(q, k, v, **kwargs):
+# the masks a decoding step brings to the split-K kernel: one span of keys per query
+SPLIT_K_MASKS = {
+    "none": None,
+    "cache": masks.causal(align="bottom_right"),
+    "left_padding": masks.padding([700, 0, 301], side="left") & masks.causal(align="bottom_right"),
+    "window": masks.sliding_window(200, 0, align="bottom_right"),
+    "first_key_hidden": masks.sliding_window(600, 0, align="bottom_right"),
+}
+
+
+def _fused_and_oracle(q, k, v, engine="tiled", **kwargs):
     problem = dataclasses.replace(prepare(q, k, v, enable_gqa=True, return_lse=True, **kwargs), stats=True)
-    result = engines.get("tiled").run(problem)
-    assert "row_stats" in problem.derived, "the compiled kernel left no row statistics"
+    result = engines.get(engine).run(problem)
+    assert "row_stats" in problem.derived, f"the {engine} kernel left no row statistics"
     return (diagnostics.measure_fused(problem, result, problem.derived["row_stats"], "x"),
             diagnostics.measure(problem, result, "x"))
 
 
-@pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("mask_name", list(FUSED_MASKS))
-def test_kernel_statistics_equal_the_tile_pass(mask_name, dtype):
-    q, k, v = qkv(3, 4, 100, 16, Hkv=2, dtype=dtype)
-    fused, oracle = _fused_and_oracle(q, k, v, mask=FUSED_MASKS[mask_name])
+def _assert_equal_stats(fused, oracle):
     assert (fused.name, fused.calls) == (oracle.name, oracle.calls)
     for name in ("rows", "masked_rows", "nonfinite_rows", "pairs"):
         assert torch.equal(getattr(fused, name), getattr(oracle, name)), name
@@ -54,6 +59,72 @@ def test_kernel_statistics_equal_the_tile_pass(mask_name, dtype):
         err = ((a - b).abs() / b.abs().clamp(min=1.0))[ok]
         tol = 1e-4 if "entropy" in name else 1e-5
         assert err.numel() == 0 or err.max().item() <= tol, (name, err.max().item())
+
+
+@pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_name", list(FUSED_MASKS))
+def test_kernel_statistics_equal_the_tile_pass(mask_name, dtype):
+    q, k, v = qkv(3, 4, 100, 16, Hkv=2, dtype=dtype)
+    _assert_equal_stats(*_fused_and_oracle(q, k, v, mask=FUSED_MASKS[mask_name]))
+
+
+@pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_name", list(SPLIT_K_MASKS))
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_split_k_statistics_equal_the_tile_pass(mask_name, dtype, Lq):
+    # 700 keys: two or more parts per (batch, kv head), merged with their statistics
+    q, k, v = qkv(3, 8, Lq, 64, Hkv=1, Lk=700, dtype=dtype)
+    fused, oracle = _fused_and_oracle(q, k, v, engine="split_k", mask=SPLIT_K_MASKS[mask_name])
+    problem = prepare(q, k, v, enable_gqa=True, mask=SPLIT_K_MASKS[mask_name])
+    split_k = engines.get("split_k")
+    assert split_k.fallback_reason(problem) is None and split_k.parts(problem) >= 2  # the kernel's own figures
+    _assert_equal_stats(fused, oracle)
+
+
+# "triton" as a parameter: conftest runs the engine in Triton's interpreter for such tests (float32;
+# its bfloat16 runs upcast there)
+TRITON = [pytest.param("triton", marks=pytest.mark.skipif(TRITON_MISSING is not None, reason=str(TRITON_MISSING)))]
+
+
+@pytest.mark.parametrize("engine", TRITON)
+@pytest.mark.parametrize("mask_name", list(FUSED_MASKS))
+def test_triton_statistics_equal_the_tile_pass(mask_name, engine):
+    q, k, v = qkv(3, 4, 100, 16, Hkv=2)
+    _assert_equal_stats(*_fused_and_oracle(q, k, v, engine=engine, mask=FUSED_MASKS[mask_name]))
+
+
+@pytest.mark.parametrize("engine", [pytest.param("split_k_triton", marks=TRITON[0].marks)])
+@pytest.mark.parametrize("mask_name", ["none", "left_padding", "first_key_hidden"])
+def test_split_k_triton_statistics_equal_the_tile_pass(mask_name, engine):
+    # the split-K engine's CUDA kernels in the interpreter; 700 keys in two parts, merged
+    q, k, v = qkv(3, 8, 1, 64, Hkv=1, Lk=700)
+    problem = dataclasses.replace(prepare(q, k, v, enable_gqa=True, return_lse=True, mask=SPLIT_K_MASKS[mask_name]),
+                                  stats=True)
+    from dotattn.engines.triton import launch
+    launch.split_k_decode(problem, parts=2)
+    result = engines.get(engine).run(dataclasses.replace(problem, stats=False))
+    _assert_equal_stats(diagnostics.measure_fused(problem, result, problem.derived["row_stats"], "x"),
+                        diagnostics.measure(problem, result, "x"))
+
+
+@pytest.mark.parametrize("engine", TRITON)
+def test_triton_statistics_with_softcap_and_dropout(engine):
+    q, k, v = qkv(2, 2, 40, 8, Lk=50)
+    mask = masks.padding([50, 20], q_lengths=[40, 10])
+    for extra in ({"softcap": 5.0}, {"dropout_p": 0.3, "generator": torch.Generator().manual_seed(0)}):
+        fused, oracle = _fused_and_oracle(q * 6, k, v, engine=engine, mask=mask, **extra)
+        _assert_equal_stats(fused, oracle)  # dropout: the statistics of the weights before it
+
+
+@pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")
+def test_split_k_statistics_with_softcap():
+    q, k, v = qkv(2, 4, 1, 32, Hkv=1, Lk=600)
+    fused, oracle = _fused_and_oracle(q * 6, k, v, engine="split_k", softcap=5.0,
+                                      mask=masks.padding([600, 77], side="left"))
+    _assert_equal_stats(fused, oracle)
+    assert (fused.max_logit <= 5.0).all()
 
 
 @pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")

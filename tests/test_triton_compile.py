@@ -15,8 +15,8 @@ without it (this file run as a script), which prints one line per compiled kerne
 Variants (one problem each, forward + backward): float16, bfloat16, float32 exact and
 TF32, head dims 64, 80, 128, 256; masks: none, row spans, a boolean tensor, a
 block-sparse layout, a float bias (broadcast: atomic dS, and deterministic), dropout,
-logit soft-capping with a float bias, and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
-and MQA steps, with a KV cache's row spans and without a mask, in each dtype. sm_80 compiles a subset (no mask in float16, everything at once
+logit soft-capping with a float bias, a monitored forward (row statistics), and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
+and MQA steps, with a KV cache's row spans and without a mask, in each dtype, and one monitored. sm_80 compiles a subset (no mask in float16, everything at once
 in bfloat16). Each kernel compiles in the tuner's smallest fitting config, to keep the
 test near a minute on a 2-core machine; ``python tests/test_triton_compile.py 90
 --every-config`` compiles every fitting config (about 8 minutes there).
@@ -24,6 +24,7 @@ test near a minute on a 2-core machine; ``python tests/test_triton_compile.py 90
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -118,6 +119,7 @@ def _variants():
         ("dropout", bf16, 64, False, {}, dropout),
         ("everything", bf16, 128, False, {}, everything),
         ("softcap", bf16, 128, False, {}, softcap),
+        ("monitored", bf16, 128, False, {}, spans),  # the forward computes the Monitor's row statistics
         ("spans", f32, 64, False, {}, spans),
         ("spans tf32", f32, 128, True, {}, spans),
     ]
@@ -125,9 +127,10 @@ def _variants():
 
 
 def _decode_variants(subset: bool) -> list[tuple]:
-    """(dtype, E, Hq, Hkv, masked) per decoding step."""
+    """(dtype, E, Hq, Hkv, masked, monitored) per decoding step."""
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-    every = [(bf16, 128, 32, 8, True), (f16, 64, 32, 1, False), (f32, 128, 32, 8, True), (f16, 256, 8, 8, True)]
+    every = [(bf16, 128, 32, 8, True, False), (f16, 64, 32, 1, False, False), (f32, 128, 32, 8, True, False),
+             (f16, 256, 8, 8, True, False), (bf16, 128, 32, 8, True, True)]
     return every[:1] if subset else every
 
 
@@ -214,19 +217,21 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(2, 2, 256, E, generator=g).to(dtype).requires_grad_() for _ in range(3))
-        problem = prepare(q, k, v, **extra())
+        problem = dataclasses.replace(prepare(q, k, v, **extra()), stats=name == "monitored")
         engine = engine_module.TritonEngine(split_half_gemms=False, **options)
         result = engine.run(problem)
         result.output.float().sum().backward()
     from dotattn import masks
-    for dtype, E, Hq, Hkv, masked in _decode_variants(subset):
-        current["name"] = f"decode {str(dtype).removeprefix('torch.')} E={E} {Hq}/{Hkv}{' spans' if masked else ''}"
+    for dtype, E, Hq, Hkv, masked, monitored in _decode_variants(subset):
+        current["name"] = (f"decode {str(dtype).removeprefix('torch.')} E={E} {Hq}/{Hkv}{' spans' if masked else ''}"
+                           f"{' monitored' if monitored else ''}")
         torch.backends.cuda.matmul.allow_tf32 = False
         g = torch.Generator().manual_seed(0)
         q = torch.randn(2, Hq, 1, E, generator=g).to(dtype)
         k, v = (torch.randn(2, Hkv, 4096, E, generator=g).to(dtype) for _ in range(2))
         mask = masks.padding(torch.tensor([4096, 3000]), side="left") & masks.causal(align="bottom_right")
-        problem = prepare(q, k, v, mask=mask if masked else None, enable_gqa=True)
+        problem = dataclasses.replace(prepare(q, k, v, mask=mask if masked else None, enable_gqa=True),
+                                      stats=monitored)
         launch.split_k_decode(problem, parts=4)
     print(f"DONE\tsm_{arch}\t{len(seen)} kernels\t{len(failures)} failures", flush=True)
 

@@ -78,7 +78,7 @@ class Problem:
     E: int
     Ev: int
     # A Monitor records this call: an engine that can computes each row's statistics while it
-    # runs and leaves them in derived["row_stats"] (N, Hq, Lq, 9), see csrc/tiled.cpp.
+    # runs and leaves them in derived["row_stats"] (N, Hq, Lq, 11), see csrc/common.h.
     stats: bool = False
 
     def settle(self, *, requires_grad: bool, dropout_seed: int | None = None) -> Problem:

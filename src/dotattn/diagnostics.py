@@ -24,14 +24,16 @@ What is measured, per query head, over the query rows that see at least one key:
     masked rows       rows with no allowed key (output 0, lse -inf)
     non-finite rows   rows whose output holds NaN or inf
 
-The L×L weights are never materialised. The tiled engine's compiled kernel computes each
-row's Σ p·s (rescaled with the online softmax's row sum), its max logit, Σ s, Σ s², allowed
-keys and the logit of key 0 while it runs, so the statistics cost one more multiply-add per
-score (:func:`measure_fused`). Other engines hand back the lse (every engine has it), and the
-monitor then walks the scores in 256×256 tiles (:func:`measure`), skipping those the mask's
-``block_map`` says are empty, with p = exp(s - lse) known exactly per tile; that pass is the
-oracle the kernel's figures are tested against. ``python -m benchmarks.monitor`` gives the
-cost of both.
+The L×L weights are never materialised. The kernels of the tiled, split_k (C++ and Triton)
+and triton engines compute each row's Σ p·s (rescaled with the online softmax's row sum;
+split-K's parts merged by their lse), its max logit, Σ s, Σ s², allowed keys and the logit of
+key 0 while they run, so the statistics cost one more multiply-add per score, and write them
+in the form a call's statistics are two reductions of (:func:`measure_fused`). Other engines
+(the reference, the tiled engine's torch-ops path) hand back the lse (every engine has it),
+and the monitor then walks the scores in 256×256 tiles (:func:`measure`), skipping those
+the mask's ``block_map`` says are empty, with p = exp(s - lse) known exactly per tile; that
+pass is the oracle the kernels' figures are tested against. ``python -m benchmarks.monitor``
+gives the cost of both.
 
 Sampling (``every=``, ``sample=``) records some steps and skips the rest: a skipped call pays
 one attribute read. As each recorded step ends, exporters receive a :class:`StepReport`
@@ -47,7 +49,7 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,32 +71,36 @@ def active() -> Monitor | None:
     return observer if isinstance(observer, Monitor) else None
 
 
+# The sums an AttentionStats keeps per head, in the column order of AttentionStats.sums and of
+# the rows the kernels write (csrc/common.h), which are these ten and the max logit.
+SUMS = ("rows", "masked_rows", "nonfinite_rows", "pairs", "score_sum", "score_sq_sum", "entropy_sum",
+        "normalized_entropy_sum", "max_prob_sum", "first_mass_sum")
+
+
+def _column(i: int) -> property:
+    return property(lambda self: self.sums[:, i], doc=f"(H,) float64: the sum of {SUMS[i]}")
+
+
 @dataclass
 class AttentionStats:
     """One layer's statistics, per query head, summed over the calls it made.
 
-    Every field but ``name`` and ``calls`` is a (H,) float64 tensor of sums; the
-    properties turn them into means. ``rows`` counts query rows that see a key
-    (summed over batch and calls); ``pairs`` counts allowed (query, key) pairs.
+    ``sums`` (H, 10) float64 holds, per head, the sums named in ``SUMS``, each also an (H,)
+    attribute: ``rows`` counts query rows that see a key (summed over batch and calls),
+    ``masked_rows`` those that see none, ``nonfinite_rows`` those whose output or lse is NaN or
+    inf, ``pairs`` allowed (query, key) pairs, then the sums of scores, squared scores, row
+    entropy, normalized entropy, max probability and first-token mass. ``max_logit`` (H,) is
+    the largest logit any row saw (-inf for none). The properties below turn sums into means.
     """
 
     name: str
     calls: int
-    rows: torch.Tensor
-    masked_rows: torch.Tensor
-    nonfinite_rows: torch.Tensor
-    pairs: torch.Tensor
-    score_sum: torch.Tensor
-    score_sq_sum: torch.Tensor
-    entropy_sum: torch.Tensor
-    normalized_entropy_sum: torch.Tensor
-    max_prob_sum: torch.Tensor
-    first_mass_sum: torch.Tensor
-    max_logit: torch.Tensor  # the largest logit any row saw (a maximum, not a sum); -inf for none
+    sums: torch.Tensor
+    max_logit: torch.Tensor
 
     @property
     def heads(self) -> int:
-        return self.rows.numel()
+        return self.sums.shape[0]
 
     def merge(self, other: AttentionStats) -> AttentionStats:
         """The sums of two records of the same layer."""
@@ -103,10 +109,8 @@ class AttentionStats:
                 f"layer {self.name!r} was called with {self.heads} heads and then {other.heads}; "
                 "give each attention layer its own module (Monitor(model)) so their statistics stay apart"
             )
-        tensors = {f.name: getattr(self, f.name) + getattr(other, f.name)
-                   for f in fields(self) if f.name not in ("name", "calls", "max_logit")}
-        return AttentionStats(self.name, self.calls + other.calls, max_logit=torch.maximum(self.max_logit, other.max_logit),
-                              **tensors)
+        return AttentionStats(self.name, self.calls + other.calls, self.sums + other.sums,
+                              torch.maximum(self.max_logit, other.max_logit))
 
     def _per_row(self, total: torch.Tensor) -> torch.Tensor:
         return total / self.rows.clamp(min=1)
@@ -135,6 +139,10 @@ class AttentionStats:
     @property
     def first_token_mass(self) -> torch.Tensor:
         return self._per_row(self.first_mass_sum)
+
+
+for _i, _name in enumerate(SUMS):
+    setattr(AttentionStats, _name, _column(_i))
 
 
 @dataclass(frozen=True)
@@ -545,53 +553,48 @@ def measure(problem: Problem, result: AttentionResult, name: str) -> AttentionSt
                 if k0 == 0:
                     first[..., row] = p[..., 0]
 
-        # per row, in the kernel's layout (csrc/tiled.cpp): sees a key, allowed keys, Σ s, Σ s²,
-        # entropy, normalized entropy, max prob, first-token mass, max logit
+        # per row, in the kernels' layout (csrc/common.h): sees a key, sees none, 0, allowed keys,
+        # Σ s, Σ s², entropy, normalized entropy, max prob, first-token mass, max logit
         entropy = -pt_sum.double()
         normalized = torch.where(allowed > 1, entropy / allowed.clamp(min=2).log(), 0)
         top = torch.where(valid, t_max + shift[..., 0], float("-inf")).double()
-        rows = torch.stack([valid.double(), allowed, s_sum, s_sq, entropy, normalized, t_max.double().exp(),
-                            first.double(), top], -1)
-        return _per_head(name, result, lse.reshape(N, Hq, Lq), rows.reshape(N, Hq, Lq, 9))
+        none = torch.zeros_like(allowed)
+        rows = torch.stack([valid.double(), (lse == float("-inf")).double(), none, allowed, s_sum, s_sq, entropy,
+                            normalized, t_max.double().exp(), first.double(), top], -1)
+        return _per_head(name, result, lse.reshape(N, Hq, Lq), rows.reshape(N, Hq, Lq, len(SUMS) + 1))
 
 
 def measure_fused(problem: Problem, result: AttentionResult, row_stats: torch.Tensor, name: str) -> AttentionStats:
     """Statistics of one call from the per-row figures its engine computed while it ran
-    (``problem.derived["row_stats"]``, (N, Hq, Lq, 9), the layout of csrc/tiled.cpp), so with no
-    second pass over the scores and two reductions."""
+    (``problem.derived["row_stats"]``, (N, Hq, Lq, 11), the layout of csrc/common.h), so with no
+    second pass over the scores and, when no row is NaN or inf, two reductions."""
     N, Hq, Lq = row_stats.shape[:3]
     with torch.no_grad():
         return _per_head(name, result, result.lse.reshape(N, Hq, Lq), row_stats)
 
 
 # What a row that does not count adds: nothing to the sums, -inf to the max logit.
-_NOTHING = (0.0,) * 8 + (float("-inf"),)
+_NOTHING = (0.0,) * len(SUMS) + (float("-inf"),)
 
 
 def _per_head(name: str, result: AttentionResult, lse: torch.Tensor, rows: torch.Tensor) -> AttentionStats:
-    """One call's AttentionStats from its per-row figures ``rows`` (N, Hq, Lq, 9) in the kernel's
+    """One call's AttentionStats from its per-row figures ``rows`` (N, Hq, Lq, 11) in the kernels'
     layout, summed (the max logit maximised) over the rows that see a key and hold no NaN."""
     N, Hq, Lq = lse.shape
-    valid = torch.isfinite(lse)
-    # One pass: a row's sum is finite when all its entries are (bar an overflow, which the exact
-    # check below settles); torch.isfinite over the whole output took longer than the statistics.
-    out_finite = torch.isfinite(result.output.sum(-1))
-    if not bool(out_finite.all()):
-        out_finite = torch.isfinite(result.output).all(-1)
-    out_finite = out_finite.reshape(N, Hq, Lq)
-    masked = lse == float("-inf")
-    if not bool((valid | masked).all()):  # rows that saw NaN or inf: left out, as a masked row is
+    # One check for the common case: the output's sum is finite when all its entries are, and the
+    # lse's sum is -inf or finite when no entry is NaN or +inf (bar an overflow, which only costs
+    # the exact pass below).
+    out_sum, lse_sum = torch.stack([result.output.sum().to(lse.dtype), lse.sum()]).tolist()
+    if not (math.isfinite(out_sum) and lse_sum < math.inf):  # some row NaN or inf: left out, and counted
+        valid, masked = torch.isfinite(lse), lse == float("-inf")
+        nonfinite = ~torch.isfinite(result.output).all(-1).reshape(N, Hq, Lq) | torch.isnan(lse)
         rows = torch.where(valid[..., None], rows, rows.new_tensor(_NOTHING))
-    sums = rows[..., :8].sum((0, 2), dtype=torch.float64)  # (Hq, 8)
-    top = rows[..., 8].transpose(0, 1).reshape(Hq, -1)
-    return AttentionStats(
-        name=name, calls=1, rows=sums[:, 0],
-        masked_rows=masked.sum((0, 2)).double(),
-        nonfinite_rows=(~out_finite | torch.isnan(lse)).sum((0, 2)).double(),
-        pairs=sums[:, 1], score_sum=sums[:, 2], score_sq_sum=sums[:, 3], entropy_sum=sums[:, 4],
-        normalized_entropy_sum=sums[:, 5], max_prob_sum=sums[:, 6], first_mass_sum=sums[:, 7],
-        max_logit=top.amax(1).double() if top.shape[1] else top.new_full((Hq,), float("-inf"), dtype=torch.float64),
-    )
+        rows = torch.cat([rows[..., :1], masked[..., None].to(rows.dtype), nonfinite[..., None].to(rows.dtype),
+                          rows[..., 3:]], -1)
+    sums = rows[..., :len(SUMS)].sum((0, 2), dtype=torch.float64)  # (Hq, 10)
+    top = (rows[..., len(SUMS)].amax((0, 2)).double() if N * Lq else
+           torch.full((Hq,), float("-inf"), dtype=torch.float64))
+    return AttentionStats(name=name, calls=1, sums=sums, max_logit=top)
 
 
 def read_tensorboard(path: str | Path, prefix: str = "attention") -> dict[str, dict[str, list[tuple[int, float]]]]:

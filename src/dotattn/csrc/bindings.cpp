@@ -10,12 +10,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = DOTATTN_TORCH_VERSION;  // the torch this module was built against
   m.def("forward", &dotattn::forward,
         "out, lse[, row_stats] = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, "
-        "softcap, stats); with stats, row_stats (N, Hq, Lq, 9) holds each row's monitor figures (tiled.cpp)");
+        "softcap, stats); with stats, row_stats (N, Hq, Lq, 11) holds each row's monitor figures (tiled.cpp)");
   m.def("backward", &dotattn::backward,
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, softcap, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("split_k_attention", &dotattn::split_k_attention,
-        "out, lse, garbage = split_k_attention(q, k, v, lo, hi, scale, parts, softcap): the split-K forward, merged");
+        "out, lse, garbage, row_stats = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, stats): the split-K "
+        "forward, merged; with stats, row_stats (N, Hq, Lq, 11) as forward's, else None (split_k.cpp)");
   m.def("has_blas", &dotattn::has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.def("tile_gemm_seconds", &dotattn::tile_gemm_seconds,
         "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");

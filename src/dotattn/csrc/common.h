@@ -179,6 +179,36 @@ inline double exp_sum_stats(double* x, int n, double sub, ScoreSums<double>& out
 
 inline double exp_nonpos(double x) { return std::exp(x); }
 
+// The per-row statistics a monitored forward writes (tiled.cpp and split_k.cpp alike),
+// (N, Hq, Lq, STATS) in the compute type, in the order of AttentionStats.sums
+// (dotattn/diagnostics.py): a Monitor sums columns 0-9 over the rows and maximises 10, so
+// that a call's statistics are two reductions. s is the logit the softmax sees (scaled,
+// soft-capped, plus a float mask), p its probability:
+//   0 1 (the row sees a key)   1 1 (it sees none)   2 0 (non-finite rows: Python's to count)
+//   3 allowed keys   4 Σ s   5 Σ s²   6 entropy = lse - Σ p·s
+//   7 entropy / log(allowed keys), 0 for one key   8 max p = exp(max s - lse)   9 p of key 0
+//   10 max s
+// A row with no allowed key gets 0 but in column 1, and -inf in 10.
+constexpr int STATS = 11;
+
+// Writes one row's STATS figures from its lse, mean_ps = Σ p·s (p normalised), its ScoreSums
+// (whose ps is not read), its max logit m and the logit of key 0 (-inf where it is masked).
+template <typename T>
+inline void write_row_stats(T* st, bool alive, T lse, T mean_ps, const ScoreSums<T>& sums, T m, T first) {
+  const T entropy = alive ? lse - mean_ps : T(0);
+  st[0] = alive ? T(1) : T(0);
+  st[1] = alive ? T(0) : T(1);
+  st[2] = 0;
+  st[3] = sums.count;
+  st[4] = sums.sum;
+  st[5] = sums.sq;
+  st[6] = entropy;
+  st[7] = alive && sums.count > 1 ? entropy / std::log(sums.count) : T(0);
+  st[8] = alive ? std::exp(m - lse) : T(0);
+  st[9] = alive ? std::exp(first - lse) : T(0);
+  st[10] = alive ? m : -std::numeric_limits<T>::infinity();
+}
+
 // The dropout pattern shared with Python (dotattn/_dropout.py): lowbias32 on uint32.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;

@@ -30,9 +30,8 @@ bool has_blas();
 std::vector<double> tile_gemm_seconds(int64_t bq, int64_t bk, int64_t E, int64_t repeats);
 
 // split_k.cpp: split-K decoding
-std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const c10::optional<at::Tensor>& lo,
-                                                           const c10::optional<at::Tensor>& hi, double scale,
-                                                           int64_t parts, double softcap);
+std::tuple<at::Tensor, at::Tensor, bool, at::Tensor> split_k_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
+    const c10::optional<at::Tensor>& hi, double scale, int64_t parts, double softcap, bool stats);
 
 }  // namespace dotattn

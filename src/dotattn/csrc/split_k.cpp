@@ -8,6 +8,8 @@
 //   lo, hi: int64 row spans that broadcast to (*B, Hq, Lq) (or none: every key), row r may
 //      attend keys lo <= j < hi
 //   softcap: scores -> softcap·tanh(score/softcap) before the softmax (0: none)
+//   stats: also return each row's monitor figures, (N, Hq, Lq, STATS) (common.h): each part
+//      adds up its rows' ScoreSums as it goes, and the merge combines them by lse
 //   returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute type: each part of the
 //      keys' softmax, merged by lse here (merge_parts), and whether some output is not finite
 //      (garbage a row saw: the caller reruns the problem on an engine that marks it exactly).
@@ -456,10 +458,34 @@ inline bool any_garbage(const double* x, int64_t n) {  // float64 is for testing
   return std::isnan(check);
 }
 
+// What a part leaves per row for the statistics: Σ p·s over its keys (p normalised within
+// the part), its max logit, Σ s, Σ s², allowed keys, and the logit of key 0 (-inf where the
+// part does not hold it or the row does not see it).
+constexpr int kPartStats = 6;
+
+// The STATS figures of each row from its parts' (S, rows, kPartStats) and lse (S, rows), and
+// its merged lse (rows): Σ p·s is the parts' weighted by exp(part lse - lse).
+template <typename T>
+void merge_part_stats(const T* ps, const T* l, const T* lse, int64_t S, int64_t rows, T* stats) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    ScoreSums<T> sums;
+    T mean_ps = 0, m = neg_inf, first = neg_inf;
+    for (int64_t s = 0; s < S; ++s) {
+      const T* p = ps + (s * rows + r) * kPartStats;
+      if (l[s * rows + r] > neg_inf) mean_ps += std::exp(l[s * rows + r] - lse[r]) * p[0];
+      m = std::max(m, p[1]);
+      sums = {0, sums.sum + p[2], sums.sq + p[3], sums.count + p[4]};
+      first = std::max(first, p[5]);
+    }
+    write_row_stats(stats + r * STATS, lse[r] > neg_inf, lse[r], mean_ps, sums, m, first);
+  }
+}
+
 template <typename In, typename T>
 bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
                   const c10::optional<at::Tensor>& hi, const std::vector<int64_t>& batch, at::Tensor& out,
-                  at::Tensor& lse, double scale_, int64_t S, double softcap) {
+                  at::Tensor& lse, double scale_, int64_t S, double softcap, T* stats_p) {
   const int64_t N = out.size(0), Hq = q.size(-3), Lq = q.size(-2), Hkv = k.size(-3), Lk = k.size(-2);
   const int64_t G = Hq / Hkv, R = G * Lq;
   const int E = static_cast<int>(q.size(-1)), Ev = static_cast<int>(v.size(-1));
@@ -483,6 +509,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::Tensor part_lse = S == 1 ? lse : at::empty({S, N * Hkv * R}, lse.options());
   T* out_p = part_out.data_ptr<T>();
   T* lse_p = part_lse.data_ptr<T>();
+  at::Tensor part_stats = stats_p ? at::empty({S, N * Hkv * R, kPartStats}, out.options()) : at::Tensor();
+  T* part_stats_p = stats_p ? part_stats.data_ptr<T>() : nullptr;
   const int64_t tasks = N * Hkv * S;
   // bfloat16 is read in place, interleaved (see vload_bf16x16), where the head dims allow;
   // otherwise each tile is widened to float once.
@@ -508,6 +536,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<int64_t> row_lo(R), row_hi(R);
     std::vector<int> a_r(R), b_r(R);
     std::vector<uint8_t> seen_garbage(R);
+    std::vector<ScoreSums<T>> sums_i(stats_p ? R : 0);  // Σ p·s rescaled like l_i, then Σ s, Σ s², count
+    std::vector<T> first_i(stats_p ? R : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t part = t % S, nh = t / S, n = nh / Hkv, hk = nh % Hkv;
@@ -537,6 +567,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(m_i.begin(), m_i.end(), neg_inf);
       std::fill(l_i.begin(), l_i.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(sums_i.begin(), sums_i.end(), ScoreSums<T>{});
+      std::fill(first_i.begin(), first_i.end(), neg_inf);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeTile) {
         const int cols = static_cast<int>(std::min<int64_t>(kDecodeTile, j_end - j0));
         const T* values = nullptr;
@@ -578,11 +610,20 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           // attend: the row's result becomes NaN, and Python reruns the problem on the tiled
           // engine, which marks exactly the rows that saw garbage.
           if (!std::isfinite(finite_sum(sr + a, b - a))) seen_garbage[r] = 1;
+          if (stats_p && j0 + a == 0) first_i[r] = sr[0];
           // Online softmax: new row max, rescale factor, P~ = exp(S - m) in place, row sum.
           const T m_new = std::max(m_i[r], row_max(sr + a, b - a));
           const T m_safe = m_new == neg_inf ? T(0) : m_new;
-          const T sum = exp_sum(sr + a, b - a, m_safe);
           const T alpha = exp_nonpos(m_i[r] - m_safe);
+          T sum;
+          if (stats_p) {  // every score in [a, b) is one the row sees
+            ScoreSums<T> add;
+            sum = exp_sum_stats(sr + a, b - a, m_safe, add, true);
+            ScoreSums<T>& to = sums_i[r];
+            to = {to.ps * alpha + add.ps, to.sum + add.sum, to.sq + add.sq, to.count + add.count};
+          } else {
+            sum = exp_sum(sr + a, b - a, m_safe);
+          }
           l_i[r] = l_i[r] * alpha + sum;
           m_i[r] = m_new;
           if (alpha != T(1)) {
@@ -632,12 +673,21 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (int e = 0; e < Ev; ++e)  // interleaved accumulators go back in order
           out_rows[r * Ev + (interleaved ? e - e % 16 + bf16_lane(e % 16) : e)] = acc[r * Ev + e] * inv;
         lse_rows[r] = seen_garbage[r] ? inv : alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
+        if (stats_p) {
+          T* st = part_stats_p + ((part * N * Hkv + nh) * R + r) * kPartStats;
+          const ScoreSums<T>& sums = sums_i[r];
+          st[0] = alive ? sums.ps / l_i[r] : T(0);
+          st[1] = m_i[r], st[2] = sums.sum, st[3] = sums.sq, st[4] = sums.count, st[5] = first_i[r];
+        }
       }
     }
   }
   if (S > 1)
     merge_parts(part_out.data_ptr<T>(), part_lse.data_ptr<T>(), S, N * Hkv * R, Ev, out.data_ptr<T>(),
                 lse.data_ptr<T>());
+  // Rows (n, hk, g·Lq + i) are rows (n, hk·G + g, i) of (N, Hq, Lq): the same order.
+  if (stats_p)
+    merge_part_stats(part_stats_p, part_lse.data_ptr<T>(), lse.data_ptr<T>(), S, N * Hkv * R, stats_p);
   // Garbage a row saw among its scores made its output NaN above; garbage among the values
   // it read reached only its output. So the output alone tells.
   return any_garbage(out.data_ptr<T>(), out.numel());
@@ -652,12 +702,12 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 //   lo, hi: int64 row spans broadcastable to (*B, Hq, Lq) (Mask.row_spans), or None for
 //   every key. parts: how many parts each (batch, kv head)'s keys are cut into.
 // Returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype, N the flattened *B,
-// and whether some row saw NaN or inf: its result is NaN, and the caller reruns the problem
-// on an engine that marks exactly those rows.
-std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const c10::optional<at::Tensor>& lo,
-                                                           const c10::optional<at::Tensor>& hi, double scale,
-                                                           int64_t parts, double softcap) {
+// whether some row saw NaN or inf (its result is NaN, and the caller reruns the problem on an
+// engine that marks exactly those rows), and with stats each row's monitor figures
+// (N, Hq, Lq, STATS), else an undefined tensor (None).
+std::tuple<at::Tensor, at::Tensor, bool, at::Tensor> split_k_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
+    const c10::optional<at::Tensor>& hi, double scale, int64_t parts, double softcap, bool stats) {
   const auto st = k.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
               "split_k_attention takes float32, float64 or bfloat16 inputs");
@@ -677,18 +727,22 @@ std::tuple<at::Tensor, at::Tensor, bool> split_k_attention(const at::Tensor& q, 
   const auto options = q.options().dtype(compute_type(q));
   at::Tensor out = at::empty({N, q.size(-3), q.size(-2), v.size(-1)}, options);
   at::Tensor lse = at::empty({N, q.size(-3), q.size(-2)}, options);
+  at::Tensor row_stats = stats ? at::empty({N, q.size(-3), q.size(-2), STATS}, options) : at::Tensor();
   bool garbage;
   switch (st) {
     case at::kFloat:
-      garbage = split_k_impl<float, float>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap);
+      garbage = split_k_impl<float, float>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap,
+                                           stats ? row_stats.data_ptr<float>() : nullptr);
       break;
     case at::kDouble:
-      garbage = split_k_impl<double, double>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap);
+      garbage = split_k_impl<double, double>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap,
+                                             stats ? row_stats.data_ptr<double>() : nullptr);
       break;
     default:
-      garbage = split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap);
+      garbage = split_k_impl<at::BFloat16, float>(q, k, v, lo, hi, batch, out, lse, scale, parts, softcap,
+                                                  stats ? row_stats.data_ptr<float>() : nullptr);
   }
-  return {out, lse, garbage};
+  return {out, lse, garbage, row_stats};
 }
 
 }  // namespace dotattn

@@ -257,20 +257,10 @@ void soft_cap(T* s, int ld, int rows, int cols, T c, T* deriv) {
 // Forward
 // ---------------------------------------------------------------------------
 
-// The per-row statistics a monitored forward writes, (N, Hq, Lq, STATS) in the compute type,
-// in the form a Monitor sums over rows (0-7) and maximises (8), so that Python needs two
-// reductions per call; s is the logit the softmax sees (scaled, soft-capped, plus a float
-// mask), p its probability:
-//   0 1 (the row sees a key)   1 allowed keys   2 Σ s   3 Σ s²   4 entropy = lse - Σ p·s
-//   5 entropy / log(allowed keys), 0 for one key   6 max p = exp(max s - lse)
-//   7 p of key 0   8 max s
-// A row with no allowed key gets 0 in 0-7 and -inf in 8.
-constexpr int STATS = 9;
-
 // In is the storage type of q, k, v (float, double, or bfloat16 computed with bfloat16
 // GEMMs into float32); T the compute type of scores, softmax, accumulator and out (which
 // backward's delta = rowsum(dO·O) reads: rounded to bfloat16, it cost dk the 2x rule).
-// stats_p: null, or where the STATS figures of each row go (see above).
+// stats_p: null, or where the STATS figures of each row go (common.h).
 template <typename In, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse, const TileMask<T>& mask, double scale_, int bq, int bk,
@@ -359,18 +349,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (int64_t c = 0; c < Ev; ++c) orow[c] = alive ? acc[r * Ev + c] * inv : T(0);
         lse_row[r] = alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
         if (stats_p) {
-          T* st = stats_p + ((n * Hq + h) * Lq + q0 + r) * STATS;
-          const ScoreSums<T>& sum = sums_i[r];
-          const T lse_r = lse_row[r], entropy = alive ? lse_r - sum.ps * inv : T(0);
-          st[0] = alive ? T(1) : T(0);
-          st[1] = sum.count;
-          st[2] = sum.sum;
-          st[3] = sum.sq;
-          st[4] = entropy;
-          st[5] = alive && sum.count > 1 ? entropy / std::log(sum.count) : T(0);
-          st[6] = alive ? std::exp(m_i[r] - lse_r) : T(0);
-          st[7] = alive ? std::exp(first_i[r] - lse_r) : T(0);
-          st[8] = alive ? m_i[r] : neg_inf;
+          write_row_stats(stats_p + ((n * Hq + h) * Lq + q0 + r) * STATS, alive, lse_row[r],
+                          alive ? sums_i[r].ps * inv : T(0), sums_i[r], m_i[r], first_i[r]);
         }
       }
     }

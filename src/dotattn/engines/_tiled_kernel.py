@@ -191,7 +191,7 @@ class KernelCall:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype. For a monitored problem
         (``Problem.stats``) the kernel also leaves each row's statistics in
-        ``problem.derived["row_stats"]`` (N, Hq, Lq, 9), computed in the same pass (csrc/tiled.cpp)."""
+        ``problem.derived["row_stats"]`` (N, Hq, Lq, 11), computed in the same pass (the layout of csrc/common.h)."""
         p = self.problem
         out, lse, *row_stats = ext.forward(self.canonical(q), self.canonical(k), self.canonical(v), *self._extra(),
                                            p.stats)

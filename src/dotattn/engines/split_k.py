@@ -32,6 +32,10 @@ per (part, batch x kv head, block of rows), then a merge; garbage shows the same
 reruns on the fallback. Not yet run on a GPU: tested in Triton's interpreter and
 compiled for sm_90/sm_80 (tests/test_triton_compile.py).
 
+For a monitored problem (``Problem.stats``) both kernels also leave each row's statistics in
+``problem.derived["row_stats"]``: each part adds up its rows' figures and the merge combines
+them by lse, as it does the outputs.
+
 The split-K kernels are forward only. A problem whose inputs require grad runs on the
 fallback engine, forward and backward: a flash-style
 backward recomputes P = exp(s - lse) from its own scores, and scores rounded in other
@@ -187,10 +191,14 @@ class SplitKEngine(Engine):
             garbage = not bool(torch.isfinite(out).all())
         else:
             spans = p.row_spans or (None, None)  # no mask: every row sees every key
-            # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd
-            out, lse, garbage = _tiled_kernel.ext.split_k_attention(
-                p.query, p.key, p.value, *spans, p.scale, self.parts(p), p.softcap)
-        if garbage:  # garbage a row may see: the fallback marks exactly those rows
+            # out (N, Hq, Lq, Ev), lse (N, Hq, Lq) in the compute dtype: new tensors, outside autograd;
+            # a monitored problem's row statistics (N, Hq, Lq, 11), computed in the same pass
+            out, lse, garbage, row_stats = _tiled_kernel.ext.split_k_attention(
+                p.query, p.key, p.value, *spans, p.scale, self.parts(p), p.softcap, p.stats)
+            if row_stats is not None:
+                p.derived["row_stats"] = row_stats
+        if garbage:  # garbage a row may see: the fallback marks exactly those rows (and measures them anew)
+            p.derived.pop("row_stats", None)
             return self.fallback(p).forward(p)
         return out, lse
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dotattn.engines.triton._fwd import _dot, _dot_rounded, _softmax_result, _softmax_step
+from dotattn.engines.triton._fwd import (_dot, _dot_rounded, _softmax_result, _softmax_step, _stats_step,
+                                         _store_row_stats)
 
 
 @triton.jit
 def decode_parts(
-    Q, K, V, PartOut, PartLse,
+    Q, K, V, PartOut, PartLse, PartStats,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_kl, stride_ke,
     stride_vb, stride_vh, stride_vl, stride_ve,
@@ -40,9 +41,11 @@ def decode_parts(
     Hkv, G, Lq, Lk, E, Ev, R, n_parts, qk_scale,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_SPANS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     """Each part's softmax on its own: PartOut (S, N·Hkv·R, Ev) and PartLse (S, N·Hkv·R),
-    float32, log2 units; grid (S, N·Hkv, cdiv(R, BLOCK_R))."""
+    float32, log2 units, and with STATS PartStats (S, N·Hkv·R, 6): Σ p·s (p normalised within
+    the part), max s, Σ s, Σ s², allowed keys, s of key 0, log2 units; grid (S, N·Hkv, cdiv(R, BLOCK_R))."""
     part = tl.program_id(0)
     nk = tl.program_id(1).to(tl.int64)
     n = nk // Hkv
@@ -75,6 +78,11 @@ def decode_parts(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_EV], dtype=tl.float32)
+    st_ps = tl.zeros([BLOCK_R], dtype=tl.float32)
+    st_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    st_sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    st_count = tl.zeros([BLOCK_R], dtype=tl.float32)
+    st_first = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_part = offs_n < end
@@ -85,7 +93,11 @@ def decode_parts(
         s = _dot(q, kT, tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
         ok = in_part[None, :] & (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
         s = tl.where(ok, s, float("-inf"))
+        m_old = m_i
         p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        if STATS:
+            st_ps, st_sum, st_sq, st_count, st_first = _stats_step(s, p, offs_n, m_old, m_i, st_ps, st_sum, st_sq,
+                                                                   st_count, st_first)
         acc = _dot_rounded(p, v, acc, PRECISION, UPCAST, SPLIT)
 
     acc, lse = _softmax_result(acc, l_i, m_i, float("-inf"))
@@ -93,16 +105,26 @@ def decode_parts(
     at = part * n_rows + nk * R + rows  # (BLOCK_R,) row index into (S, N·Hkv·R)
     tl.store(PartOut + at[:, None] * Ev + offs_ev[None, :], acc, mask=live[:, None] & (offs_ev[None, :] < Ev))
     tl.store(PartLse + at, lse, mask=live)
+    if STATS:
+        part_stats = PartStats + at * 6
+        tl.store(part_stats + 0, tl.where(l_i > 0.0, st_ps / tl.where(l_i > 0.0, l_i, 1.0), 0.0), mask=live)
+        tl.store(part_stats + 1, m_i, mask=live)
+        tl.store(part_stats + 2, st_sum, mask=live)
+        tl.store(part_stats + 3, st_sq, mask=live)
+        tl.store(part_stats + 4, st_count, mask=live)
+        tl.store(part_stats + 5, st_first, mask=live)
 
 
 @triton.jit
 def decode_merge(
-    PartOut, PartLse, Out, Lse, n_rows, Ev, n_parts,
-    BLOCK_ROWS: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PartOut, PartLse, PartStats, Out, Lse, Stats, n_rows, Ev, n_parts,
+    BLOCK_ROWS: tl.constexpr, BLOCK_EV: tl.constexpr, STATS: tl.constexpr,
 ):
     """Out (n_rows, Ev) in its dtype and Lse (n_rows,) float32 log2, +inf for a row that no part
     saw: the S parts of PartOut (S, n_rows, Ev), PartLse (S, n_rows) merged by their lse
-    (a part's NaN or inf reaches the row even where its weight is 0); grid (cdiv(n_rows, BLOCK_ROWS),)."""
+    (a part's NaN or inf reaches the row even where its weight is 0); with STATS, the parts'
+    PartStats (S, n_rows, 6) merged into Stats (n_rows, 11), the forward's row figures;
+    grid (cdiv(n_rows, BLOCK_ROWS),)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     live = rows < n_rows
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -113,11 +135,28 @@ def decode_merge(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_EV], dtype=tl.float32)
+    # the monitor's sums (STATS): Σ p·s relative to total, max s, Σ s, Σ s², allowed keys, s of key 0
+    st_ps = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    st_max = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+    st_sum = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    st_sq = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    st_count = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    st_first = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
     for s in range(0, n_parts):
         w = tl.math.exp2(tl.load(PartLse + s * n_rows + rows, mask=live, other=float("-inf")) - m_safe)
         total += w
         part = tl.load(PartOut + (s * n_rows + rows)[:, None] * Ev + offs_ev[None, :], mask=cell, other=0.0)
         acc += w[:, None] * part
+        if STATS:
+            part_stats = PartStats + (s * n_rows + rows) * 6
+            st_ps += w * tl.load(part_stats + 0, mask=live, other=0.0)
+            st_max = tl.maximum(st_max, tl.load(part_stats + 1, mask=live, other=float("-inf")))
+            st_sum += tl.load(part_stats + 2, mask=live, other=0.0)
+            st_sq += tl.load(part_stats + 3, mask=live, other=0.0)
+            st_count += tl.load(part_stats + 4, mask=live, other=0.0)
+            st_first = tl.maximum(st_first, tl.load(part_stats + 5, mask=live, other=float("-inf")))
     acc, lse = _softmax_result(acc, total, m_safe, float("inf"))
     tl.store(Out + rows[:, None] * Ev + offs_ev[None, :], acc.to(Out.dtype.element_ty), mask=cell)
     tl.store(Lse + rows, lse, mask=live)
+    if STATS:
+        _store_row_stats(Stats + rows * 11, live, total, st_max, lse, st_ps, st_sum, st_sq, st_count, st_first)

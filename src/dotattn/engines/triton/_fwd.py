@@ -144,6 +144,22 @@ def _softmax_step(s, m_i, l_i, acc):
 
 
 @triton.jit
+def _stats_step(s, p, offs_n, m_old, m_new, st_ps, st_sum, st_sq, st_count, st_first):
+    """One key tile folded into the rows' monitor sums (log2 units): Σ p·s rescaled as l_i is
+    (p from _softmax_step, m_old and m_new the row maxima before and after it), Σ s, Σ s²,
+    allowed keys, and the score of key 0."""
+    seen = s > float("-inf")
+    s_seen = tl.where(seen, s, 0.0)  # 0 where masked, so that p·s stays 0
+    alpha = tl.math.exp2(m_old - tl.where(m_new == float("-inf"), 0.0, m_new))
+    st_ps = st_ps * alpha + tl.sum(p * s_seen, 1)
+    st_sum += tl.sum(s_seen, 1)
+    st_sq += tl.sum(s_seen * s_seen, 1)
+    st_count += tl.sum(seen.to(tl.float32), 1)
+    st_first = tl.maximum(st_first, tl.max(tl.where(offs_n[None, :] == 0, s, float("-inf")), 1))
+    return st_ps, st_sum, st_sq, st_count, st_first
+
+
+@triton.jit
 def _softmax_result(acc, l_i, m_i, dead_lse):
     """The rows' output acc / l_i and lse m_i + log2(l_i); 0 and ``dead_lse`` for a row that saw no key."""
     alive = l_i > 0.0
@@ -153,7 +169,7 @@ def _softmax_result(acc, l_i, m_i, dead_lse):
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q,
+    acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first, q,
     k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
     idx_base, count,  # the key tiles to visit: count indices at idx_base (or 0..count-1 when idx_base is None)
     offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
@@ -164,9 +180,11 @@ def _attn_fwd_inner(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LISTED: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, STATS: tl.constexpr,
 ):
-    """One phase of the forward: fold ``count`` key tiles into the running m_i, l_i, acc."""
+    """One phase of the forward: fold ``count`` key tiles into the running m_i, l_i, acc, and
+    with STATS the rows' monitor sums (log2 units): Σ p·s rescaled like l_i, Σ s, Σ s², allowed
+    keys, and the score of key 0."""
     for t in range(0, count):
         if LISTED:
             start_n = tl.load(idx_base + t) * BLOCK_N
@@ -189,16 +207,45 @@ def _attn_fwd_inner(
             s = tl.where(ok, s, float("-inf"))
         elif not EVEN_N:  # full tile: only the keys past Lk of the last tile
             s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+        m_old = m_i
         p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        if STATS:  # from the weights before dropout, as the reference's
+            st_ps, st_sum, st_sq, st_count, st_first = _stats_step(s, p, offs_n, m_old, m_i, st_ps, st_sum, st_sq,
+                                                                   st_count, st_first)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, threshold_shifted, False), p * inv_keep, 0.0)
         acc = _dot_rounded(p, v, acc, PRECISION, UPCAST, SPLIT)
-    return acc, l_i, m_i
+    return acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first
+
+
+@triton.jit
+def _store_row_stats(base, ok, l_i, m_i, lse2, st_ps, st_sum, st_sq, st_count, st_first):
+    """Rows' monitor figures, 11 float32 each at ``base`` (a row's pointer) where ``ok``, in
+    natural units and the layout of the CPU kernels (csrc/common.h): sees a key, sees none, 0,
+    allowed keys, Σ s, Σ s², entropy, normalized entropy, max p, p of key 0, max s. The sums
+    arrive in log2 units, st_ps = Σ p·s with p relative to l_i."""
+    alive = l_i > 0.0
+    one = tl.where(alive, 1.0, 0.0)
+    entropy = tl.where(alive, 0.6931471805599453 * (lse2 - st_ps / tl.where(alive, l_i, 1.0)), 0.0)
+    normalized = tl.where(alive & (st_count > 1.0),
+                          entropy / tl.log(tl.where(st_count > 1.0, st_count, 2.0)), 0.0)
+    lse_safe = tl.where(alive, lse2, 0.0)
+    tl.store(base + 0, one, mask=ok)
+    tl.store(base + 1, 1.0 - one, mask=ok)
+    tl.store(base + 2, 0.0 * one, mask=ok)
+    tl.store(base + 3, st_count, mask=ok)
+    tl.store(base + 4, 0.6931471805599453 * st_sum, mask=ok)
+    tl.store(base + 5, 0.4804530139182014 * st_sq, mask=ok)
+    tl.store(base + 6, entropy, mask=ok)
+    tl.store(base + 7, normalized, mask=ok)
+    tl.store(base + 8, tl.where(alive, tl.math.exp2(m_i - lse_safe), 0.0), mask=ok)
+    tl.store(base + 9, tl.where(alive, tl.math.exp2(st_first - lse_safe), 0.0), mask=ok)
+    tl.store(base + 10, tl.where(alive, 0.6931471805599453 * m_i, float("-inf")), mask=ok)
 
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Stats,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_kl, stride_ke,
     stride_vb, stride_vh, stride_vl, stride_ve,
@@ -216,9 +263,10 @@ def attn_fwd(
     HAS_MAP: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_SPANS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_CAP: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, STATS: tl.constexpr,
 ):
-    """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) float32, log2 units; grid (cdiv(Lq, BLOCK_M), N·Hq)."""
+    """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) float32, log2 units; with STATS each row's
+    monitor figures in Stats (N, Hq, Lq, 11) float32; grid (cdiv(Lq, BLOCK_M), N·Hq)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     n = (bh // Hq).to(tl.int64)
@@ -243,44 +291,53 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+    # the rows' monitor sums (STATS), log2 units
+    st_ps = tl.zeros([BLOCK_M], dtype=tl.float32)
+    st_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    st_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    st_count = tl.zeros([BLOCK_M], dtype=tl.float32)
+    st_first = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if HAS_MAP:
         at = n * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
         lists = n * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
         # off-band tiles: every entry may attend, no mask work
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+        acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first = _attn_fwd_inner(
+            acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
             FullIdx + lists, tl.load(FullCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep, cap2,
             BLOCK_N, False, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
-            UPCAST, SPLIT,
+            UPCAST, SPLIT, STATS,
         )
         # partial tiles (the diagonal band, the edges): apply the mask
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+        acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first = _attn_fwd_inner(
+            acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
             PartIdx + lists, tl.load(PartCount + at),
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep, cap2,
             BLOCK_N, True, True, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
-            UPCAST, SPLIT,
+            UPCAST, SPLIT, STATS,
         )
     else:  # no mask: every tile is full
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
+        acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first = _attn_fwd_inner(
+            acc, l_i, m_i, st_ps, st_sum, st_sq, st_count, st_first, q, k_base, v_base, stride_kl, stride_ke, stride_vl, stride_ve,
             FullIdx, n_k_tiles,
             offs_m, offs_e, offs_ev, Lq, Lk, E, Ev, qk_scale,
             span_lo, span_hi, allowed_base, stride_am, stride_ak, layout_base, stride_lr, stride_lc, layout_bq,
             layout_bk, bias_base, stride_bm, stride_bk,
             seed, bh, threshold_shifted, inv_keep, cap2,
             BLOCK_N, False, False, EVEN_N, HAS_SPANS, HAS_ALLOWED, HAS_LAYOUT, HAS_BIAS, HAS_DROPOUT, HAS_CAP, PRECISION,
-            UPCAST, SPLIT,
+            UPCAST, SPLIT, STATS,
         )
 
     acc, lse = _softmax_result(acc, l_i, m_i, float("inf"))  # lse +inf for a dead row (the engine reports -inf)
+    if STATS:
+        _store_row_stats(Stats + (bh.to(tl.int64) * Lq + offs_m) * 11, offs_m < Lq, l_i, m_i, lse,
+                         st_ps, st_sum, st_sq, st_count, st_first)
     o_ptrs = Out + n * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_ev[None, :] < Ev))
     tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)

@@ -190,28 +190,33 @@ class Call:
     # -- forward ------------------------------------------------------------------
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
-        """out (N, Hq, Lq, Ev) in the store dtype, lse (N, Hq, Lq) float32 in log2 units."""
+        """out (N, Hq, Lq, Ev) in the store dtype, lse (N, Hq, Lq) float32 in log2 units; for a
+        monitored problem (``Problem.stats``) each row's statistics (N, Hq, Lq, 11) float32 go to
+        ``problem.derived["row_stats"]``, computed in the same pass (the layout of csrc/common.h)."""
         p = self.problem
         q, k, v = self._inputs(q, k, v)
         out = torch.zeros(self.N, p.Hq, p.Lq, p.Ev, dtype=self.store_dtype, device=q.device)
         lse = torch.full((self.N, p.Hq, p.Lq), float("inf"), dtype=torch.float32, device=q.device)
         if self.empty:
             return out, lse
+        stats = torch.empty(self.N, p.Hq, p.Lq, 11, device=q.device) if p.stats else lse
 
         def launch(config):
             bm, bn, warps, stages = config
             grid = (-(-p.Lq // bm), self.N * p.Hq)
             lists = self._lists(bm, bn, False) if p.mask is not None else [lse] * 4 + [0] * 6
             kernels().fwd.attn_fwd[grid](
-                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                q, k, v, out, lse, stats, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E,
                 *self._mask_args(bias), *lists, -(-p.Lk // bn), *self.scalars,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
-                HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias),
+                HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias), STATS=p.stats,
                 num_warps=warps, num_stages=stages,
             )
 
         launch(self._tuned("fwd", FWD_CONFIGS, "m", launch, bias))
+        if p.stats:
+            p.derived["row_stats"] = stats
         return out, lse
 
     def _inputs(self, *xs: torch.Tensor) -> list[torch.Tensor]:
@@ -238,6 +243,9 @@ class Call:
         part_lse = torch.empty(parts, rows, dtype=torch.float32, device=q.device)
         out = torch.empty(self.N, p.Hkv, R, p.Ev, dtype=self.store_dtype, device=q.device)
         lse = torch.empty(self.N, p.Hkv, R, dtype=torch.float32, device=q.device)
+        # a monitored problem's row statistics: each part's, then merged (the forward's layout)
+        part_stats, stats = ((torch.empty(parts, rows, 6, device=q.device), torch.empty(rows, 11, device=q.device))
+                             if p.stats else (part_lse, lse))
         if self.interpreted:
             bn, warps, stages = INTERPRETER_BLOCKS[1], 4, 1
         else:
@@ -247,16 +255,19 @@ class Call:
         flags = self._flags(None)
         kern = kernels().decode
         kern.decode_parts[(parts, self.N * p.Hkv, -(-R // BR))](
-            q, k, v, part_out, part_lse, *q.stride(), *k.stride(), *v.stride(), *self._mask_args(None)[:4],
+            q, k, v, part_out, part_lse, part_stats, *q.stride(), *k.stride(), *v.stride(), *self._mask_args(None)[:4],
             p.Hkv, self.G, p.Lq, p.Lk, p.E, p.Ev, R, parts, p.scale * LOG2E,
             BLOCK_R=BR, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV, HAS_SPANS=flags["HAS_SPANS"],
-            PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"], SPLIT=flags["SPLIT"],
+            PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"], SPLIT=flags["SPLIT"], STATS=p.stats,
             num_warps=warps, num_stages=stages,
         )
         merge_rows = 16
         kern.decode_merge[(-(-rows // merge_rows),)](
-            part_out, part_lse, out, lse, rows, p.Ev, parts, BLOCK_ROWS=merge_rows, BLOCK_EV=self.BEV,
+            part_out, part_lse, part_stats, out, lse, stats, rows, p.Ev, parts, BLOCK_ROWS=merge_rows,
+            BLOCK_EV=self.BEV, STATS=p.stats,
         )
+        if p.stats:
+            p.derived["row_stats"] = stats.view(self.N, p.Hq, p.Lq, 11)
         # row r = g·Lq + i of kv head hk is query i of head hk·G + g: (N, Hkv, G·Lq) is (N, Hq, Lq)
         return out.view(self.N, p.Hq, p.Lq, p.Ev), lse.view(self.N, p.Hq, p.Lq)
 
