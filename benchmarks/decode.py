@@ -169,7 +169,7 @@ def kernel_args(B: int, Hkv: int, R: int, L: int, dtype: torch.dtype) -> tuple:
     seeing all L keys, one part."""
     q = torch.randn(B, Hkv * R, 1, E).to(dtype)
     k, v = (torch.randn(B, Hkv, L, E).to(dtype) for _ in range(2))
-    return q, k, v, None, None, E**-0.5, 1, 0.0  # no soft-capping
+    return q, k, v, None, None, E**-0.5, 1, 0.0, False  # no soft-capping, no statistics
 
 
 def one_core(repeats: int) -> None:
@@ -209,7 +209,7 @@ def overhead(repeats: int) -> None:
         "(left-padded KVCache)": lambda: dotattn.scaled_dot_product_attention(
             q, k, v, mask=padded_mask, enable_gqa=True, engine="split_k"),
         "(no mask)": lambda: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, engine="split_k"),
-        "split_k_attention alone": lambda: _tiled_cpu.split_k_attention(q, k, v, lo, hi, E**-0.5, 1, 0.0),
+        "split_k_attention alone": lambda: _tiled_cpu.split_k_attention(q, k, v, lo, hi, E**-0.5, 1, 0.0, False),
         "torch SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }
     calls = 200
