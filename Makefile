@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # the triton engine's kernels, pinned next to torch (its tests run them in Triton's interpreter)
 TRITON := triton==3.9.0
 
-.PHONY: demo test clean
+.PHONY: demo test wheel clean
 
 # The compiled kernel (src/dotattn/csrc) builds against the installed torch, so torch and
 # the build tools go in first and the package builds without isolation; setup.py builds it
@@ -30,5 +30,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
+# The sdist and a wheel in $(DIST), carrying the kernel at every level, built against the
+# installed torch (after the set-up above, whose compiled objects it reuses, so it only links),
+# then tagged manylinux by auditwheel, torch's own libraries left to torch (the wheel needs the
+# torch it was built against). tests/test_wheel.py runs this and installs the result.
+DIST ?= dist
+TORCH_LIBS := libc10.so libtorch_cpu.so libtorch_python.so libtorch.so libgomp.so.1
+wheel:
+	$(PY) -m build --no-isolation --sdist --wheel --outdir $(DIST)/raw .
+	PATH=$(dir $(PY)):$$PATH $(dir $(PY))auditwheel repair $(TORCH_LIBS:%=--exclude %) -w $(DIST) $(DIST)/raw/dotattn-*.whl
+	mv $(DIST)/raw/dotattn-*.tar.gz $(DIST)/ && rm -rf $(DIST)/raw
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build dist

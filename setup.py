@@ -58,6 +58,11 @@ except ImportError:  # no torch in the build environment, as in pip's isolated b
             "--no-build-isolation . (or set DOTATTN_NO_KERNEL=1 to install without the kernel: "
             "the tiled engine then runs in torch ops, several times slower)") from None
 else:
+    # The torch the kernel is built against, readable before loading the kernel (which links to
+    # that torch's libraries): dotattn checks it at import (engines/_tiled_kernel.py).
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "dotattn", "_kernel_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py: the torch the compiled kernel was built against."""\n\n'
+                f'TORCH_VERSION = "{torch.__version__}"\n')
     for level, march in levels().items():
         ext_modules.append(CppExtension(
             f"dotattn._tiled_cpu_{level}", SOURCES, depends=HEADERS,
@@ -65,6 +70,15 @@ else:
             define_macros=[("DOTATTN_TORCH_VERSION", f'"{torch.__version__}"')],
             extra_compile_args=[*COMMON, *march], extra_link_args=["-fopenmp"], optional=True,
         ))
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    class BuildPerLevel(BuildExtension.with_options(use_ninja=True)):
+        """Each level's objects in a folder of its own, kept between builds (the levels compile the
+        same sources with other flags): an editable install and a wheel built after it share them,
+        so the second build only links."""
+
+        def build_extension(self, ext) -> None:
+            self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "objects", ext.name)
+            super().build_extension(ext)
+
+    cmdclass["build_ext"] = BuildPerLevel
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -77,6 +77,34 @@ def test_the_module_records_the_torch_it_was_built_against():
     assert _tiled_kernel.ext.torch_version == torch.__version__
 
 
+def test_another_torch_gets_a_warning_and_the_torch_ops_path():
+    """A kernel built for torch X under torch Y is not loaded (its symbols are X's): import warns
+    once, names both versions and the fix, and the engines still run, in torch ops."""
+    code = textwrap.dedent("""
+        import warnings
+        import torch
+        torch.__version__ = "2.99.0+cpu"  # as if another torch were installed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import dotattn
+            from dotattn.engines import _tiled_kernel
+        print(len(caught), caught[0].category.__name__, _tiled_kernel.ext is None)
+        print(caught[0].message)
+        q = torch.randn(1, 2, 8, 4)
+        print(dotattn.explain(q, q, q, engine="tiled"))
+        dotattn.scaled_dot_product_attention(q, q, q, engine="tiled")
+    """)
+    env = {**os.environ}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, message, *explained = done.stdout.splitlines()
+    assert first == "1 RuntimeWarning True"
+    assert f"built against torch {torch.__version__}" in message and "2.99.0+cpu" in message
+    assert "pip install --no-build-isolation" in message
+    assert "torch ops" in "\n".join(explained)
+
+
 def test_a_build_without_torch_stops_and_says_how_to_build(tmp_path):
     """pip's isolated build has no torch: setup.py stops with the way to build the kernel."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,6 +26,7 @@ import functools
 import importlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -50,21 +51,46 @@ def _load() -> tuple[ModuleType | None, str | None, str | None]:
     forced = os.environ.get("DOTATTN_CPU_LEVEL", "").lower() or LEVELS[0]
     if forced not in LEVELS:
         raise ValueError(f"DOTATTN_CPU_LEVEL is {forced!r}; use one of {', '.join(LEVELS)}")
+    try:  # which torch the kernel was built against, known before its modules are loaded
+        from dotattn._kernel_info import TORCH_VERSION
+    except ImportError:
+        TORCH_VERSION = None
+    if TORCH_VERSION is not None and TORCH_VERSION != torch.__version__:
+        # Its modules link to that torch's C++ symbols: loading them under another torch fails on
+        # undefined symbols at best, so they are not loaded at all.
+        warnings.warn(
+            f"dotattn's compiled CPU kernel was built against torch {TORCH_VERSION}, but torch "
+            f"{torch.__version__} is installed: the tiled and split_k engines run in torch ops, several "
+            f"times slower. Install torch=={TORCH_VERSION.split('+')[0]}, or rebuild dotattn against this torch: "
+            "pip install --no-build-isolation --force-reinstall --no-deps dotattn", RuntimeWarning, stacklevel=2)
+        return None, None, (f"the compiled kernel was built against torch {TORCH_VERSION}, not this torch "
+                            f"{torch.__version__}; rebuild it: pip install --no-build-isolation -e .")
     capability = torch.backends.cpu.get_cpu_capability()
-    errors = []
+    errors, broken = [], []
     for level in LEVELS[LEVELS.index(forced):]:
         if _RUNS_ON[level] is not None and capability not in _RUNS_ON[level]:
             continue
         try:
             module = importlib.import_module(f"dotattn._tiled_cpu_{level}")
-        except ImportError as error:
+        except ModuleNotFoundError as error:  # not built (a build without the kernel, or not for this CPU)
             errors.append(f"{level}: {error}")
+            continue
+        except ImportError as error:  # built, but it does not load (e.g. against another torch's symbols)
+            errors.append(f"{level}: {error}")
+            broken.append(level)
             continue
         built = getattr(module, "torch_version", None)
         if built != torch.__version__:  # torch's C++ ABI changes between releases
             errors.append(f"{level}: built against torch {built}")
+            broken.append(level)
             continue
         return module, level, None
+    if broken:  # a kernel was installed for this machine and cannot run: say so once, at import
+        warnings.warn(
+            f"dotattn's compiled CPU kernel does not run under torch {torch.__version__} "
+            f"({'; '.join(errors)}): the tiled and split_k engines fall back to torch ops, several times "
+            "slower. Rebuild it with torch already installed: pip install --no-build-isolation "
+            "--force-reinstall --no-deps dotattn", RuntimeWarning, stacklevel=2)
     return None, None, (
         f"the compiled kernel is not built for this CPU or this torch {torch.__version__} "
         f"({'; '.join(errors) or 'no module'}); rebuild it with torch already installed: "
