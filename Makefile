@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # the triton engine's kernels, pinned next to torch (its tests run them in Triton's interpreter)
 TRITON := triton==3.9.0
 
-.PHONY: demo test wheel clean
+.PHONY: demo test docs wheel clean
 
 # The compiled kernel (src/dotattn/csrc) builds against the installed torch, so torch and
 # the build tools go in first and the package builds without isolation; setup.py builds it
@@ -15,7 +15,7 @@ TRITON := triton==3.9.0
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard src/dotattn/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(TRITON) setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,demo,plots,monitor]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,hf,demo,plots,monitor,docs]'
 	touch $@
 
 # The seed's steps on the real all-MiniLM-L6-v2 (heatmaps in out/explain), its heads'
@@ -29,6 +29,11 @@ demo: $(VENV)/.installed
 # pytest exits 5 when it collects no test: not a failure of the code.
 test: $(VENV)/.installed
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+# The documentation site in out/site, from docs/ and the docstrings (mkdocs.yml), offline;
+# --strict turns a broken link or reference into an error.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
 
 # The sdist and a wheel in $(DIST), carrying the kernel at every level, built against the
 # installed torch (after the set-up above, whose compiled objects it reuses, so it only links),

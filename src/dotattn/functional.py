@@ -57,7 +57,7 @@ def scaled_dot_product_attention(
     query: (B.., Hq, Lq, E)   key: (B.., Hkv, Lk, E)   value: (B.., Hkv, Lk, Ev)
     returns (B.., Hq, Lq, Ev), or an AttentionResult when return_lse or return_weights.
     B.. is zero or more leading dims that broadcast among the three; 2-D inputs (L, E)
-    work as in the seeds.
+    work too.
 
     The positional arguments mean what they mean in torch 2.13:
       attn_mask  bool (True = may attend) or float (added to the scores), broadcastable

@@ -1,4 +1,4 @@
-"""MultiHeadAttention: the seeds' projections X·Wq, X·Wk, X·Wv, per-head attention through
+"""MultiHeadAttention: the textbook projections X·Wq, X·Wk, X·Wv, per-head attention through
 ``dotattn.scaled_dot_product_attention``, and the output projection. Batch-first.
 
 Shape legend: B batch, Lq query length, Lk key length, D embed dim, Dk/Dv key/value
