@@ -43,7 +43,7 @@ from dotattn._softmax import stable_softmax
 __all__ = ["AdditiveAttention"]
 
 # Entries of the (*batch, rows, Lk, H_a) sigmoid tensor computed per block: 2**20 fp32 is
-# 4 MiB. Forward+backward on the project's 2-core machine: 2**18-2**20 fastest; 2**16 pays
+# 4 MiB. Forward+backward on a 2-core x86-64 machine: 2**18-2**20 fastest; 2**16 pays
 # for the Python loop over blocks (1.3-1.8x), 2**22 and 2**24 for leaving the cache (up to
 # 2x and 2.6x at L 1024, H_a 256).
 _BLOCK_ELEMENTS = 2**20
