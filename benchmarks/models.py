@@ -2,6 +2,7 @@
 
     python -m benchmarks.models            # the cases below, float32, 3 timed runs each
     python -m benchmarks.models --quick    # lengths halved, 2 runs
+    python -m benchmarks.models --only generate,memory    # some cases alone
 
 Random-weight transformers models (hidden 512, 2 layers, 8 heads / 2 kv heads, float32; no
 download), sdpa (or eager) and dotattn timed interleaved on the same inputs
@@ -16,6 +17,11 @@ download), sdpa (or eager) and dotattn timed interleaved on the same inputs
                               at 50), L 2048: forward + backward, against "eager", the only
                               correct transformers implementation for soft-capping
     minilm encode             all-MiniLM-L6-v2 (real weights), 64 padded sentences
+    generate                  Llama, greedy generate() of 32 tokens after a 2048-token prompt
+                              (dynamic cache): new tokens per second of the whole call, and
+                              whether both give the same tokens
+    memory                    the Mistral window model's prefill at L 16384: peak bytes torch
+                              allocated (torch profiler), sdpa against dotattn
 
 dotattn's masks come from ``dotattn.hf.build_mask``: a window, packed documents and padding
 arrive structured, so its engines skip the tiles they hide.
@@ -72,13 +78,49 @@ def _train(model, **inputs):
     return run
 
 
+def generate_case(L: int, new_tokens: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES, max_position_embeddings=8192)).eval()
+    ids = torch.randint(3, 1024, (1, L), generator=g)
+
+    def generate():
+        with torch.no_grad():
+            return llama.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    same = torch.equal(_run_as(llama, "sdpa", generate), _run_as(llama, NAME, generate))
+    t_base, t_ours = timed([lambda: _run_as(llama, "sdpa", generate), lambda: _run_as(llama, NAME, generate)], repeats)
+    print(f"{f'llama generate {new_tokens} after {L}':28s} sdpa {new_tokens / t_base:8.1f} tok/s  dotattn "
+          f"{new_tokens / t_ours:8.1f} tok/s  {t_base / t_ours:5.2f}x  same tokens: {same}")
+
+
+def memory_case(L: int) -> None:
+    from dotattn.benchmarking import peak_bytes
+
+    g = torch.Generator().manual_seed(2)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(**SIZES, sliding_window=256,
+                                                                         max_position_embeddings=32768)).eval()
+    ids = torch.randint(3, 1024, (1, L), generator=g)
+    peaks = {impl: peak_bytes(lambda impl=impl: _run_as(mistral, impl, _forward(mistral, input_ids=ids,
+                                                                                use_cache=False)))
+             for impl in ("sdpa", NAME)}
+    print(f"{f'mistral window prefill L {L}':28s} peak allocated: sdpa {peaks['sdpa'] / 2**20:8.0f} MiB  dotattn "
+          f"{peaks[NAME] / 2**20:8.0f} MiB  {peaks[NAME] / peaks['sdpa']:5.2f}x sdpa's")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated: generate, memory (the others run only without it)")
     args = ap.parse_args()
     scale, repeats = (2, 2) if args.quick else (1, 3)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           "float32; ratio = sdpa time / dotattn time")
+    only = set(filter(None, args.only.split(",")))
+    if only:
+        if "generate" in only:
+            generate_case(2048 // scale, 32, repeats)
+        if "memory" in only:
+            memory_case(16384 // scale)
+        return
     g = torch.Generator().manual_seed(0)
 
     L = 2048 // scale
@@ -127,6 +169,8 @@ def main() -> None:
             return minilm(**batch).last_hidden_state
     encode.count = len(sentences)
     _case(f"minilm encode 64 x L {batch['input_ids'].shape[1]}", minilm, encode, repeats * 5, unit="sent/s")
+    generate_case(2048 // scale, 32, repeats)
+    memory_case(16384 // scale)
 
 
 if __name__ == "__main__":
