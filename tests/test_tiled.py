@@ -82,6 +82,23 @@ def test_float_mask_gradient_with_small_tiles(small_tiles):
         assert_matches_oracle(q, k, v, bias, engine="tiled", is_causal=True)
 
 
+@pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")
+@pytest.mark.parametrize("structure", ["causal", "window", "padding"])
+def test_spans_and_a_float_tensor_read_in_place_match_the_oracle(structure):
+    """Spans ANDed with one float tensor (causal plus ALiBi, a learned bias): the kernel masks with
+    the spans and reads the bias where it lies, no packed tiles, gradients to the bias included."""
+    q, k, v = qkv(2, 4, 301, 16, Lk=333)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    alibi = slopes[:, None, None] * (torch.arange(333) - torch.arange(301)[:, None] - 32)  # (H, Lq, Lk)
+    learned = torch.randn(2, 1, 301, 333, generator=torch.Generator().manual_seed(3))
+    spans = {"causal": masks.causal("bottom_right"), "window": masks.sliding_window(40, 3),
+             "padding": masks.padding([333, 100], [301, 50])}[structure]
+    for bias in (alibi, learned):  # as attn_mask, so the oracle rule covers its gradient too
+        tiles = _tiled_kernel.TileMask.of(prepare(q, k, v, bias, mask=spans), 64, 64, torch.float32)
+        assert tiles.lo is not None and tiles.bias.dim() == 4 and tiles.allowed is None  # in place, not packed
+        assert_matches_oracle(q, k, v, bias, mask=spans, engine="tiled")
+
+
 def test_dropout_pattern_does_not_depend_on_tile_sizes(small_tiles):
     q, k, v = (x.requires_grad_() for x in qkv(2, 2, 37, 8, Lk=45))
 

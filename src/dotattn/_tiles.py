@@ -81,6 +81,19 @@ def block_codes(problem: Problem, block_q: int, block_k: int) -> torch.Tensor:
     return derived(p, ("codes", block_q, block_k), make)
 
 
+def spans_and_rest(problem: Problem) -> tuple[masks.Mask | None, list[masks.Mask]]:
+    """The problem's mask (which must not be None) split into the AND of its leaves that are one
+    span of keys per row (None when there is none) and the leaves that are not (float biases,
+    dense, block-sparse, unsorted documents), ANDed together: how a kernel masks a tile with
+    two comparisons per row and reads the rest as it lies."""
+    p = problem
+    leaves = list(p.mask.children) if isinstance(p.mask, masks.And) else [p.mask]
+    spanned, rest = [], []
+    for leaf in leaves:
+        (rest if leaf.is_additive or leaf.row_spans(p.Lq, p.Lk) is None else spanned).append(leaf)
+    return (None if not spanned else spanned[0] if len(spanned) == 1 else masks.And(*spanned)), rest
+
+
 def row_spans(problem: Problem, mask: masks.Mask | None = None,
               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The row spans of ``mask`` (default: the problem's whole mask) as contiguous int32

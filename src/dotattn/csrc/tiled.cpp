@@ -134,7 +134,8 @@ struct TileMask {
   }
 
   // Mask the scores s (rows x cols, ld) of PARTIAL tile p at (n, h, q0, k0): -inf where
-  // masked, bias added.
+  // masked, bias added. Row spans and a bias read in place may come together (causal plus
+  // ALiBi or a learned bias): the spans mask, then the bias adds.
   void apply(int32_t p, T* s, int ld, int rows, int cols, int64_t n, int64_t h, int64_t q0, int64_t k0) const {
     const T neg_inf = -std::numeric_limits<T>::infinity();
     if (lo != nullptr) {  // spans: two fills per row, no mask memory
@@ -146,9 +147,9 @@ struct TileMask {
         std::fill(sr, sr + a, neg_inf);
         std::fill(sr + b, sr + cols, neg_inf);
       }
-      return;
+      if (dense == nullptr) return;
     }
-    if (dense != nullptr) {  // the bias where it lies: no copy
+    if (dense != nullptr) {  // the bias where it lies: no copy (-inf stays -inf)
       for (int r = 0; r < rows; ++r) {
         T* sr = s + static_cast<int64_t>(r) * ld;
         const T* br = dense + n * d_sn + h * d_sh + (q0 + r) * d_sq + k0 * d_sk;
@@ -450,8 +451,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             }
             if (ds_slot != nullptr) {
               const int32_t slot = ds_slot[((n * Hq + h) * nQ + qi) * nK + kj];
-              if (slot >= 0) {
-                T* dst = ds_out + static_cast<int64_t>(slot) * bq * bk;
+              if (slot >= 0) {  // at the narrowed keys' place in the tile (row spans may start inside it)
+                T* dst = ds_out + static_cast<int64_t>(slot) * bq * bk + (k0 - static_cast<int64_t>(kj) * bk);
                 for (int r = 0; r < rows; ++r)
                   std::copy(dp.data() + r * bk, dp.data() + r * bk + cols, dst + r * bk);
               }

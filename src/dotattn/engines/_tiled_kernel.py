@@ -12,7 +12,8 @@ The mask reaches the kernel already classified tile by tile: an index map saying
 EMPTY, FULL or PARTIAL. A PARTIAL tile is masked from the mask's row spans
 (``Mask.row_spans``: each row may attend one interval of keys), which covers causal,
 sliding-window, padding, prefix-LM, sorted-document masks and their combinations in
-O(L) memory. Other masks (dense, block-sparse, float biases) are packed: one
+O(L) memory. A float tensor, alone or ANDed with such masks, is read where it lies.
+Other masks (dense boolean, block-sparse, several float biases) are packed: one
 ``mask.tile`` call per partial tile position, stored as uint8 "may attend" or as the
 additive bias.
 
@@ -131,6 +132,7 @@ class TileMask:
     allowed: uint8 (P, bq, bk): packed boolean tiles
     bias:    (P, bq, bk) in the compute dtype: packed additive tiles; or, for a mask that is
              one float tensor, that tensor as (Nm, Hm, Lq or 1, Lk or 1), read in place
+    or both lo, hi and a bias read in place, for spans ANDed with one float tensor
     """
 
     index: torch.Tensor | None = None
@@ -162,8 +164,14 @@ class TileMask:
             return cls(index, lo=spans[0], hi=spans[1])
         if isinstance(p.mask, masks.Dense) and p.mask.is_additive:  # the kernel reads it where it lies
             index[partial] = 0
-            bias = heads_canonical(p.mask.tensor.to(dtype), p.batch_shape, p.Hq)
-            return cls(index, None, bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous())
+            return cls(index, None, cls._in_place(p.mask, p, dtype))
+        spanned, rest = _tiles.spans_and_rest(p)
+        if spanned is not None and len(rest) == 1 and isinstance(rest[0], masks.Dense) and rest[0].is_additive:
+            # spans and one float tensor (causal plus ALiBi, a relative or learned bias): every tile
+            # the mask leaves is masked by the spans and gets the bias read where it lies, with no
+            # packed tiles
+            index[codes != masks.EMPTY] = 0
+            return cls(index, None, cls._in_place(rest[0], p, dtype), *_tiles.row_spans(p, spanned))
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
         pack = torch.empty(  # the kernel reads only the part of an edge tile inside Lq x Lk
             (int(partial.sum()), block_q, block_k),
@@ -180,6 +188,13 @@ class TileMask:
         if p.mask.is_additive:
             return cls(index, None, pack)
         return cls(index, pack, None)
+
+    @staticmethod
+    def _in_place(leaf: masks.Dense, problem: Problem, dtype: torch.dtype) -> torch.Tensor:
+        """A float mask tensor as the kernel reads it in place: (Nm, Hm, Lq or 1, Lk or 1) with a
+        contiguous last dim."""
+        bias = heads_canonical(leaf.tensor.to(dtype), problem.batch_shape, problem.Hq)
+        return bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous()
 
 
 @dataclass
@@ -240,8 +255,8 @@ class KernelCall:
             partial = (self.mask.index >= 0).expand(self.N, p.Hq, *self.mask.index.shape[2:])
             ds_index = torch.full(partial.shape, -1, dtype=torch.int32)
             ds_index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
-            # every slot's part inside Lq x Lk is written by the kernel
-            ds_tiles = torch.empty(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
+            # zeros: with row spans the kernel writes only the keys some row of the tile may see
+            ds_tiles = torch.zeros(int(partial.sum()), self.block_q, self.block_k, dtype=self.dtype)
         grads = ext.backward(
             self.canonical(q), self.canonical(k), self.canonical(v), d_out, lse.contiguous(), delta, *self._extra(),
             ds_index, ds_tiles,

@@ -294,10 +294,18 @@ class Dense(Mask):
 
     def _block_map(self, Lq, Lk, block_q, block_k, device):
         t = self.tensor.detach().to(device)
-        allowed = t != _NEG_INF if self.is_additive else t
-        codes = _block_map_of_dense(allowed, Lq, Lk, block_q, block_k)
-        # A bias must still be added on a tile where every key is visible.
-        return codes.clamp_(max=PARTIAL) if self.is_additive else codes
+        if not self.is_additive:
+            return _block_map_of_dense(t, Lq, Lk, block_q, block_k)
+        # A bias must still be added on a tile where every key is visible, so a tile is PARTIAL
+        # unless all of it is -inf: one max per tile, one pass over the tensor.
+        *lead, R, C = t.shape
+        nq, nk = _cdiv(R, block_q), _cdiv(C, block_k)
+        padded = t if (R % block_q, C % block_k) == (0, 0) else t.new_full((*lead, nq * block_q, nk * block_k), _NEG_INF)
+        if padded is not t:  # the ragged last tiles see only their real entries
+            padded[..., :R, :C] = t
+        top = padded.reshape(*lead, nq, block_q, nk, block_k).amax(dim=(-3, -1))
+        seen = top != _NEG_INF  # NaN counts as seen: it must reach the rows that see it
+        return _codes(torch.zeros_like(seen), seen, (*lead, _cdiv(Lq, block_q), _cdiv(Lk, block_k)))
 
 
 def documents(q_doc_ids: torch.Tensor, kv_doc_ids: torch.Tensor | None = None) -> Documents:

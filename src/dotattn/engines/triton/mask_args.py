@@ -43,13 +43,9 @@ class MaskParts:
         if p.mask is None:
             return cls()
         device = p.device
-        leaves = list(p.mask.children) if isinstance(p.mask, masks.And) else [p.mask]
-        spanned, rest = [], []
-        for leaf in leaves:
-            (rest if leaf.is_additive or leaf.row_spans(p.Lq, p.Lk) is None else spanned).append(leaf)
+        spans, rest = _tiles.spans_and_rest(p)
         parts = cls()
-        if spanned:
-            spans = spanned[0] if len(spanned) == 1 else masks.And(*spanned)
+        if spans is not None:
             parts.lo, parts.hi = _tiles.row_spans(p, spans, device)
         sparse = next((leaf for leaf in rest if isinstance(leaf, masks.BlockSparse)), None)
         if sparse is not None:  # read one entry per layout block
