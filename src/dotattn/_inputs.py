@@ -18,6 +18,11 @@ from dotattn import masks
 from dotattn._dropout import draw_seed
 
 
+# The columns of a monitored row's statistics, which the kernels write (csrc/common.h) and
+# dotattn.diagnostics reduces: ten sums and the max logit.
+ROW_STATS = 11
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype an engine computes in: half precisions in float32 (as torch's math
     backend does on CPU), others as they are."""

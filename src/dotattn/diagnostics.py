@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from dotattn import masks
-from dotattn._inputs import Problem
+from dotattn._inputs import ROW_STATS, Problem
 from dotattn._text import table
 from dotattn.engines.base import AttentionResult
 from dotattn.functional import OBSERVER
@@ -75,6 +75,9 @@ def active() -> Monitor | None:
 # the rows the kernels write (csrc/common.h), which are these ten and the max logit.
 SUMS = ("rows", "masked_rows", "nonfinite_rows", "pairs", "score_sum", "score_sq_sum", "entropy_sum",
         "normalized_entropy_sum", "max_prob_sum", "first_mass_sum")
+
+
+assert len(SUMS) + 1 == ROW_STATS  # the kernels' row layout: these sums, then the max logit
 
 
 def _column(i: int) -> property:

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from dotattn._inputs import Problem
+from dotattn._inputs import ROW_STATS, Problem
 from dotattn._layout import flat_batch
 from dotattn._nonfinite import zeroed
 from dotattn._tiles import tile_lists
@@ -199,7 +199,7 @@ class Call:
         lse = torch.full((self.N, p.Hq, p.Lq), float("inf"), dtype=torch.float32, device=q.device)
         if self.empty:
             return out, lse
-        stats = torch.empty(self.N, p.Hq, p.Lq, 11, device=q.device) if p.stats else lse
+        stats = torch.empty(self.N, p.Hq, p.Lq, ROW_STATS, device=q.device) if p.stats else lse
 
         def launch(config):
             bm, bn, warps, stages = config
@@ -244,8 +244,8 @@ class Call:
         out = torch.empty(self.N, p.Hkv, R, p.Ev, dtype=self.store_dtype, device=q.device)
         lse = torch.empty(self.N, p.Hkv, R, dtype=torch.float32, device=q.device)
         # a monitored problem's row statistics: each part's, then merged (the forward's layout)
-        part_stats, stats = ((torch.empty(parts, rows, 6, device=q.device), torch.empty(rows, 11, device=q.device))
-                             if p.stats else (part_lse, lse))
+        part_stats, stats = ((torch.empty(parts, rows, 6, device=q.device),
+                              torch.empty(rows, ROW_STATS, device=q.device)) if p.stats else (part_lse, lse))
         if self.interpreted:
             bn, warps, stages = INTERPRETER_BLOCKS[1], 4, 1
         else:
@@ -267,7 +267,7 @@ class Call:
             BLOCK_EV=self.BEV, STATS=p.stats,
         )
         if p.stats:
-            p.derived["row_stats"] = stats.view(self.N, p.Hq, p.Lq, 11)
+            p.derived["row_stats"] = stats.view(self.N, p.Hq, p.Lq, ROW_STATS)
         # row r = g·Lq + i of kv head hk is query i of head hk·G + g: (N, Hkv, G·Lq) is (N, Hq, Lq)
         return out.view(self.N, p.Hq, p.Lq, p.Ev), lse.view(self.N, p.Hq, p.Lq)
 
