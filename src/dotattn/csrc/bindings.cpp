@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = DOTATTN_TORCH_VERSION;  // the torch this module was built against
   m.def("forward", &dotattn::forward,
         "out, lse[, row_stats] = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, "
-        "softcap, stats); with stats, row_stats (N, Hq, Lq, 11) holds each row's monitor figures (tiled.cpp)");
+        "softcap, stats); with stats, row_stats (N, Hq, Lq, 11) holds each row's monitor figures (common.h)");
   m.def("backward", &dotattn::backward,
         "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
         "seed, softcap, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");

@@ -162,16 +162,16 @@ class TileMask:
         if spans is not None:
             index[partial] = 0
             return cls(index, lo=spans[0], hi=spans[1])
-        if isinstance(p.mask, masks.Dense) and p.mask.is_additive:  # the kernel reads it where it lies
-            index[partial] = 0
-            return cls(index, None, cls._in_place(p.mask, p, dtype))
         spanned, rest = _tiles.spans_and_rest(p)
-        if spanned is not None and len(rest) == 1 and isinstance(rest[0], masks.Dense) and rest[0].is_additive:
-            # spans and one float tensor (causal plus ALiBi, a relative or learned bias): every tile
-            # the mask leaves is masked by the spans and gets the bias read where it lies, with no
-            # packed tiles
+        if len(rest) == 1 and isinstance(rest[0], masks.Dense) and rest[0].is_additive:
+            # one float tensor, alone or with spans (causal plus ALiBi, a relative or learned bias):
+            # every tile the mask leaves gets the bias read where it lies, masked by the spans, with
+            # no packed tiles
             index[codes != masks.EMPTY] = 0
-            return cls(index, None, cls._in_place(rest[0], p, dtype), *_tiles.row_spans(p, spanned))
+            bias = heads_canonical(rest[0].tensor.to(dtype), p.batch_shape, p.Hq)
+            bias = bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous()
+            spans = (None, None) if spanned is None else _tiles.row_spans(p, spanned)
+            return cls(index, None, bias, *spans)
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
         pack = torch.empty(  # the kernel reads only the part of an edge tile inside Lq x Lk
             (int(partial.sum()), block_q, block_k),
@@ -188,13 +188,6 @@ class TileMask:
         if p.mask.is_additive:
             return cls(index, None, pack)
         return cls(index, pack, None)
-
-    @staticmethod
-    def _in_place(leaf: masks.Dense, problem: Problem, dtype: torch.dtype) -> torch.Tensor:
-        """A float mask tensor as the kernel reads it in place: (Nm, Hm, Lq or 1, Lk or 1) with a
-        contiguous last dim."""
-        bias = heads_canonical(leaf.tensor.to(dtype), problem.batch_shape, problem.Hq)
-        return bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous()
 
 
 @dataclass

@@ -10,14 +10,21 @@ from dotattn.masks.base import (
 )
 
 
-def _any_per_tile(x: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """Whether each block_q x block_k tile of a bool tensor (..., R, C) holds a True: (..., ceil(R/bq), ceil(C/bk))."""
+def _tiles_of(x: torch.Tensor, block_q: int, block_k: int, fill: object) -> torch.Tensor:
+    """x (..., R, C) as its block_q x block_k tiles, (..., nq, block_q, nk, block_k), the ragged
+    last tiles padded with ``fill`` (a value that changes no tile's reduction)."""
     *lead, R, C = x.shape
     nq, nk = _cdiv(R, block_q), _cdiv(C, block_k)
-    # Pad with False so the ragged last tiles see only their real entries.
-    padded = x.new_zeros(*lead, nq * block_q, nk * block_k)
-    padded[..., :R, :C] = x
-    return padded.view(*lead, nq, block_q, nk, block_k).any(dim=-1).any(dim=-2)
+    if (R % block_q, C % block_k) != (0, 0):
+        padded = x.new_full((*lead, nq * block_q, nk * block_k), fill)
+        padded[..., :R, :C] = x
+        x = padded
+    return x.reshape(*lead, nq, block_q, nk, block_k)
+
+
+def _any_per_tile(x: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Whether each block_q x block_k tile of a bool tensor (..., R, C) holds a True: (..., ceil(R/bq), ceil(C/bk))."""
+    return _tiles_of(x, block_q, block_k, False).any(dim=-1).any(dim=-2)
 
 
 def _block_map_of_dense(allowed: torch.Tensor, Lq: int, Lk: int, block_q: int, block_k: int) -> torch.Tensor:
@@ -298,14 +305,9 @@ class Dense(Mask):
             return _block_map_of_dense(t, Lq, Lk, block_q, block_k)
         # A bias must still be added on a tile where every key is visible, so a tile is PARTIAL
         # unless all of it is -inf: one max per tile, one pass over the tensor.
-        *lead, R, C = t.shape
-        nq, nk = _cdiv(R, block_q), _cdiv(C, block_k)
-        padded = t if (R % block_q, C % block_k) == (0, 0) else t.new_full((*lead, nq * block_q, nk * block_k), _NEG_INF)
-        if padded is not t:  # the ragged last tiles see only their real entries
-            padded[..., :R, :C] = t
-        top = padded.reshape(*lead, nq, block_q, nk, block_k).amax(dim=(-3, -1))
+        top = _tiles_of(t, block_q, block_k, _NEG_INF).amax(dim=(-3, -1))
         seen = top != _NEG_INF  # NaN counts as seen: it must reach the rows that see it
-        return _codes(torch.zeros_like(seen), seen, (*lead, _cdiv(Lq, block_q), _cdiv(Lk, block_k)))
+        return _codes(torch.zeros_like(seen), seen, (*t.shape[:-2], _cdiv(Lq, block_q), _cdiv(Lk, block_k)))
 
 
 def documents(q_doc_ids: torch.Tensor, kv_doc_ids: torch.Tensor | None = None) -> Documents:
