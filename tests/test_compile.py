@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import dotattn
 from dotattn import masks
+from dotattn.engines import split_k as split_k_engine
 from dotattn.testing import compare_to_oracle
 from tests.conftest import qkv
 
@@ -262,3 +265,129 @@ def test_explain_names_what_cannot_run_under_compile():
     assert len(explanation.compile_limits) == 3
     for words in ("under torch.compile: return_weights=True", "generator=", "cannot cross into the operator"):
         assert words in text
+
+
+# The split_k operator's kernel comes with the compiled module
+needs_kernel = pytest.mark.skipif(split_k_engine._MISSING is not None, reason="no compiled kernel")
+
+
+def _dotattn_ops(fn, *args) -> list[str]:
+    """The dotattn operators that a fullgraph compilation of fn(*args) calls, by name."""
+    found: list[str] = []
+
+    def backend(gm, example_inputs):
+        found.extend(str(n.target) for n in gm.graph.nodes if "dotattn" in str(n.target))
+        return gm
+
+    torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    return found
+
+
+def _decode(B=2, Hq=8, Hkv=2, Lq=1, Lk=300, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, Lq, 64, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, Lk, 64, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+DECODE_MASKS = {
+    "cache": lambda lengths: masks.causal("bottom_right"),
+    "left padding": lambda lengths: masks.padding(lengths, side="left") & masks.causal("bottom_right"),
+    "right padding": lambda lengths: masks.padding(lengths),
+    "window": lambda lengths: masks.sliding_window(50, 0, align="bottom_right"),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("kind", list(DECODE_MASKS))
+def test_a_compiled_decoding_step_calls_the_split_k_kernel_operator(kind, Lq, dtype):
+    q, k, v = _decode(Lq=Lq, dtype=dtype)
+    lengths = torch.tensor([300, 120])
+
+    def step(q, k, v, lengths):
+        return dotattn.scaled_dot_product_attention(q, k, v, mask=DECODE_MASKS[kind](lengths), enable_gqa=True)
+
+    with torch.no_grad():
+        assert _dotattn_ops(step, q, k, v, lengths) == ["dotattn.split_k"]
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True)
+        torch.testing.assert_close(compiled(q, k, v, lengths), step(q, k, v, lengths), rtol=0, atol=0)
+
+
+@needs_kernel
+def test_the_split_k_operator_is_used_only_where_an_eager_call_runs_its_kernel():
+    q, k, v = _decode()
+
+    def step(q, k, v, **kw):
+        return dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+    with torch.no_grad():
+        assert _dotattn_ops(step, q, k, v) == ["dotattn.split_k"]
+        assert _dotattn_ops(lambda *a: step(*a, engine="tiled"), q, k, v) == ["dotattn.attention"]
+        assert _dotattn_ops(lambda *a: step(*a, dropout_p=0.1), q, k, v) == ["dotattn.attention"]
+        assert _dotattn_ops(lambda *a: step(*a, attn_mask=torch.ones(1, 300, dtype=torch.bool)), q, k, v) == \
+            ["dotattn.attention"]
+        many = _decode(Hq=32, Hkv=1, Lq=2)  # 64 rows per kv head: auto picks tiled, a forced split_k its kernel
+        assert _dotattn_ops(step, *many) == ["dotattn.attention"]
+        assert _dotattn_ops(lambda *a: step(*a, engine="split_k"), *many) == ["dotattn.split_k"]
+    assert _dotattn_ops(step, q.requires_grad_(), k, v)[0] == "dotattn.attention"  # grad: the fallback's
+
+
+@needs_kernel
+def test_a_use_engine_scope_recompiles_a_compiled_step():
+    q, k, v = _decode()
+    backend = CountingBackend()
+    compiled = torch.compile(lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                             fullgraph=True, backend=backend)
+    with torch.no_grad():
+        expected = compiled(q, k, v)
+        with dotattn.use_engine("reference"):
+            torch.testing.assert_close(compiled(q, k, v), expected)
+            assert dotattn.explain(q, k, v, enable_gqa=True).engine == "reference"
+            # another thread is outside the scope: the first graph serves it
+            worker = threading.Thread(target=lambda: torch.no_grad()(compiled)(q, k, v))
+            worker.start(), worker.join()
+        compiled(q, k, v)
+    assert backend.graphs == 2  # the scope's graph, then the first one again from the cache
+
+
+@needs_kernel
+def test_garbage_a_compiled_step_sees_reruns_as_an_eager_call_does():
+    q, k, v = _decode()
+    lengths = torch.tensor([300, 120])
+    k[1, :, 10] = float("nan")  # left padding: row 1 never sees it
+    v[0, 1, 250] = float("inf")  # seen by every query head of kv head 1 in row 0
+
+    def step(q, k, v, lengths):
+        mask = masks.padding(lengths, side="left") & masks.causal("bottom_right")
+        return dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True)
+
+    with torch.no_grad():
+        out, expected = torch.compile(step, fullgraph=True)(q, k, v, lengths), step(q, k, v, lengths)
+    assert torch.equal(out.isfinite(), expected.isfinite()) and out[1].isfinite().all()
+    assert not out[0, 4:].isfinite().any() and out[0, :4].isfinite().all()
+    torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
+
+
+@needs_kernel
+def test_a_compiled_step_with_padding_longer_than_the_keys_raises():
+    q, k, v = _decode()
+    compiled = torch.compile(lambda q, k, v, n: dotattn.scaled_dot_product_attention(
+        q, k, v, mask=masks.padding(n), enable_gqa=True), fullgraph=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="outside the 300 keys"):
+        compiled(q, k, v, torch.tensor([301, 4]))
+
+
+@needs_kernel
+def test_opcheck_on_the_split_k_operator():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        q, k, v = _decode(Lq=3, Lk=40, dtype=dtype)
+        mask = masks.padding(torch.tensor([40, 7]), side="left") & masks.causal("bottom_right")
+        tensors: list[torch.Tensor] = []
+        spec = mask.spec(tensors)
+        lo, hi = mask.row_spans(3, 40)
+        for spans in ((None, None), (lo, hi)):
+            args = (q, k, v, *spans, 0.125, 0.0, 4, 256, tensors, spec, True)
+            torch.library.opcheck(torch.ops.dotattn.split_k.default, args)

@@ -11,6 +11,14 @@ with a fake implementation that gives exact shapes and dtypes, and a backward op
                                          dropout_p, seed, enable_gqa, engine, softcap)
         -> dq, dk, dv (shapes of q, k, v), and one gradient per float mask tensor
 
+A decoding step that the split_k engine's C++ kernel would run (decided while tracing from
+shapes, dtypes, strides, the mask's structure and the engine asked for, ``use_engine``
+scopes included: ``SplitKEngine.traced_spans``) calls that kernel's own operator instead,
+with no Python between the compiled graph and the kernel:
+
+    torch.ops.dotattn.split_k(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys,
+                              mask_tensors, mask_spec, enable_gqa) -> out, lse   (no autograd)
+
 The traced code reads no tensor data: the mask reaches the operator as its structure, a
 string (``Mask.spec``), and its tensors; the dropout seed as a tensor drawn in the graph.
 Everything that reads data runs inside the operator, eagerly, on the real tensors: the
@@ -90,11 +98,32 @@ def _batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
     return tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
 
 
-@_attention.register_fake
-def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, needs_grad, softcap):
+def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch = _batch(q, k, v)
     Hq, Lq, Ev = q.shape[-3], q.shape[-2], v.shape[-1]
     return q.new_empty(*batch, Hq, Lq, Ev), q.new_empty(*batch, Hq, Lq, dtype=lse_dtype(q.dtype))
+
+
+@_attention.register_fake
+def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engine, needs_grad, softcap):
+    return _empty_result(q, k, v)
+
+
+# The split-K kernel as its own operator, which a compiled decoding step calls with no Python
+# in between (``attention`` below decides while tracing): its kernel is csrc/split_k.cpp's
+# split_k_op, registered for CPU by the compiled module. lo, hi: row spans (Mask.row_spans) or
+# None; parts_per_thread, min_part_keys: how the keys are cut (SplitKEngine). Where some row saw
+# garbage, the kernel reruns the problem (mask_tensors, mask_spec) as dotattn::attention on the
+# tiled engine, as the split_k engine does.
+_LIBRARY = torch.library.Library("dotattn", "FRAGMENT")
+_LIBRARY.define("split_k(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, float scale, float softcap, "
+                "int parts_per_thread, int min_part_keys, Tensor[] mask_tensors, str mask_spec, bool enable_gqa) "
+                "-> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("dotattn::split_k")
+def _(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys, mask_tensors, mask_spec, enable_gqa):
+    return _empty_result(q, k, v)
 
 
 @torch.library.custom_op("dotattn::attention_backward", mutates_args=())
@@ -151,9 +180,17 @@ def attention(
     tensor data, so it traces as one node; ``mask`` is everything ANDed (attn_mask, is_causal, mask)."""
     tensors: list[torch.Tensor] = []
     spec = "" if mask is None else mask.spec(tensors)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
+    split_k = engines.get("split_k")
+    spans = split_k.traced_spans(query, key, value, mask, dropout_p, needs_grad, enable_gqa, engine)
+    if spans is not None:  # a decoding step: the kernel's own operator, no Python when it runs
+        E = query.shape[-1]
+        return torch.ops.dotattn.split_k(
+            query, key, value, *spans, 1.0 / math.sqrt(E) if scale is None else float(scale),
+            0.0 if softcap is None else float(softcap), split_k.PARTS_PER_THREAD, split_k.MIN_PART_KEYS,
+            tensors, spec, enable_gqa)
     seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
             else torch.zeros((), dtype=torch.int64))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
     return torch.ops.dotattn.attention(query, key, value, tensors, spec, -1.0 if scale is None else float(scale),
                                        float(dropout_p), seed, enable_gqa, engine, needs_grad,
                                        0.0 if softcap is None else float(softcap))

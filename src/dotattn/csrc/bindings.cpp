@@ -17,9 +17,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("split_k_attention", &dotattn::split_k_attention,
         "out, lse, garbage, row_stats = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, stats): the split-K "
         "forward, merged; with stats, row_stats (N, Hq, Lq, 11) as forward's, else None (split_k.cpp)");
+  m.def("split_k_parts", &dotattn::split_k_parts,
+        "parts = split_k_parts(tasks, Lk, parts_per_thread, min_part_keys): how many parts split_k_attention "
+        "cuts each (batch, kv head)'s keys into on this many threads");
   m.def("has_blas", &dotattn::has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.def("tile_gemm_seconds", &dotattn::tile_gemm_seconds,
         "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");
   m.attr("EMPTY_TILE") = dotattn::EMPTY_TILE;
   m.attr("FULL_TILE") = dotattn::FULL_TILE;
 }
+
+// The kernel of dotattn::split_k, the operator a compiled graph calls for a decoding step that
+// split_k runs (dotattn/_ops.py defines it and decides while tracing): no Python between the
+// graph and the kernel. Only the kernel is registered here, so a second level loaded into one
+// process overrides it (a warning) rather than defining the operator twice (an abort).
+TORCH_LIBRARY_IMPL(dotattn, CPU, m) { m.impl("split_k", TORCH_FN(dotattn::split_k_op)); }

@@ -33,5 +33,17 @@ std::vector<double> tile_gemm_seconds(int64_t bq, int64_t bk, int64_t E, int64_t
 std::tuple<at::Tensor, at::Tensor, bool, at::Tensor> split_k_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
     const c10::optional<at::Tensor>& hi, double scale, int64_t parts, double softcap, bool stats);
+// How many parts split_k_attention cuts each of `tasks` (batch, kv head) pairs' Lk keys into:
+// parts_per_thread per thread over the tasks, each of at least min_part_keys keys, at least one.
+int64_t split_k_parts(int64_t tasks, int64_t Lk, int64_t parts_per_thread, int64_t min_part_keys);
+// The operator dotattn::split_k (bindings.cpp): split_k_attention as a compiled graph calls it,
+// out (*B, Hq, Lq, Ev) in q's dtype and lse (*B, Hq, Lq); where some row saw garbage, the
+// problem (mask_tensors, mask_spec: dotattn._ops) reruns as dotattn::attention on the tiled engine.
+std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& lo,
+                                              const c10::optional<at::Tensor>& hi, double scale, double softcap,
+                                              int64_t parts_per_thread, int64_t min_part_keys,
+                                              at::TensorList mask_tensors, c10::string_view mask_spec,
+                                              bool enable_gqa);
 
 }  // namespace dotattn

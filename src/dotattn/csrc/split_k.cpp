@@ -24,11 +24,13 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -523,6 +525,9 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool small = elements * static_cast<int64_t>(sizeof(In)) < kDecodeMinParallelBytes &&
                      elements * R < kDecodeMinParallelMacs;
   const int threads = small ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  // A span outside [0, Lk] (padding lengths longer than the keys, which no check read before
+  // a compiled call) is reported after the parallel region: no exception may leave it.
+  std::atomic<bool> bad_span{false};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -550,6 +555,10 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const int64_t h = hk * G + r / Lq, i = r % Lq;
         row_lo[r] = lo_p ? lo_p[Lo->at(n, h, i)] : 0;
         row_hi[r] = hi_p ? hi_p[Hi->at(n, h, i)] : Lk;
+        if (row_lo[r] < 0 || row_hi[r] > Lk) {
+          bad_span = true;
+          row_lo[r] = row_hi[r] = 0;
+        }
         const In* src = q_p + Qb.at(n, h, i);
         for (int e = 0; e < E; ++e)
           qh[r * E + e] = static_cast<T>(src[(interleaved ? e - e % 16 + bf16_lane(e % 16) : e) * q_step]);
@@ -682,6 +691,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
     }
   }
+  TORCH_CHECK(!bad_span, "split_k_attention: a row span lies outside the ", Lk, " keys (0 <= lo, hi <= Lk); "
+              "are the padding lengths longer than the key length?");
   if (S > 1)
     merge_parts(part_out.data_ptr<T>(), part_lse.data_ptr<T>(), S, N * Hkv * R, Ev, out.data_ptr<T>(),
                 lse.data_ptr<T>());
@@ -743,6 +754,39 @@ std::tuple<at::Tensor, at::Tensor, bool, at::Tensor> split_k_attention(
                                                   stats ? row_stats.data_ptr<float>() : nullptr);
   }
   return {out, lse, garbage, row_stats};
+}
+
+int64_t split_k_parts(int64_t tasks, int64_t Lk, int64_t parts_per_thread, int64_t min_part_keys) {
+  const int64_t slots = parts_per_thread * at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>((slots + tasks - 1) / std::max<int64_t>(tasks, 1), Lk / min_part_keys));
+}
+
+std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& lo,
+                                              const c10::optional<at::Tensor>& hi, double scale, double softcap,
+                                              int64_t parts_per_thread, int64_t min_part_keys,
+                                              at::TensorList mask_tensors, c10::string_view mask_spec,
+                                              bool enable_gqa) {
+  auto lead = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 3); };
+  std::vector<int64_t> shape = at::infer_size(at::infer_size(lead(q), lead(k)), lead(v));
+  const int64_t tasks = c10::multiply_integers(shape) * k.size(-3);
+  const int64_t parts = split_k_parts(tasks, k.size(-2), parts_per_thread, min_part_keys);
+  auto [out, lse, garbage, unused] = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, false);
+  if (garbage) {
+    // Garbage some row may see: the tiled engine marks exactly those rows (split_k.py's fallback).
+    static auto attention =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("dotattn::attention", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      at::TensorList, c10::string_view, double, double,
+                                                      const at::Tensor&, bool, c10::string_view, bool, double)>();
+    return attention.call(q, k, v, mask_tensors, mask_spec, scale, 0.0, at::zeros({}, q.options().dtype(at::kLong)),
+                          enable_gqa, "tiled", false, softcap);
+  }
+  shape.insert(shape.end(), {q.size(-3), q.size(-2)});
+  lse = lse.view(shape);
+  shape.push_back(v.size(-1));
+  return {out.view(shape).to(q.scalar_type()), lse};
 }
 
 }  // namespace dotattn

@@ -5,13 +5,16 @@ reports no reason against the problem and does not ask auto to pass it over (an
 engine may, where a lower-ranked one is faster at that size; ``explain`` shows why),
 while a forced engine runs whenever it can. A forced engine that cannot run raises
 :class:`EngineNotSupportedError` listing every reason. ``use_engine`` scopes a
-default through a context variable, so it is safe across threads and async tasks.
+default through a context variable, so it is safe across threads and async tasks; under
+torch.compile, which cannot read a context variable, the graph reads the scope of the
+calling thread (:func:`traced_request`) and is recompiled when it changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +28,14 @@ _REGISTRY: dict[str, Engine] = {}
 _ORDER: tuple[Engine, ...] = ()
 _NAMES: tuple[str, ...] = ()
 _SCOPED: contextvars.ContextVar[str] = contextvars.ContextVar("dotattn_engine", default="auto")
+# The same scope per thread, for torch.compile: dynamo cannot read a ContextVar, but it reads
+# (and guards on) an attribute of a threading.local in the thread that calls the graph.
+class _ThreadScope(threading.local):
+    def __init__(self) -> None:  # runs in each thread that reads it: outside every scope
+        self.name = "auto"
+
+
+_THREAD_SCOPE = _ThreadScope()
 
 
 def register(engine: Engine) -> Engine:
@@ -59,10 +70,20 @@ def get(name: str) -> Engine:
 def use_engine(name: str) -> Iterator[None]:
     """Within the block, ``engine="auto"`` means ``name`` (or "auto" to undo an outer scope)."""
     token = _SCOPED.set(_check_name(name))
+    outer, _THREAD_SCOPE.name = _THREAD_SCOPE.name, name
     try:
         yield
     finally:
         _SCOPED.reset(token)
+        _THREAD_SCOPE.name = outer
+
+
+def traced_request(engine: str) -> str:
+    """What ``engine`` asks for in a call being traced by torch.compile: itself, or for "auto"
+    the innermost ``use_engine`` scope of this thread. Read while tracing, so the compiled graph
+    is guarded on it: entering another scope recompiles. (Asyncio tasks that share a thread
+    and interleave different scopes around one compiled function share this value.)"""
+    return _THREAD_SCOPE.name if engine == "auto" else _check_name(engine)
 
 
 @dataclass(frozen=True)

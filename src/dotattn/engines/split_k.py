@@ -55,10 +55,11 @@ import math
 
 import torch
 
+from dotattn import masks
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import Engine, Support
-from dotattn.engines.registry import available, register, select
+from dotattn.engines.registry import available, register, select, traced_request
 from dotattn.engines.triton import configs as triton_configs
 from dotattn.engines.triton import launch as triton_kernels
 
@@ -68,6 +69,8 @@ _MISSING = _tiled_kernel.MISSING or (
     "the compiled kernel predates split_k_attention; rebuild it: "
     "pip install --no-build-isolation -e ."
 )
+# The masks whose row spans a compiled graph derives in tensor ops alone (traced_spans), ANDed.
+_TRACED_SPANS = (masks.Causal, masks.SlidingWindow, masks.Padding, masks.PrefixLM)
 
 
 class SplitKEngine(Engine):
@@ -170,9 +173,46 @@ class SplitKEngine(Engine):
             slots = self.PARTS_PER_SM * torch.cuda.get_device_properties(p.device).multi_processor_count
             rows = p.Hq // p.Hkv * p.Lq
             tasks *= -(-rows // triton_configs.decode_rows(rows))  # blocks of rows
-        else:
-            slots = self.PARTS_PER_THREAD * torch.get_num_threads()
-        return max(1, min(-(-slots // tasks), p.Lk // self.MIN_PART_KEYS))
+            return max(1, min(-(-slots // tasks), p.Lk // self.MIN_PART_KEYS))
+        return _tiled_kernel.ext.split_k_parts(tasks, p.Lk, self.PARTS_PER_THREAD, self.MIN_PART_KEYS)
+
+    def traced_spans(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.Mask | None,
+                     dropout_p: float, needs_grad: bool, enable_gqa: bool, engine: str) -> tuple | None:
+        """Under torch.compile: the row spans ``(lo, hi)`` (``(None, None)``: no mask) with which a
+        call runs this engine's C++ kernel as the operator ``dotattn::split_k``, when the call's
+        static facts (shapes, strides, dtypes, the mask's structure, the engine asked for and the
+        scope) show that an eager call would run that kernel; None otherwise, and the generic
+        operator chooses when it runs. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev),
+        as the call passes them; ``mask`` everything ANDed."""
+        requested = traced_request(engine)
+        if _MISSING is not None or self.kernel != "auto" or requested not in ("auto", self.name):
+            return None
+        if requested == "auto" and available()[0] is not self:  # an engine registered above this one
+            return None
+        if needs_grad or dropout_p > 0 or min(q.dim(), k.dim(), v.dim()) < 3:
+            return None
+        if {q.device.type, k.device.type, v.device.type} != {"cpu"} or not q.dtype == k.dtype == v.dtype \
+                or q.dtype not in self._both.dtypes_on["cpu"] or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+        (Hq, Lq, E), (Hkv, Lk, Ek), (Hv, Lv, Ev) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
+                or 0 in (math.prod(batch), Hq, Lq, Lk, E, Ev):
+            return None  # the generic operator raises what an eager call would
+        if requested == "auto" and Hq // Hkv * Lq > self.AUTO_MAX_ROWS:
+            return None
+        mask = None if mask is None else mask.simplified(Lq, Lk)
+        if mask is None:
+            return None, None
+        leaves = mask.leaves()
+        if not isinstance(mask, (masks.And, *_TRACED_SPANS)) or not all(isinstance(m, _TRACED_SPANS) for m in leaves):
+            return None
+        lo, hi = mask._row_spans(Lq, Lk, q.device)
+        try:  # spans of another batch size: the generic operator says so
+            torch.broadcast_shapes(lo.shape, hi.shape, (*batch, Hq, Lq))
+        except RuntimeError:
+            return None
+        return lo, hi
 
     def detail(self, problem: Problem) -> str:
         p = problem
