@@ -325,6 +325,9 @@ def test_the_split_k_operator_is_used_only_where_an_eager_call_runs_its_kernel()
 
     with torch.no_grad():
         assert _dotattn_ops(step, q, k, v) == ["dotattn.split_k"]
+        capped = lambda *a: step(*a, softcap=2.0)  # noqa: E731
+        assert _dotattn_ops(capped, q, k, v) == ["dotattn.split_k"]
+        torch.testing.assert_close(torch.compile(capped, fullgraph=True)(q, k, v), capped(q, k, v))
         assert _dotattn_ops(lambda *a: step(*a, engine="tiled"), q, k, v) == ["dotattn.attention"]
         assert _dotattn_ops(lambda *a: step(*a, dropout_p=0.1), q, k, v) == ["dotattn.attention"]
         assert _dotattn_ops(lambda *a: step(*a, attn_mask=torch.ones(1, 300, dtype=torch.bool)), q, k, v) == \

@@ -40,6 +40,7 @@ import math
 import torch
 
 from dotattn import engines, masks
+from dotattn.engines import registry
 from dotattn._inputs import lse_dtype, prepare
 
 __all__ = ["attention", "limits"]
@@ -181,16 +182,27 @@ def attention(
     tensors: list[torch.Tensor] = []
     spec = "" if mask is None else mask.spec(tensors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
-    split_k = engines.get("split_k")
-    spans = split_k.traced_spans(query, key, value, mask, dropout_p, needs_grad, enable_gqa, engine)
-    if spans is not None:  # a decoding step: the kernel's own operator, no Python when it runs
-        E = query.shape[-1]
-        return torch.ops.dotattn.split_k(
-            query, key, value, *spans, 1.0 / math.sqrt(E) if scale is None else float(scale),
-            0.0 if softcap is None else float(softcap), split_k.PARTS_PER_THREAD, split_k.MIN_PART_KEYS,
-            tensors, spec, enable_gqa)
+    if not dropout_p:  # a decoding step: the kernel's own operator, no Python when it runs
+        result = _split_k(query, key, value, mask, scale, softcap, enable_gqa, engine, tensors, spec)
+        if result is not None:
+            return result
     seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
             else torch.zeros((), dtype=torch.int64))
     return torch.ops.dotattn.attention(query, key, value, tensors, spec, -1.0 if scale is None else float(scale),
                                        float(dropout_p), seed, enable_gqa, engine, needs_grad,
                                        0.0 if softcap is None else float(softcap))
+
+
+def _split_k(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: masks.Mask | None,
+             scale: float | None, softcap: float | None, enable_gqa: bool, engine: str,
+             tensors: list[torch.Tensor], spec: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The traced call as ``dotattn::split_k``, when the split_k engine's kernel would run it
+    eagerly (``SplitKEngine.traced_spans``, with this thread's ``use_engine`` scope); None otherwise."""
+    split_k = engines.get("split_k")
+    spans = split_k.traced_spans(query, key, value, mask, scale, softcap, enable_gqa, registry.traced_request(engine))
+    if spans is None:
+        return None
+    return torch.ops.dotattn.split_k(
+        query, key, value, *spans, 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+        0.0 if softcap is None else softcap, split_k.PARTS_PER_THREAD, split_k.MIN_PART_KEYS, tensors, spec,
+        enable_gqa)

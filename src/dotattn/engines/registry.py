@@ -80,9 +80,10 @@ def use_engine(name: str) -> Iterator[None]:
 
 def traced_request(engine: str) -> str:
     """What ``engine`` asks for in a call being traced by torch.compile: itself, or for "auto"
-    the innermost ``use_engine`` scope of this thread. Read while tracing, so the compiled graph
-    is guarded on it: entering another scope recompiles. (Asyncio tasks that share a thread
-    and interleave different scopes around one compiled function share this value.)"""
+    this thread's innermost ``use_engine`` scope (or "auto"). Read while tracing, so the
+    compiled graph is guarded on it: entering another scope recompiles. (Asyncio tasks that
+    share a thread and interleave different scopes around one compiled function share this
+    value.)"""
     return _THREAD_SCOPE.name if engine == "auto" else _check_name(engine)
 
 

@@ -59,7 +59,7 @@ from dotattn import masks
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import Engine, Support
-from dotattn.engines.registry import available, register, select, traced_request
+from dotattn.engines.registry import available, register, select
 from dotattn.engines.triton import configs as triton_configs
 from dotattn.engines.triton import launch as triton_kernels
 
@@ -69,8 +69,9 @@ _MISSING = _tiled_kernel.MISSING or (
     "the compiled kernel predates split_k_attention; rebuild it: "
     "pip install --no-build-isolation -e ."
 )
-# The masks whose row spans a compiled graph derives in tensor ops alone (traced_spans), ANDed.
-_TRACED_SPANS = (masks.Causal, masks.SlidingWindow, masks.Padding, masks.PrefixLM)
+# The masks whose row spans are tensor ops on their own parameters alone, which traced_spans
+# takes (ANDed): a compiled graph derives them as it runs.
+_SPANNED = (masks.Causal, masks.SlidingWindow, masks.Padding, masks.PrefixLM)
 
 
 class SplitKEngine(Engine):
@@ -177,19 +178,24 @@ class SplitKEngine(Engine):
         return _tiled_kernel.ext.split_k_parts(tasks, p.Lk, self.PARTS_PER_THREAD, self.MIN_PART_KEYS)
 
     def traced_spans(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.Mask | None,
-                     dropout_p: float, needs_grad: bool, enable_gqa: bool, engine: str) -> tuple | None:
+                     scale: float | None, softcap: float | None, enable_gqa: bool, requested: str) -> tuple | None:
         """Under torch.compile: the row spans ``(lo, hi)`` (``(None, None)``: no mask) with which a
-        call runs this engine's C++ kernel as the operator ``dotattn::split_k``, when the call's
-        static facts (shapes, strides, dtypes, the mask's structure, the engine asked for and the
-        scope) show that an eager call would run that kernel; None otherwise, and the generic
-        operator chooses when it runs. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev),
-        as the call passes them; ``mask`` everything ANDed."""
-        requested = traced_request(engine)
+        call without dropout or weights runs this engine's C++ kernel as the operator
+        ``dotattn::split_k``, when its static facts (shapes, strides, dtypes, the mask's
+        structure, the engine ``requested`` after scopes: ``registry.traced_request``) show that
+        an eager call would run that kernel; None otherwise, and the generic operator chooses
+        when it runs. Reads no tensor data. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E),
+        v (*B, Hkv, Lk, Ev) as the call passes them; ``mask`` everything ANDed."""
+        if not all(x is None or type(x) is float and math.isfinite(x) for x in (scale, softcap)) \
+                or (softcap is not None and softcap <= 0):
+            return None  # the generic operator says what is wrong with them
         if _MISSING is not None or self.kernel != "auto" or requested not in ("auto", self.name):
             return None
         if requested == "auto" and available()[0] is not self:  # an engine registered above this one
             return None
-        if needs_grad or dropout_p > 0 or min(q.dim(), k.dim(), v.dim()) < 3:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None  # these masks hold no float tensor that could require grad
+        if min(q.dim(), k.dim(), v.dim()) < 3:
             return None
         if {q.device.type, k.device.type, v.device.type} != {"cpu"} or not q.dtype == k.dtype == v.dtype \
                 or q.dtype not in self._both.dtypes_on["cpu"] or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -205,13 +211,13 @@ class SplitKEngine(Engine):
         if mask is None:
             return None, None
         leaves = mask.leaves()
-        if not isinstance(mask, (masks.And, *_TRACED_SPANS)) or not all(isinstance(m, _TRACED_SPANS) for m in leaves):
+        if not isinstance(mask, (masks.And, *_SPANNED)) or not all(isinstance(m, _SPANNED) for m in leaves):
             return None
-        lo, hi = mask._row_spans(Lq, Lk, q.device)
-        try:  # spans of another batch size: the generic operator says so
-            torch.broadcast_shapes(lo.shape, hi.shape, (*batch, Hq, Lq))
-        except RuntimeError:
-            return None
+        lo, hi = mask.row_spans(Lq, Lk)  # checks the mask against the sizes, as prepare does
+        rows = (*batch, Hq, Lq)
+        if not all(len(t.shape) <= len(rows) and all(n in (1, m) for n, m in zip(t.shape[::-1], rows[::-1]))
+                   for t in (lo, hi)):
+            return None  # spans of another batch size: the generic operator says so
         return lo, hi
 
     def detail(self, problem: Problem) -> str:
