@@ -14,7 +14,7 @@ from functools import reduce
 
 import torch
 
-from dotattn import masks
+from dotattn import _score_mod, masks
 from dotattn._dropout import draw_seed
 
 
@@ -85,6 +85,9 @@ class Problem:
     # A Monitor records this call: an engine that can computes each row's statistics while it
     # runs and leaves them in derived["row_stats"] (N, Hq, Lq, 11), see csrc/common.h.
     stats: bool = False
+    # score_mod(score, b, h, q_idx, kv_idx) -> score, after the scale and softcap and before the
+    # mask (dotattn._score_mod); None for none.
+    score_mod: object = None
 
     def settle(self, *, requires_grad: bool, dropout_seed: int | None = None) -> Problem:
         """Fix what this problem would otherwise decide from its tensors on first use: whether
@@ -103,6 +106,12 @@ class Problem:
         the problem would make a cycle, which keeps its tensors alive until the garbage
         collector runs (a ring's blocks would pile up)."""
         return {}
+
+    @_cached
+    def score_mod_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The floating-point tensors ``score_mod`` captures (``_score_mod.captured``), which its
+        gradients reach; () without one."""
+        return () if self.score_mod is None else _score_mod.captured(self.score_mod)
 
     @_cached
     def dropout_seed(self) -> int:
@@ -141,7 +150,9 @@ class Problem:
         if self.query.requires_grad or self.key.requires_grad or self.value.requires_grad:
             return True
         m = self.mask  # only a float mask has bias leaves
-        return m is not None and m.is_additive and any(leaf.tensor.requires_grad for leaf in m.biases())
+        if m is not None and m.is_additive and any(leaf.tensor.requires_grad for leaf in m.biases()):
+            return True
+        return any(t.requires_grad for t in self.score_mod_tensors)
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -272,6 +283,7 @@ def prepare(
     return_weights: object = False,
     generator: object = None,
     softcap: object = None,
+    score_mod: object = None,
 ) -> Problem:
     """Check a call's arguments and bundle them into a :class:`Problem`."""
     # Each check is a call only where the common case's test fails, and plain statements stand
@@ -376,4 +388,5 @@ def prepare(
         batch_shape=batch_shape,
         squeeze_head=squeeze_head,
         dtype=dtype, device=device, device_type="cpu" if query.is_cpu else device.type, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, E=E, Ev=Ev,
+        score_mod=None if score_mod is None else _score_mod.check(score_mod),
     )

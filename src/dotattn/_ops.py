@@ -47,7 +47,7 @@ __all__ = ["attention", "limits"]
 
 
 def limits(mask: masks.Mask | None, dropout_p: float, generator: torch.Generator | None,
-           return_weights: bool) -> list[str]:
+           return_weights: bool, score_mod: object = None) -> list[str]:
     """Why a call with these arguments cannot run under torch.compile or torch.export, as
     sentences that say what to do instead (empty when it can). The traced call raises the
     first; ``dotattn.explain`` lists them all."""
@@ -58,6 +58,9 @@ def limits(mask: masks.Mask | None, dropout_p: float, generator: torch.Generator
     if generator is not None and dropout_p > 0:
         found.append("dropout with a generator= is not supported (the generator's state cannot be read while "
                      "tracing); leave generator=None and seed torch's default generator with torch.manual_seed(...)")
+    if score_mod is not None:
+        found.append("score_mod= is not supported (a Python function cannot cross into the operator); run this "
+                     "call eagerly (torch.compiler.disable), or express the bias as a float mask")
     if mask is not None:
         try:
             mask.spec([])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dotattn import _score_mod
 from dotattn._inputs import Problem, compute_dtype
 from dotattn._layout import kv_per_query_head
 from dotattn._nonfinite import finite_part, nan_scores
@@ -45,6 +46,8 @@ def weights_from_lse(problem: Problem, lse: torch.Tensor) -> torch.Tensor:
         s = (q @ k.transpose(-2, -1)) * p.scale  # (*batch, Hq, Lq, Lk)
         if p.softcap:
             s = p.softcap * torch.tanh(s / p.softcap)
+        if p.score_mod is not None:
+            s = _score_mod.apply_dense(p.score_mod, s, p.batch_shape)
         s = nan_scores(s, q_bad, k_bad)
         if p.mask is not None:
             dense = p.mask.to_dense(p.Lq, p.Lk, device=s.device)

@@ -10,6 +10,7 @@ import contextvars
 import dataclasses
 import functools
 import operator
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -51,6 +52,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     generator: torch.Generator | None = None,
     softcap: float | None = None,
+    score_mod: Callable | None = None,
 ) -> torch.Tensor | AttentionResult:
     """softmax(Q Kᵀ · scale + mask) V, a drop-in for torch's function of the same name.
 
@@ -78,6 +80,10 @@ def scaled_dot_product_attention(
       generator       the torch.Generator that seeds dropout
       softcap         logit soft-capping (Gemma 2, Grok): scores -> softcap·tanh(scores/softcap),
                       after the scale and before the mask; None for none
+      score_mod       FlexAttention's score_mod(score, b, h, q_idx, kv_idx) -> score, after the
+                      scale and softcap and before the mask, with broadcasting int64 index
+                      tensors (b the flattened batch row); gradients reach the tensors it
+                      captures. Runs on the reference and tiled (torch-ops) engines, eagerly
 
     A query row with no allowed key gives output 0, lse -inf, weights 0 and zero
     gradients. Masked-out keys never influence anything, even when they hold NaN or inf.
@@ -86,10 +92,11 @@ def scaled_dot_product_attention(
     """
     if torch.compiler.is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
-                       return_lse, return_weights, generator, softcap)
+                       return_lse, return_weights, generator, softcap, score_mod)
     problem = prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
+        score_mod=score_mod,
     )
     # The steps of a call in line, not in helpers: a decoding step runs them with their code out
     # of cache, where each function called costs microseconds.
@@ -108,7 +115,7 @@ def scaled_dot_product_attention(
 
 
 def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
-            return_lse, return_weights, generator, softcap) -> torch.Tensor | AttentionResult:
+            return_lse, return_weights, generator, softcap, score_mod) -> torch.Tensor | AttentionResult:
     """The call under torch.compile or torch.export: one ``dotattn::attention`` operator
     (``dotattn._ops``), which checks the arguments and picks the engine when it runs."""
     parts = []
@@ -119,7 +126,7 @@ def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     if mask is not None:
         parts.append(mask)
     combined = functools.reduce(operator.and_, parts) if parts else None
-    found = _ops.limits(combined, dropout_p, generator, return_weights)
+    found = _ops.limits(combined, dropout_p, generator, return_weights, score_mod)
     if found:
         raise ValueError(f"under torch.compile or torch.export, {found[0]}")
     squeeze = query.dim() == key.dim() == value.dim() == 2
@@ -146,6 +153,7 @@ def explain(
     return_weights: bool = False,
     generator: torch.Generator | None = None,
     softcap: float | None = None,
+    score_mod: Callable | None = None,
 ) -> Explanation:
     """Which engine ``scaled_dot_product_attention`` would run with these arguments, and
     why each other engine would not. Takes the same arguments; computes nothing.
@@ -154,6 +162,8 @@ def explain(
     problem = prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
+        score_mod=score_mod,
     )
-    limits = _ops.limits(problem.mask, problem.dropout_p, problem.generator, problem.return_weights)
+    limits = _ops.limits(problem.mask, problem.dropout_p, problem.generator, problem.return_weights,
+                         problem.score_mod)
     return dataclasses.replace(engines.explain_problem(problem, engine), compile_limits=tuple(limits))

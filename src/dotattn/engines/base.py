@@ -80,6 +80,7 @@ class Support:
     # materialises the (Lq, Lk) scores: O(L²) memory (ring attention's auto never picks it)
     quadratic_memory: bool = False
     softcap: bool = False  # logit soft-capping (softcap=)
+    score_mod: bool = False  # a score_mod= function (dotattn._score_mod)
 
     def reasons(self, problem: Problem) -> list[str]:
         """Every declared limit the problem breaks, as sentences that say how to avoid it."""
@@ -102,6 +103,9 @@ class Support:
                     reasons.append(f"mask {leaf!r} is not supported")
         if problem.softcap and not self.softcap:
             reasons.append(f"softcap={problem.softcap} is not supported (the reference, tiled and split_k engines take it on CPU, triton on CUDA)")
+        if problem.score_mod is not None and not self.score_mod:
+            reasons.append("score_mod= is not supported (a Python function these kernels cannot call; the reference "
+                           "and tiled engines take it)")
         if problem.dropout_p > 0 and not self.dropout:
             reasons.append(f"dropout_p={problem.dropout_p} is not supported (use dropout_p=0)")
         if problem.requires_grad and not self.backward:
@@ -175,7 +179,7 @@ class Engine:
         p = problem
         if p.requires_grad:
             biases = () if p.mask is None else tuple(leaf.tensor for leaf in p.mask.biases())
-            out, lse = _Attention.apply(self, p, p.query, p.key, p.value, *biases)
+            out, lse = _Attention.apply(self, p, p.query, p.key, p.value, *biases, *p.score_mod_tensors)
         else:
             out, lse = self.forward(p)
         # Each op costs a decoding step microseconds when its code is out of cache, so the
@@ -198,11 +202,13 @@ class Engine:
 class _Attention(torch.autograd.Function):
     """Every engine as one autograd node: forward saves q, k, v, the output and the lse;
     backward hands them to the engine's ``backward``. The mask's float leaves are inputs
-    too, so that autograd hands their gradients back."""
+    too, so that autograd hands their gradients back, and so are the tensors a score_mod
+    captures, whose gradients an engine that takes score_mod leaves in
+    ``problem.derived["score_mod_grads"]`` (one per ``problem.score_mod_tensors``)."""
 
     @staticmethod
     def forward(ctx, engine: Engine, problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                *biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                *leaves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = engine.forward(problem)
         # The problem holds q, k and v too; saving them as well lets autograd check that
         # nothing modified them in place before backward.
@@ -214,8 +220,10 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: torch.Tensor, _d_lse: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
+        p = ctx.problem
+        biases = () if p.mask is None else p.mask.biases()
         dq, dk, dv, d_biases = ctx.engine.backward(
-            ctx.problem, out, lse, d_out, bias_grads=any(ctx.needs_input_grad[5:]))
-        biases = () if ctx.problem.mask is None else ctx.problem.mask.biases()
+            p, out, lse, d_out, bias_grads=any(ctx.needs_input_grad[5:5 + len(biases)]))
         d_biases = tuple(None if g is None else g.to(b.tensor.dtype) for g, b in zip(d_biases, biases))
-        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_biases
+        d_captured = p.derived.pop("score_mod_grads", (None,) * len(p.score_mod_tensors))
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_biases, *d_captured

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from dotattn import _score_mod
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
 from dotattn._layout import kv_per_query_head
@@ -55,6 +56,8 @@ def four_steps(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     s = s * problem.scale
     if problem.softcap:  # logit soft-capping, before the mask
         s = problem.softcap * torch.tanh(s / problem.softcap)
+    if problem.score_mod is not None:  # the caller's function of the score and its indices
+        s = _score_mod.apply_dense(problem.score_mod, s, problem.batch_shape)
     s = nan_scores(s, q_bad, k_bad)
 
     allowed = None
@@ -82,7 +85,7 @@ def four_steps(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 @contextlib.contextmanager
-def _autograd_on() -> Iterator[None]:
+def autograd_on() -> Iterator[None]:
     """Autograd on, also inside a PyTorch operator (``dotattn._ops``), whose implementation runs
     with the autograd dispatch keys excluded (autograd is the operator's own registration)."""
     K = torch._C.DispatchKey
@@ -101,6 +104,7 @@ class ReferenceEngine(Engine):
         dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16),
         quadratic_memory=True,
         softcap=True,
+        score_mod=True,
     )
     priority = 0  # the fallback: every faster engine outranks it
 
@@ -118,11 +122,16 @@ class ReferenceEngine(Engine):
         offset = None
         if bias_grads and biases:
             offset = torch.zeros(p.scores_shape, dtype=compute_dtype(p.dtype), device=p.device, requires_grad=True)
-        with _autograd_on():
+        captured = [t for t in p.score_mod_tensors if t.requires_grad]
+        with autograd_on():
             again, _ = four_steps(p, *leaves, offset)
-        wanted = leaves if offset is None else [*leaves, offset]
+        wanted = [*leaves, *([] if offset is None else [offset]), *captured]
         grads = torch.autograd.grad(again, wanted, d_out.reshape(again.shape).to(again.dtype), allow_unused=True)
         dq, dk, dv, *ds = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, wanted))
+        ds, d_captured = ds[:len(ds) - len(captured)], iter(ds[len(ds) - len(captured):])
+        if p.score_mod is not None:
+            p.derived["score_mod_grads"] = tuple(next(d_captured) if t.requires_grad else None
+                                                 for t in p.score_mod_tensors)
         d_biases = tuple(ds[0].sum_to_size(leaf.tensor.shape) if ds else None for leaf in biases)
         return dq, dk, dv, d_biases
 

@@ -101,7 +101,7 @@ class SplitKEngine(Engine):
         self._both = Support(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
                              dtypes_on={"cpu": (torch.float32, torch.bfloat16, torch.float64),
                                         "cuda": triton_kernels.support().dtypes},
-                             softcap=True)  # the C++ kernel's; the split-K Triton kernels' reason is in extra_reasons
+                             softcap=True, score_mod=True)  # the C++ kernel's; the split-K Triton kernels' reason is in extra_reasons
 
     @property
     def support(self) -> Support:
@@ -145,6 +145,8 @@ class SplitKEngine(Engine):
             return "dropout is keyed to each (head, query, key), which the split-K kernels do not draw"
         if p.return_weights:
             return "the weights are asked for, which need an (Lq, Lk) pass anyway"
+        if p.score_mod is not None:
+            return "score_mod= is a Python function, which the split-K kernels cannot call"
         if p.requires_grad:
             return ("an input requires grad: the backward recomputes the scores as its engine's forward "
                     "computes them, and split-K's own dot products round differently (at a peaked softmax "

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dotattn import _tiles, masks
+from dotattn import _score_mod, _tiles, masks
 from dotattn._dropout import keep_mask
 from dotattn._inputs import Problem
 from dotattn._layout import grouped, heads_uncanonical
 from dotattn._nonfinite import finite_part, garbage_is_masked
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import Engine, Support, compute_dtype
+from dotattn.engines.reference import autograd_on
 from dotattn.engines.registry import register
 
 BLOCK_Q = 128
@@ -146,15 +147,18 @@ class _Plan:
                 yield kj, k0, min(k0 + self.block_k, self.problem.Lk), code
 
     def scores(
-        self, x: _Inputs, rows: slice, q0: int, q1: int, k0: int, k1: int, code: int
+        self, x: _Inputs, rows: slice, q0: int, q1: int, k0: int, k1: int, code: int, graph: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scaled (soft-capped when asked), masked scores of one tile, (n, Hkv, G, bq, bk), and the
-        mask tile applied (canonical bool or float, None for a FULL tile)."""
+        """Scaled (soft-capped, score_mod'ed when asked), masked scores of one tile, (n, Hkv, G, bq, bk),
+        and the mask tile applied (canonical bool or float, None for a FULL tile). ``graph``: see
+        ``_score_mod``."""
         p = self.problem
         s = _rows_matmul(x.q[rows, :, :, q0:q1], x.k[rows, :, k0:k1].transpose(-2, -1))
         s.mul_(p.scale)
         if p.softcap:
             s.div_(p.softcap).tanh_().mul_(p.softcap)
+        if p.score_mod is not None:
+            s = self._score_mod(s, rows, q0, q1, k0, k1, graph)
         if x.q_bad is not None or x.k_bad is not None:
             bad = torch.zeros(s.shape, dtype=torch.bool)
             if x.q_bad is not None:
@@ -172,6 +176,25 @@ class _Plan:
         else:
             s.masked_fill_(~t, _NEG_INF)
         return s, t
+
+    def _score_mod(self, s: torch.Tensor, rows: slice, q0: int, q1: int, k0: int, k1: int,
+                   graph: list | None) -> torch.Tensor:
+        """The problem's score_mod on one tile's scores s (n, Hkv, G, bq, bk), with the tile's
+        indices in that layout (b the flattened batch row). With ``graph`` (backward), the tile
+        runs under autograd and its (scores in, scores out) pair is appended to it, so the tile's
+        score gradient can be taken back through the function to the scores and the tensors it
+        captures; the scores returned are a copy that later steps may change in place."""
+        p = self.problem
+        b = torch.arange(rows.start, rows.stop).view(-1, 1, 1, 1, 1)
+        h = torch.arange(p.Hq).view(1, p.Hkv, self.G, 1, 1)
+        q_idx, kv_idx = torch.arange(q0, q1)[:, None], torch.arange(k0, k1)
+        if graph is None:
+            return _score_mod.apply(p.score_mod, s, b, h, q_idx, kv_idx)
+        s_in = s.detach().requires_grad_()
+        with autograd_on():
+            s_out = _score_mod.apply(p.score_mod, s_in, b, h, q_idx, kv_idx)
+        graph.append((s_in, s_out))
+        return s_out.detach().clone()
 
     def keep(self, rows: slice, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
         """The shared dropout pattern of one tile, (n, Hkv, G, bq, bk)."""
@@ -238,13 +261,16 @@ class _Plan:
         dv = torch.zeros_like(x.v)
         bias_grads = [torch.zeros_like(grouped(b.tensor, p.batch_shape, p.Hkv, self.G), dtype=x.q.dtype)
                       for b in self.biases]
+        captured = [t for t in p.score_mod_tensors if t.requires_grad]
+        captured_grads = [torch.zeros_like(t) for t in captured]
+        graph: list | None = None if p.score_mod is None else []
         for g, rows in enumerate(self.groups):
             for qi, q0 in enumerate(range(0, p.Lq, self.block_q)):
                 q1 = min(q0 + self.block_q, p.Lq)
                 q_c = x.q[rows, :, :, q0:q1]
                 do_c = d_out[rows, :, :, q0:q1]
                 for _, k0, k1, code in self.tiles(g, qi):
-                    s, _ = self.scores(x, rows, q0, q1, k0, k1, code)
+                    s, _ = self.scores(x, rows, q0, q1, k0, k1, code, graph)
                     prob = s.sub_(lse_safe[rows, :, :, q0:q1]).exp_()  # (n, Hkv, G, bq, bk)
                     dp = _rows_matmul(do_c, x.v[rows, :, k0:k1].transpose(-2, -1))
                     if p.dropout_p > 0:
@@ -260,10 +286,20 @@ class _Plan:
                     ds = prob.mul_(dp.sub_(delta[rows, :, :, q0:q1]))  # dS, the score gradient
                     for bias, grad in zip(self.biases, bias_grads):
                         self._add_bias_grad(grad, bias, ds, rows, q0, q1, k0, k1)
+                    if graph:  # dS of score_mod's output -> of its input, and of the tensors it captures
+                        s_in, s_out = graph.pop()
+                        d_in, *d_captured = torch.autograd.grad(s_out, [s_in, *captured], ds, allow_unused=True)
+                        ds = torch.zeros_like(ds) if d_in is None else d_in
+                        for total, part in zip(captured_grads, d_captured):
+                            if part is not None:
+                                total += part
                     if p.softcap:  # dS of the capped scores -> of scale Q Kᵀ
                         ds.mul_(d_cap)
                     dq[rows, :, :, q0:q1] += _rows_matmul(ds, x.k[rows, :, k0:k1]).mul_(p.scale)
                     dk[rows, :, k0:k1] += _heads_summed(ds, q_c).mul_(p.scale)
+        if p.score_mod is not None:
+            by_tensor = dict(zip(map(id, captured), captured_grads))
+            p.derived["score_mod_grads"] = tuple(by_tensor.get(id(t)) for t in p.score_mod_tensors)
         return dq, dk, dv, bias_grads
 
     def gradients(
@@ -312,7 +348,8 @@ def _uncanonical(grad: torch.Tensor, like: torch.Tensor, batch: tuple[int, ...])
 class TiledEngine(Engine):
     name = "tiled"
     description = "flash-style online softmax over tiles, compiled (torch ops as fallback); skips masked tiles; O(L) memory"
-    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64), softcap=True)
+    support = Support(devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float64), softcap=True,
+                      score_mod=True)  # score_mod on the torch-ops path
     priority = 10
 
     # Below this many scores (B·H·Lq·Lk), with a mask that holds tensors (whose tiles are
@@ -355,6 +392,8 @@ class TiledEngine(Engine):
             return _tiled_kernel.MISSING
         if 0 in (math.prod(p.batch_shape), p.Hq, p.Lq, p.Lk, p.E, p.Ev):
             return "the problem is empty"
+        if p.score_mod is not None:
+            return "score_mod= is a Python function, which the compiled kernel cannot call: torch ops call it per tile"
         if not p.inputs_finite and not garbage_is_masked(p):
             return ("query, key or value hold NaN or inf that the mask lets a query see (or a mask without "
                     "row spans hides), which the torch-ops path marks exactly")
