@@ -6,6 +6,7 @@
     python benchmarks/cpu.py --shapes 1x8x64,4x16x128 --lengths 512,2048 --math --markdown
     python benchmarks/cpu.py --lengths 2048 --masks bias --backward  # learned (H, L, L) bias, trained
     python benchmarks/cpu.py --lengths 2048,4096 --masks alibi       # causal & an ALiBi (H, L, L) bias
+    python benchmarks/cpu.py --lengths 2048,4096 --masks alibi,alibi_slopes --dtypes float32  # and masks.alibi
 
 For each dtype it first measures the GEMM peak with torch.matmul in that dtype, then
 times torch SDPA (default CPU backend; masks other than causal are passed as a dense
@@ -43,7 +44,7 @@ def make_mask(name: str, L: int) -> masks.Mask | None:
     # "bias" (a learned float bias) is built in run_case, which knows H
     if name == "documents":  # four documents of equal length
         return masks.documents(torch.arange(L) * 4 // L)
-    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents, bias or alibi")
+    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents, bias, alibi or alibi_slopes")
 
 
 def flex_mask_mod(name: str, L: int):
@@ -104,10 +105,13 @@ def run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep) -
     if mask_name == "bias":  # a learned per-head bias (H, L, L), trained along when --backward
         dense = torch.randn(H, L, L).to(dtype).requires_grad_(args.backward)
         mask, allowed = masks.dense(dense), 1.0
-    elif mask_name == "alibi":  # causal plus ALiBi, slope_h·(j - i) (H, L, L): the kernel reads it in place
+    elif mask_name in ("alibi", "alibi_slopes"):  # causal plus ALiBi, slope_h·(j - i)
         slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
-        mask = masks.causal() & masks.dense((slopes[:, None, None] * (torch.arange(L) - torch.arange(L)[:, None])).to(dtype))
-        dense = mask.to_dense(L, L)
+        if mask_name == "alibi":  # as an (H, L, L) float tensor, which the kernel reads in place
+            mask = masks.causal() & masks.dense((slopes[:, None, None] * (torch.arange(L) - torch.arange(L)[:, None])).to(dtype))
+        else:  # as masks.alibi: the kernel computes it per tile from the slopes
+            mask = masks.causal() & masks.alibi(slopes)
+        dense = mask.to_dense(L, L).to(dtype)  # what torch needs
         allowed = float((dense > float("-inf")).float().mean())
     else:
         mask = make_mask(mask_name, L)

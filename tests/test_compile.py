@@ -51,6 +51,7 @@ def _mask_cases(B: int, L: int) -> dict:
         "dense_bool": dict(attn_mask=torch.rand(L, L, generator=g) > 0.4),
         "dense_float": dict(attn_mask=torch.randn(B, 1, L, L, generator=g)),
         "or": dict(mask=masks.causal() | masks.prefix_lm(5)),
+        "alibi": dict(mask=masks.alibi(2.0 ** -torch.arange(1.0, 5.0)) & masks.causal()),
     }
 
 

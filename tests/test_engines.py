@@ -106,13 +106,16 @@ def _mask_cases(B: int, Lq: int, Lk: int) -> dict[str, masks.Mask]:
         "dense_bool": masks.dense(torch.rand(Lq, Lk, generator=g) > 0.3),
         "dense_float": masks.dense(torch.randn(B, 1, Lq, Lk, generator=g)),
         "or_combination": masks.causal() | masks.prefix_lm(6),
+        # ALiBi from its slopes (4 heads): the tiled kernel computes it per tile, the others tile it
+        "alibi_causal": masks.alibi(torch.tensor([0.5, 0.25, 0.125, 0.0625])) & masks.causal(align="bottom_right"),
+        "alibi_alone": masks.alibi(torch.tensor([0.3, 0.2, 0.1, 0.05]), align="bottom_right"),
     }
 
 
 @pytest.mark.parametrize("engine,dtype", CASES)
 @pytest.mark.parametrize("kind", list(_mask_cases(2, 41, 47)))
 def test_every_mask_kind(engine, dtype, kind):
-    q, k, v = qkv(2, 3, 41, 16, Lk=47, dtype=dtype)
+    q, k, v = qkv(2, 4, 41, 16, Lk=47, dtype=dtype)
     assert_matches_oracle(q, k, v, engine=engine, mask=_mask_cases(2, 41, 47)[kind])
 
 

@@ -666,3 +666,16 @@ def test_value_key_is_shared_by_equal_number_only_masks_and_absent_with_tensors(
     assert M.prefix_lm(3).value_key is not None and M.prefix_lm([3, 4]).value_key is None
     assert (M.causal() & M.padding([3])).value_key is None
     assert M.dense(torch.ones(2, 2, dtype=torch.bool)).value_key is None
+
+
+def test_alibi_is_the_slope_times_the_distance_to_the_diagonal():
+    slopes = torch.tensor([0.5, 0.125])
+    for align, off in (("top_left", 0), ("bottom_right", 7 - 4)):
+        dense = M.alibi(slopes, align=align).to_dense(4, 7)
+        i, j = torch.arange(4)[:, None], torch.arange(7)
+        torch.testing.assert_close(dense, slopes[:, None, None] * (j - i - off))
+    assert (M.alibi(slopes).block_map(40, 70, 16, 16) == PARTIAL).all()
+    with pytest.raises(ValueError, match="score_mod"):
+        M.alibi(slopes.clone().requires_grad_())
+    with pytest.raises(ValueError, match="1-D float"):
+        M.alibi(torch.ones(2, 2))

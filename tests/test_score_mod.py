@@ -134,3 +134,14 @@ def test_engines_without_score_mod_say_so_and_compile_raises():
         dotattn.scaled_dot_product_attention(q, k, v, score_mod=3)
     with pytest.raises(ValueError, match="does not broadcast"):
         dotattn.scaled_dot_product_attention(q, k, v, score_mod=lambda s, b, h, i, j: s[..., :2])
+
+
+def test_a_monitor_measures_the_modified_scores():
+    from dotattn.diagnostics import Monitor
+
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(0)) for _ in range(3))
+    shift = lambda score, b, h, q_idx, kv_idx: score + 100.0 * (kv_idx == 3)  # noqa: E731
+    with Monitor() as monitor:
+        dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, score_mod=shift)
+    (recorded,) = monitor.layers.values()
+    assert (recorded.max_logit > 90).all()  # key 3's +100 is what the softmax saw

@@ -99,6 +99,22 @@ def test_spans_and_a_float_tensor_read_in_place_match_the_oracle(structure):
         assert_matches_oracle(q, k, v, bias, mask=spans, engine="tiled")
 
 
+@pytest.mark.skipif(_tiled_kernel.MISSING is not None, reason="the compiled kernel is not built")
+@pytest.mark.parametrize("structure", ["none", "causal", "window", "padding"])
+def test_alibi_from_its_slopes_is_computed_in_the_kernel(structure):
+    """masks.alibi: the kernel adds slope_h · (j - i - off) per tile from the slopes, no bias
+    tensor and no packed tiles, alone or with spans; equal to the oracle, which tiles the mask."""
+    q, k, v = qkv(2, 4, 301, 16, Lk=333)
+    alibi = masks.alibi(torch.tensor([0.5, 0.25, 0.125, 0.0625]), align="bottom_right")
+    spans = {"none": None, "causal": masks.causal("bottom_right"), "window": masks.sliding_window(40, 3),
+             "padding": masks.padding([333, 100], [301, 50])}[structure]
+    mask = alibi if spans is None else alibi & spans
+    tiles = _tiled_kernel.TileMask.of(prepare(q, k, v, mask=mask), 64, 64, torch.float32)
+    assert tiles.slopes is not None and tiles.bias is None and tiles.allowed is None
+    assert (tiles.lo is None) == (spans is None)
+    assert_matches_oracle(q, k, v, mask=mask, engine="tiled")
+
+
 def test_dropout_pattern_does_not_depend_on_tile_sizes(small_tiles):
     q, k, v = (x.requires_grad_() for x in qkv(2, 2, 37, 8, Lk=45))
 

@@ -93,3 +93,13 @@ def apply_dense(score_mod: ScoreMod, s: torch.Tensor, batch_shape: tuple[int, ..
     b = torch.arange(math.prod(lead), device=s.device).reshape(lead)
     h = torch.arange(Hq, device=s.device)[:, None, None]
     return apply(score_mod, s, b, h, torch.arange(Lq, device=s.device)[:, None], torch.arange(Lk, device=s.device))
+
+
+def apply_tile(score_mod: ScoreMod, s: torch.Tensor, rows: slice, Hkv: int, q0: int, k0: int) -> torch.Tensor:
+    """``apply`` on one tile of scores in the grouped layout, s (n, Hkv, G, bq, bk): batch rows
+    ``rows`` (of the flattened batch), query head hk·G + g, queries q0.., keys k0.."""
+    n, _, G, bq, bk = s.shape
+    b = torch.arange(rows.start, rows.start + n, device=s.device).view(-1, 1, 1, 1, 1)
+    h = torch.arange(Hkv * G, device=s.device).view(1, Hkv, G, 1, 1)
+    q_idx = torch.arange(q0, q0 + bq, device=s.device)[:, None]
+    return apply(score_mod, s, b, h, q_idx, torch.arange(k0, k0 + bk, device=s.device))

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from dotattn import masks
+from dotattn import _score_mod, masks
 from dotattn._inputs import ROW_STATS, Problem
 from dotattn._text import table
 from dotattn.engines.base import AttentionResult
@@ -534,6 +534,8 @@ def measure(problem: Problem, result: AttentionResult, name: str) -> AttentionSt
                 s = (rows @ kT[..., k0:k1]).view(N, Hkv, G, q1 - q0, k1 - k0)  # (N, Hkv, G, bq, bk)
                 if problem.softcap:  # the logits the softmax saw
                     s = problem.softcap * torch.tanh(s / problem.softcap)
+                if problem.score_mod is not None:
+                    s = _score_mod.apply_tile(problem.score_mod, s, slice(0, N), Hkv, q0, k0)
                 ok = None
                 if code == masks.PARTIAL:
                     t = torch.broadcast_to(mask.tile(Lq, Lk, q0, q1, k0, k1, s.device), (*batch, Hq, q1 - q0, k1 - k0))

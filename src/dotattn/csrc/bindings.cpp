@@ -9,10 +9,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dotattn's tiled CPU attention kernel (see dotattn/engines/tiled.py)";
   m.attr("torch_version") = DOTATTN_TORCH_VERSION;  // the torch this module was built against
   m.def("forward", &dotattn::forward,
-        "out, lse[, row_stats] = forward(q, k, v, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, seed, "
+        "out, lse[, row_stats] = forward(q, k, v, index, allowed, bias, lo, hi, slopes, alibi_off, scale, bq, bk, "
+        "dropout_p, seed, "
         "softcap, stats); with stats, row_stats (N, Hq, Lq, 11) holds each row's monitor figures (common.h)");
   m.def("backward", &dotattn::backward,
-        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, scale, bq, bk, dropout_p, "
+        "dq, dk, dv = backward(q, k, v, d_out, lse, delta, index, allowed, bias, lo, hi, slopes, alibi_off, scale, bq, "
+        "bk, dropout_p, "
         "seed, softcap, ds_index, ds_tiles); ds_tiles receives the score gradient of the partial tiles");
   m.def("split_k_attention", &dotattn::split_k_attention,
         "out, lse, garbage, row_stats = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, stats): the split-K "

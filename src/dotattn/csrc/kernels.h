@@ -17,13 +17,15 @@ inline constexpr int32_t FULL_TILE = -1;
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
-                                const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
+                                const c10::optional<at::Tensor>& hi, const c10::optional<at::Tensor>& slopes,
+                                int64_t alibi_off, double scale, int64_t bq, int64_t bk,
                                 double dropout_p, int64_t seed, double softcap, bool stats);
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
                                  const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
-                                 const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
+                                 const c10::optional<at::Tensor>& hi, const c10::optional<at::Tensor>& slopes,
+                                 int64_t alibi_off, double scale, int64_t bq, int64_t bk,
                                  double dropout_p, int64_t seed, double softcap,
                                  const c10::optional<at::Tensor>& ds_index, const c10::optional<at::Tensor>& ds_tiles);
 bool has_blas();

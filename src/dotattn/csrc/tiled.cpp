@@ -14,6 +14,8 @@
 //   allowed / bias: (P, bq, bk), each tile stored at the full tile size; or bias is a
 //          whole float mask (Nm, Hm, Lq or 1, Lk or 1) read in place; or instead
 //   lo / hi: int32 (Nm, Hm, Lq), row spans: query i may attend keys lo[i] <= j < hi[i]
+//   slopes: ALiBi's (Hq,) in the compute type: slope_h · (j - i - alibi_off) added to every
+//          PARTIAL tile (an additive mask has no FULL tiles), after the spans and any bias
 //
 // Every GEMM goes to the BLAS that torch links (MKL's SGEMM/DGEMM), one thread each,
 // inside our own OpenMP loop over (batch x heads, query blocks) in the forward and
@@ -108,6 +110,8 @@ struct TileMask {
   const T* bias = nullptr;
   const int32_t *lo = nullptr, *hi = nullptr;  // row spans (Nm, Hm, Lq): keys lo <= j < hi
   const T* dense = nullptr;                     // a float mask read in place, (Nm, Hm, R, C)
+  const T* slopes = nullptr;                    // ALiBi: slope_h · (j - i - alibi_off) added, (Hq,)
+  int64_t alibi_off = 0;
   int64_t d_sn = 0, d_sh = 0, d_sq = 0, d_sk = 0;  // its strides; 0 where it broadcasts
   int64_t span_sn = 0, span_sh = 0;
   int bq = 0, bk = 0;
@@ -134,8 +138,8 @@ struct TileMask {
   }
 
   // Mask the scores s (rows x cols, ld) of PARTIAL tile p at (n, h, q0, k0): -inf where
-  // masked, bias added. Row spans and a bias read in place may come together (causal plus
-  // ALiBi or a learned bias): the spans mask, then the bias adds.
+  // masked, bias added. Row spans, a bias read in place and ALiBi slopes may come together
+  // (causal plus ALiBi or a learned bias): the spans mask, then the biases add.
   void apply(int32_t p, T* s, int ld, int rows, int cols, int64_t n, int64_t h, int64_t q0, int64_t k0) const {
     const T neg_inf = -std::numeric_limits<T>::infinity();
     if (lo != nullptr) {  // spans: two fills per row, no mask memory
@@ -147,7 +151,6 @@ struct TileMask {
         std::fill(sr, sr + a, neg_inf);
         std::fill(sr + b, sr + cols, neg_inf);
       }
-      if (dense == nullptr) return;
     }
     if (dense != nullptr) {  // the bias where it lies: no copy (-inf stays -inf)
       for (int r = 0; r < rows; ++r) {
@@ -159,8 +162,16 @@ struct TileMask {
           for (int c = 0; c < cols; ++c) sr[c] = br[0] == neg_inf ? neg_inf : sr[c] + br[0];
         }
       }
-      return;
     }
+    if (slopes != nullptr) {  // ALiBi from its slope: one multiply-add per score, no bias memory
+      const T slope = slopes[h];
+      for (int r = 0; r < rows; ++r) {
+        T* sr = s + static_cast<int64_t>(r) * ld;
+        const T row = slope * static_cast<T>(k0 - (q0 + r + alibi_off));  // the bias at key k0
+        for (int c = 0; c < cols; ++c) sr[c] += row + slope * static_cast<T>(c);  // -inf stays -inf
+      }
+    }
+    if (lo != nullptr || dense != nullptr || slopes != nullptr) return;
     const int64_t base = static_cast<int64_t>(p) * bq * bk;
     for (int r = 0; r < rows; ++r) {
       T* sr = s + static_cast<int64_t>(r) * ld;
@@ -178,7 +189,8 @@ struct TileMask {
 template <typename T>
 TileMask<T> tile_mask(const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
-                      const c10::optional<at::Tensor>& hi, int bq, int bk) {
+                      const c10::optional<at::Tensor>& hi, const c10::optional<at::Tensor>& slopes,
+                      int64_t alibi_off, int bq, int bk) {
   TileMask<T> m;
   m.bq = bq;
   m.bk = bk;
@@ -201,6 +213,12 @@ TileMask<T> tile_mask(const c10::optional<at::Tensor>& index, const c10::optiona
     m.d_sk = d.size(3) == 1 ? 0 : 1;
   } else if (bias.has_value()) {
     m.bias = bias->data_ptr<T>();
+  }
+  if (slopes.has_value()) {
+    TORCH_CHECK(slopes->dim() == 1 && slopes->is_contiguous() && slopes->scalar_type() == c10::CppTypeToScalarType<T>::value,
+                "ALiBi slopes must be contiguous (Hq,) in the compute dtype");
+    m.slopes = slopes->data_ptr<T>();
+    m.alibi_off = alibi_off;
   }
   if (lo.has_value()) {
     TORCH_CHECK(lo->dim() == 3 && lo->scalar_type() == at::kInt && lo->is_contiguous() && hi->sizes() == lo->sizes() &&
@@ -495,7 +513,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
-                                const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
+                                const c10::optional<at::Tensor>& hi, const c10::optional<at::Tensor>& slopes,
+                                int64_t alibi_off, double scale, int64_t bq, int64_t bk,
                                 double dropout_p, int64_t seed, double softcap, bool stats) {
   check_inputs(q, k, v);
   const int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), Ev = v.size(3);
@@ -505,15 +524,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const Dropout dropout(dropout_p, seed);
   switch (q.scalar_type()) {
     case at::kFloat:
-      forward_impl<float, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq,
+      forward_impl<float, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, slopes, alibi_off, bq, bk), scale, bq,
                                  bk, dropout, softcap, stats ? row_stats.data_ptr<float>() : nullptr);
       break;
     case at::kDouble:
-      forward_impl<double, double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale,
+      forward_impl<double, double>(q, k, v, out, lse, tile_mask<double>(index, allowed, bias, lo, hi, slopes, alibi_off, bq, bk), scale,
                                    bq, bk, dropout, softcap, stats ? row_stats.data_ptr<double>() : nullptr);
       break;
     default:  // bfloat16, checked by check_inputs
-      forward_impl<at::BFloat16, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, bq, bk),
+      forward_impl<at::BFloat16, float>(q, k, v, out, lse, tile_mask<float>(index, allowed, bias, lo, hi, slopes, alibi_off, bq, bk),
                                         scale, bq, bk, dropout, softcap, stats ? row_stats.data_ptr<float>() : nullptr);
   }
   if (stats) return {out, lse, row_stats};
@@ -524,7 +543,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
                                  const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& allowed,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lo,
-                                const c10::optional<at::Tensor>& hi, double scale, int64_t bq, int64_t bk,
+                                 const c10::optional<at::Tensor>& hi, const c10::optional<at::Tensor>& slopes,
+                                 int64_t alibi_off, double scale, int64_t bq, int64_t bk,
                                  double dropout_p, int64_t seed, double softcap,
                                  const c10::optional<at::Tensor>& ds_index, const c10::optional<at::Tensor>& ds_tiles) {
   check_inputs(q, k, v);
@@ -549,17 +569,17 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   switch (q.scalar_type()) {
     case at::kFloat:
       backward_impl<float, float>(q, k, v, d_out, lse, delta, dq, dk, dv,
-                                  tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout, softcap, splits,
+                                  tile_mask<float>(index, allowed, bias, lo, hi, slopes, alibi_off, bq, bk), scale, bq, bk, dropout, softcap, splits,
                                   ds_index, ds_tiles);
       break;
     case at::kDouble:
       backward_impl<double, double>(q, k, v, d_out, lse, delta, dq, dk, dv,
-                                    tile_mask<double>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout,
+                                    tile_mask<double>(index, allowed, bias, lo, hi, slopes, alibi_off, bq, bk), scale, bq, bk, dropout,
                                     softcap, splits, ds_index, ds_tiles);
       break;
     default:
       backward_impl<at::BFloat16, float>(q, k, v, d_out, lse, delta, dq, dk, dv,
-                                         tile_mask<float>(index, allowed, bias, lo, hi, bq, bk), scale, bq, bk, dropout,
+                                         tile_mask<float>(index, allowed, bias, lo, hi, slopes, alibi_off, bq, bk), scale, bq, bk, dropout,
                                          softcap, splits, ds_index, ds_tiles);
   }
   return {splits == 1 ? dq[0] : dq.sum(0), dk, dv};

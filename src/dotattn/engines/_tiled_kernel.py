@@ -12,7 +12,8 @@ The mask reaches the kernel already classified tile by tile: an index map saying
 EMPTY, FULL or PARTIAL. A PARTIAL tile is masked from the mask's row spans
 (``Mask.row_spans``: each row may attend one interval of keys), which covers causal,
 sliding-window, padding, prefix-LM, sorted-document masks and their combinations in
-O(L) memory. A float tensor, alone or ANDed with such masks, is read where it lies.
+O(L) memory. A float tensor, alone or ANDed with such masks, is read where it lies, and an
+ALiBi mask (``masks.alibi``) is computed in each tile from its slopes.
 Other masks (dense boolean, block-sparse, several float biases) are packed: one
 ``mask.tile`` call per partial tile position, stored as uint8 "may attend" or as the
 additive bias.
@@ -133,6 +134,8 @@ class TileMask:
     bias:    (P, bq, bk) in the compute dtype: packed additive tiles; or, for a mask that is
              one float tensor, that tensor as (Nm, Hm, Lq or 1, Lk or 1), read in place
     or both lo, hi and a bias read in place, for spans ANDed with one float tensor
+    slopes:  (Hq,) in the compute dtype, for an ALiBi mask (alone or ANDed with spans): the kernel
+             adds slope_h · (j - i - alibi_offset) to every non-EMPTY tile
     """
 
     index: torch.Tensor | None = None
@@ -140,6 +143,8 @@ class TileMask:
     bias: torch.Tensor | None = None
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
+    slopes: torch.Tensor | None = None  # ALiBi's, (Hq,) in the compute dtype
+    alibi_offset: int = 0
 
     @classmethod
     def of(cls, problem: Problem, block_q: int, block_k: int, dtype: torch.dtype) -> TileMask:
@@ -163,6 +168,12 @@ class TileMask:
             index[partial] = 0
             return cls(index, lo=spans[0], hi=spans[1])
         spanned, rest = _tiles.spans_and_rest(p)
+        if len(rest) == 1 and isinstance(rest[0], masks.ALiBi):
+            # the bias computed in each tile from its slopes, masked by the spans: no bias memory
+            index[codes != masks.EMPTY] = 0
+            slopes = rest[0].slopes.to(dtype).expand(p.Hq).contiguous()
+            spans = (None, None) if spanned is None else _tiles.row_spans(p, spanned)
+            return cls(index, None, None, *spans, slopes, rest[0].offset(p.Lq, p.Lk))
         if len(rest) == 1 and isinstance(rest[0], masks.Dense) and rest[0].is_additive:
             # one float tensor, alone or with spans (causal plus ALiBi, a relative or learned bias):
             # every tile the mask leaves gets the bias read where it lies, masked by the spans, with
@@ -219,8 +230,8 @@ class KernelCall:
     def _extra(self) -> tuple:
         p = self.problem
         m = self.mask
-        return (m.index, m.allowed, m.bias, m.lo, m.hi, p.scale, self.block_q, self.block_k, p.dropout_p,
-                p.dropout_seed, p.softcap)
+        return (m.index, m.allowed, m.bias, m.lo, m.hi, m.slopes, m.alibi_offset, p.scale, self.block_q,
+                self.block_k, p.dropout_p, p.dropout_seed, p.softcap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype. For a monitored problem

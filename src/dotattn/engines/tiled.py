@@ -158,7 +158,7 @@ class _Plan:
         if p.softcap:
             s.div_(p.softcap).tanh_().mul_(p.softcap)
         if p.score_mod is not None:
-            s = self._score_mod(s, rows, q0, q1, k0, k1, graph)
+            s = self._score_mod(s, rows, q0, k0, graph)
         if x.q_bad is not None or x.k_bad is not None:
             bad = torch.zeros(s.shape, dtype=torch.bool)
             if x.q_bad is not None:
@@ -177,22 +177,18 @@ class _Plan:
             s.masked_fill_(~t, _NEG_INF)
         return s, t
 
-    def _score_mod(self, s: torch.Tensor, rows: slice, q0: int, q1: int, k0: int, k1: int,
-                   graph: list | None) -> torch.Tensor:
+    def _score_mod(self, s: torch.Tensor, rows: slice, q0: int, k0: int, graph: list | None) -> torch.Tensor:
         """The problem's score_mod on one tile's scores s (n, Hkv, G, bq, bk), with the tile's
         indices in that layout (b the flattened batch row). With ``graph`` (backward), the tile
         runs under autograd and its (scores in, scores out) pair is appended to it, so the tile's
         score gradient can be taken back through the function to the scores and the tensors it
         captures; the scores returned are a copy that later steps may change in place."""
         p = self.problem
-        b = torch.arange(rows.start, rows.stop).view(-1, 1, 1, 1, 1)
-        h = torch.arange(p.Hq).view(1, p.Hkv, self.G, 1, 1)
-        q_idx, kv_idx = torch.arange(q0, q1)[:, None], torch.arange(k0, k1)
         if graph is None:
-            return _score_mod.apply(p.score_mod, s, b, h, q_idx, kv_idx)
+            return _score_mod.apply_tile(p.score_mod, s, rows, p.Hkv, q0, k0)
         s_in = s.detach().requires_grad_()
         with autograd_on():
-            s_out = _score_mod.apply(p.score_mod, s_in, b, h, q_idx, kv_idx)
+            s_out = _score_mod.apply_tile(p.score_mod, s_in, rows, p.Hkv, q0, k0)
         graph.append((s_in, s_out))
         return s_out.detach().clone()
 

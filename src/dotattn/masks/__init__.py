@@ -37,7 +37,8 @@ entries never meet (``&``) or together cover the tile (``|``).
 Modules
 -------
 ``base`` (Mask, the codes, shared helpers), ``positional`` (causal, sliding_window,
-padding, prefix_lm), ``tensor`` (documents, block_sparse, dense), ``combinators``
+padding, prefix_lm), ``alibi`` (the ALiBi bias from its slopes), ``tensor`` (documents,
+block_sparse, dense), ``combinators``
 (``&`` and ``|``: And, Or), ``view`` (View, view) and ``mask_mod`` (from_mask_mod: a
 FlexAttention-style mask function, evaluated tile by tile). Import from ``dotattn.masks``
 itself, which re-exports them all.
@@ -62,6 +63,7 @@ from dotattn.masks.tensor import BlockSparse, Dense, Documents, block_sparse, ch
 # and the module stays reachable as sys.modules["dotattn.masks.view"] (which pickle uses).
 from dotattn.masks.mask_mod import FromMaskMod, from_mask_mod
 from dotattn.masks.view import View, view
+from dotattn.masks.alibi import ALiBi, alibi  # noqa: E402  rebinds the submodule's name, as view does
 
 __all__ = [
     "check_mask_tensor",
@@ -89,4 +91,6 @@ __all__ = [
     "view",
     "FromMaskMod",
     "from_mask_mod",
+    "ALiBi",
+    "alibi",
 ]
