@@ -1,18 +1,21 @@
-"""score_mod= against the alternatives, side by side in one run: causal attention with an ALiBi bias.
+"""score_mod= and masks.alibi against the alternatives, side by side in one run: causal attention with ALiBi.
 
     python -m benchmarks.score_mod                 # L 1024 and 2048, B1 H8 E64 float32
     python -m benchmarks.score_mod --lengths 4096
 
-Three ways to run causal + ALiBi (slope_h · (j - i)), forward and forward+backward, all fp32:
+Four ways to run causal + ALiBi (slope_h · (j - i)), forward and forward+backward, all fp32:
 
     score_mod        dotattn with score_mod=alibi: the tiled engine's torch-ops path, which
                      calls the function per tile (the compiled kernel cannot call Python)
+    alibi mask       dotattn with masks.alibi(slopes): the compiled kernel computes the bias
+                     per tile from the H slopes
     float mask       dotattn with the bias as an (H, L, L) float mask, read in place by the
                      compiled tiled kernel
     torch SDPA       torch's SDPA with the (H, L, L) bias ANDed with causal as one float mask
 
 and the score_mod engine's error against the float64 oracle next to torch's, plus the peak
-memory each call allocates beyond its inputs (torch's CPU allocator, profiled). GFLOP/s count
+memory each call allocates (``dotattn.benchmarking.peak_bytes``: the torch profiler's allocation
+events summed in time order). GFLOP/s count
 4·B·H·L²·E for the forward, halved for causal, times 3.5 for forward+backward.
 """
 
@@ -24,20 +27,9 @@ import torch
 
 import dotattn
 from dotattn import masks
-from dotattn.benchmarking import gemm_peak, timed
+from dotattn.benchmarking import gemm_peak, peak_bytes, timed
 
 B, H, E = 1, 8, 64
-
-
-def _peak_mib(fn) -> float:
-    """Peak bytes the call allocates on the CPU (torch's profiler), in MiB."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
 
 
 def case(L: int, repeats: int, peak: float) -> None:
@@ -53,6 +45,8 @@ def case(L: int, repeats: int, peak: float) -> None:
     causal_bias = bias.masked_fill(i[None, :] > i[:, None], float("-inf"))
     ways = {
         "score_mod": lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, score_mod=alibi),
+        "alibi mask": lambda q, k, v: dotattn.scaled_dot_product_attention(
+            q, k, v, mask=masks.causal() & masks.alibi(slopes)),
         "float mask": lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, bias, is_causal=True),
         "torch SDPA": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, causal_bias),
     }
@@ -61,7 +55,7 @@ def case(L: int, repeats: int, peak: float) -> None:
     errors = {name: (fn(q, k, v).double() - oracle).abs().max().item() for name, fn in ways.items()}
     with torch.no_grad():
         fwd = dict(zip(ways, timed([lambda fn=fn: fn(q, k, v) for fn in ways.values()], repeats)))
-        memory = {name: _peak_mib(lambda fn=fn: fn(q, k, v)) for name, fn in ways.items()}
+        memory = {name: peak_bytes(lambda fn=fn: fn(q, k, v)) / 2**20 for name, fn in ways.items()}
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
     def train(fn):
