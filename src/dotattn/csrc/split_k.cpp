@@ -560,8 +560,14 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           row_lo[r] = row_hi[r] = 0;
         }
         const In* src = q_p + Qb.at(n, h, i);
-        for (int e = 0; e < E; ++e)
-          qh[r * E + e] = static_cast<T>(src[(interleaved ? e - e % 16 + bf16_lane(e % 16) : e) * q_step]);
+        T* dst = qh.data() + r * E;
+        if (interleaved) {
+          for (int e = 0; e < E; ++e) dst[e] = static_cast<T>(src[(e - e % 16 + bf16_lane(e % 16)) * q_step]);
+        } else if (q_step == 1) {
+          for (int e = 0; e < E; ++e) dst[e] = static_cast<T>(src[e]);
+        } else {
+          for (int e = 0; e < E; ++e) dst[e] = static_cast<T>(src[e * q_step]);
+        }
       }
       // The keys some row sees, then this task's part of them.
       int64_t first = Lk, last = 0;
@@ -634,8 +640,9 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             sum = exp_sum(sr + a, b - a, m_safe);
           }
           l_i[r] = l_i[r] * alpha + sum;
+          const bool first_keys = m_i[r] == neg_inf;  // the row's accumulator is still 0
           m_i[r] = m_new;
-          if (alpha != T(1)) {
+          if (alpha != T(1) && !first_keys) {
             T* ar = acc.data() + r * Ev;
             for (int e = 0; e < Ev; ++e) ar[e] *= alpha;
           }
@@ -679,8 +686,13 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t r = 0; r < R; ++r) {
         const bool alive = l_i[r] > 0;
         const T inv = seen_garbage[r] ? std::numeric_limits<T>::quiet_NaN() : alive ? T(1) / l_i[r] : T(0);
-        for (int e = 0; e < Ev; ++e)  // interleaved accumulators go back in order
-          out_rows[r * Ev + (interleaved ? e - e % 16 + bf16_lane(e % 16) : e)] = acc[r * Ev + e] * inv;
+        T* dst = out_rows + r * Ev;
+        const T* src = acc.data() + r * Ev;
+        if (interleaved) {  // interleaved accumulators go back in order
+          for (int e = 0; e < Ev; ++e) dst[e - e % 16 + bf16_lane(e % 16)] = src[e] * inv;
+        } else {
+          for (int e = 0; e < Ev; ++e) dst[e] = src[e] * inv;
+        }
         lse_rows[r] = seen_garbage[r] ? inv : alive ? m_i[r] + std::log(l_i[r]) : neg_inf;
         if (stats_p) {
           T* st = part_stats_p + ((part * N * Hkv + nh) * R + r) * kPartStats;
