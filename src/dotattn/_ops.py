@@ -184,11 +184,11 @@ def attention(
     tensor data, so it traces as one node; ``mask`` is everything ANDed (attn_mask, is_causal, mask)."""
     tensors: list[torch.Tensor] = []
     spec = "" if mask is None else mask.spec(tensors)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
     if not dropout_p:  # a decoding step: the kernel's own operator, no Python when it runs
         result = _split_k(query, key, value, mask, scale, softcap, enable_gqa, engine, tensors, spec)
         if result is not None:
             return result
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
     seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
             else torch.zeros((), dtype=torch.int64))
     return torch.ops.dotattn.attention(query, key, value, tensors, spec, -1.0 if scale is None else float(scale),

@@ -72,6 +72,14 @@ def captured(score_mod: ScoreMod) -> tuple[torch.Tensor, ...]:
     return tuple(found.values())
 
 
+def store_grads(problem, wanted: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Leave the gradients of the captured tensors an engine differentiated (``wanted``, those of
+    ``problem.score_mod_tensors`` that require grad) in ``problem.derived["score_mod_grads"]``,
+    one per captured tensor (None for the others), where the autograd node takes them."""
+    by_tensor = dict(zip(map(id, wanted), grads))
+    problem.derived["score_mod_grads"] = tuple(by_tensor.get(id(t)) for t in problem.score_mod_tensors)
+
+
 def apply(score_mod: ScoreMod, s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
           kv_idx: torch.Tensor) -> torch.Tensor:
     """``score_mod`` on the scores s (S) with their indices (int64, broadcasting against s):

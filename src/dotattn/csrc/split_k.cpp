@@ -484,6 +484,12 @@ void merge_part_stats(const T* ps, const T* l, const T* lse, int64_t S, int64_t 
   }
 }
 
+// The leading (batch) dims of q, k, v (*B, H, L, E), broadcast.
+std::vector<int64_t> batch_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  auto lead = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 3); };
+  return at::infer_size(at::infer_size(lead(q), lead(k)), lead(v));
+}
+
 template <typename In, typename T>
 bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
                   const c10::optional<at::Tensor>& hi, const std::vector<int64_t>& batch, at::Tensor& out,
@@ -744,8 +750,7 @@ std::tuple<at::Tensor, at::Tensor, bool, at::Tensor> split_k_attention(
   TORCH_CHECK(!lo.has_value() || (lo->scalar_type() == at::kLong && hi->scalar_type() == at::kLong),
               "row spans must be int64");
   TORCH_CHECK(parts >= 1, "parts must be >= 1");
-  auto lead = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 3); };
-  const std::vector<int64_t> batch = at::infer_size(at::infer_size(lead(q), lead(k)), lead(v));
+  const std::vector<int64_t> batch = batch_of(q, k, v);
   const int64_t N = c10::multiply_integers(batch);
   const auto options = q.options().dtype(compute_type(q));
   at::Tensor out = at::empty({N, q.size(-3), q.size(-2), v.size(-1)}, options);
@@ -779,8 +784,7 @@ std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Ten
                                               int64_t parts_per_thread, int64_t min_part_keys,
                                               at::TensorList mask_tensors, c10::string_view mask_spec,
                                               bool enable_gqa) {
-  auto lead = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 3); };
-  std::vector<int64_t> shape = at::infer_size(at::infer_size(lead(q), lead(k)), lead(v));
+  std::vector<int64_t> shape = batch_of(q, k, v);
   const int64_t tasks = c10::multiply_integers(shape) * k.size(-3);
   const int64_t parts = split_k_parts(tasks, k.size(-2), parts_per_thread, min_part_keys);
   auto [out, lse, garbage, unused] = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, false);

@@ -168,20 +168,18 @@ class TileMask:
             index[partial] = 0
             return cls(index, lo=spans[0], hi=spans[1])
         spanned, rest = _tiles.spans_and_rest(p)
-        if len(rest) == 1 and isinstance(rest[0], masks.ALiBi):
-            # the bias computed in each tile from its slopes, masked by the spans: no bias memory
+        leaf = rest[0] if len(rest) == 1 else None
+        if isinstance(leaf, masks.ALiBi) or isinstance(leaf, masks.Dense) and leaf.is_additive:
+            # one bias, alone or with spans (causal plus ALiBi, a relative or learned bias): every
+            # tile the mask leaves is masked by the spans and gets the bias, with no packed tiles:
+            # ALiBi computed in the tile from its slopes, a float tensor read where it lies
             index[codes != masks.EMPTY] = 0
-            slopes = rest[0].slopes.to(dtype).expand(p.Hq).contiguous()
             spans = (None, None) if spanned is None else _tiles.row_spans(p, spanned)
-            return cls(index, None, None, *spans, slopes, rest[0].offset(p.Lq, p.Lk))
-        if len(rest) == 1 and isinstance(rest[0], masks.Dense) and rest[0].is_additive:
-            # one float tensor, alone or with spans (causal plus ALiBi, a relative or learned bias):
-            # every tile the mask leaves gets the bias read where it lies, masked by the spans, with
-            # no packed tiles
-            index[codes != masks.EMPTY] = 0
-            bias = heads_canonical(rest[0].tensor.to(dtype), p.batch_shape, p.Hq)
+            if isinstance(leaf, masks.ALiBi):
+                slopes = leaf.slopes.to(dtype).expand(p.Hq).contiguous()
+                return cls(index, None, None, *spans, slopes, leaf.offset(p.Lq, p.Lk))
+            bias = heads_canonical(leaf.tensor.to(dtype), p.batch_shape, p.Hq)
             bias = bias if bias.stride(-1) == 1 or bias.shape[-1] == 1 else bias.contiguous()
-            spans = (None, None) if spanned is None else _tiles.row_spans(p, spanned)
             return cls(index, None, bias, *spans)
         index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
         pack = torch.empty(  # the kernel reads only the part of an edge tile inside Lq x Lk

@@ -128,10 +128,9 @@ class ReferenceEngine(Engine):
         wanted = [*leaves, *([] if offset is None else [offset]), *captured]
         grads = torch.autograd.grad(again, wanted, d_out.reshape(again.shape).to(again.dtype), allow_unused=True)
         dq, dk, dv, *ds = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, wanted))
-        ds, d_captured = ds[:len(ds) - len(captured)], iter(ds[len(ds) - len(captured):])
         if p.score_mod is not None:
-            p.derived["score_mod_grads"] = tuple(next(d_captured) if t.requires_grad else None
-                                                 for t in p.score_mod_tensors)
+            _score_mod.store_grads(p, captured, ds[len(ds) - len(captured):])
+        ds = ds[:len(ds) - len(captured)]
         d_biases = tuple(ds[0].sum_to_size(leaf.tensor.shape) if ds else None for leaf in biases)
         return dq, dk, dv, d_biases
 

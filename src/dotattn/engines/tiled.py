@@ -294,8 +294,7 @@ class _Plan:
                     dq[rows, :, :, q0:q1] += _rows_matmul(ds, x.k[rows, :, k0:k1]).mul_(p.scale)
                     dk[rows, :, k0:k1] += _heads_summed(ds, q_c).mul_(p.scale)
         if p.score_mod is not None:
-            by_tensor = dict(zip(map(id, captured), captured_grads))
-            p.derived["score_mod_grads"] = tuple(by_tensor.get(id(t)) for t in p.score_mod_tensors)
+            _score_mod.store_grads(p, captured, captured_grads)
         return dq, dk, dv, bias_grads
 
     def gradients(
