@@ -28,7 +28,8 @@ import platform
 
 from setuptools import setup
 
-SOURCES = ["src/dotattn/csrc/tiled.cpp", "src/dotattn/csrc/split_k.cpp", "src/dotattn/csrc/bindings.cpp"]
+SOURCES = ["src/dotattn/csrc/tiled.cpp", "src/dotattn/csrc/split_k.cpp", "src/dotattn/csrc/spans.cpp",
+           "src/dotattn/csrc/bindings.cpp"]
 HEADERS = sorted(glob.glob("src/dotattn/csrc/*.h"))
 # OpenMP resolves to the libgomp torch already loaded (same soname), so there is one thread pool.
 # -ffp-contract=fast: a*b+c becomes one rounding (the exp's reduction relies on it).

@@ -6,6 +6,7 @@ a fraction of this machine's memory bandwidth.
     python -m benchmarks.decode --crossover  # split_k vs tiled over rows per kv head and keys (auto's rule)
     python -m benchmarks.decode --one-core   # the kernel alone on one thread: from cache vs from memory
     python -m benchmarks.decode --overhead   # a 16-key step: the whole call vs the kernel alone vs torch
+    python -m benchmarks.decode --static     # a static cache's step: its mask given as a tensor, both libraries
 
 One decoding step: q (B, 32, 1, 128) against the cache's K and V (B, Hkv, L, 128), given to
 dotattn as a KVCache gives them (views of its buffers, and its mask: every row is full here,
@@ -222,12 +223,40 @@ def overhead(repeats: int) -> None:
         print(f"{name:>30}: {t / calls * 1e6:7.1f} {c * 1e6:7.1f}")
 
 
+def static_cache(repeats: int) -> None:
+    """A decoding step into a static cache (B 1, GQA 32/8, E 128, float32): K and V hold the
+    cache's whole capacity, and the step's mask is the bool tensor (1, 1, 1, capacity) that
+    transformers builds ahead for one (True on the filled positions). Both libraries get the
+    same tensors; dotattn reads the mask as one run of keys and visits only those. "torch,
+    filled" is torch given only the filled keys and no mask (what a dynamic cache would hand it),
+    the floor for a library that reads no more than it must."""
+    g = torch.Generator().manual_seed(0)
+    print(f"microseconds per step, {torch.get_num_threads()} threads; fastest of {repeats} runs of 20 steps")
+    print(f"{'capacity':>8} {'filled':>6} | {'torch':>8} {'dotattn':>8} | {'speedup':>7} | "
+          f"{'torch, filled':>13} {'speedup':>7}  engine")
+    for capacity, filled in ((4096, 512), (8192, 512), (8192, 4096), (32768, 2048)):
+        q = torch.randn(1, 32, 1, E, generator=g)
+        k, v = (torch.randn(1, 8, capacity, E, generator=g) for _ in range(2))
+        mask = torch.zeros(1, 1, 1, capacity, dtype=torch.bool)
+        mask[..., :filled] = True
+        ours = lambda: dotattn.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)  # noqa: E731
+        theirs = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)  # noqa: E731
+        kf, vf = k[:, :, :filled], v[:, :, :filled]
+        floor = lambda: torch.nn.functional.scaled_dot_product_attention(q, kf, vf, enable_gqa=True)  # noqa: E731
+        t_torch, t_ours, t_floor = fastest([lambda fn=fn: [fn() for _ in range(20)] for fn in (theirs, ours, floor)],
+                                           repeats)
+        engine = dotattn.explain(q, k, v, mask, enable_gqa=True).engine
+        print(f"{capacity:>8} {filled:>6} | {t_torch / 20 * 1e6:8.1f} {t_ours / 20 * 1e6:8.1f} | "
+              f"{t_torch / t_ours:6.2f}x | {t_floor / 20 * 1e6:13.1f} {t_floor / t_ours:6.2f}x  {engine}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="cache 4k and 16k, B 1, one repeat")
     parser.add_argument("--crossover", action="store_true", help="split_k vs tiled instead of the bandwidth table")
     parser.add_argument("--one-core", action="store_true", help="the kernel alone on one thread, from cache and memory")
     parser.add_argument("--overhead", action="store_true", help="fixed cost per call: dotattn vs the kernel vs torch")
+    parser.add_argument("--static", action="store_true", help="a static cache's step, its mask a tensor")
     parser.add_argument("--lengths", type=int, nargs="+", help="cache lengths (default 4096 16384 65536 131072)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8)")
     parser.add_argument("--heads", nargs="+", choices=list(HEADS), help="head layouts (default gqa mqa)")
@@ -246,6 +275,9 @@ def main() -> None:
         return
     if args.overhead:
         overhead(repeats)
+        return
+    if args.static:
+        static_cache(repeats)
         return
     lengths = args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536, 131072])
     batches = args.batches or ([1] if args.quick else [1, 8])

@@ -20,6 +20,10 @@ download), sdpa (or eager) and dotattn timed interleaved on the same inputs
     generate                  Llama, greedy generate() of 32 tokens after a 2048-token prompt
                               (dynamic cache): new tokens per second of the whole call, and
                               whether both give the same tokens
+    generate, static          greedy generate() of 32 tokens after a 512-token prompt into a
+                              static cache of 8192 positions, whose masks transformers builds
+                              ahead as tensors (B, 1, Lq, 8192): dotattn reads each row's one
+                              run of keys from them and skips the unfilled slots
     memory                    the Mistral window model's prefill at L 16384: peak bytes torch
                               allocated (torch profiler), sdpa against dotattn
 
@@ -78,17 +82,20 @@ def _train(model, **inputs):
     return run
 
 
-def generate_case(L: int, new_tokens: int, repeats: int) -> None:
+def generate_case(L: int, new_tokens: int, repeats: int, static_len: int | None = None) -> None:
     g = torch.Generator().manual_seed(1)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES, max_position_embeddings=8192)).eval()
     ids = torch.randint(3, 1024, (1, L), generator=g)
 
     def generate():
+        cache = {} if static_len is None else dict(
+            cache=transformers.StaticCache(llama.config, max_cache_len=static_len))
         with torch.no_grad():
-            return llama.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            return llama.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **cache)
     same = torch.equal(_run_as(llama, "sdpa", generate), _run_as(llama, NAME, generate))
     t_base, t_ours = timed([lambda: _run_as(llama, "sdpa", generate), lambda: _run_as(llama, NAME, generate)], repeats)
-    print(f"{f'llama generate {new_tokens} after {L}':28s} sdpa {new_tokens / t_base:8.1f} tok/s  dotattn "
+    name = f"llama generate {new_tokens} after {L}" + ("" if static_len is None else f", static {static_len}")
+    print(f"{name:28s} sdpa {new_tokens / t_base:8.1f} tok/s  dotattn "
           f"{new_tokens / t_ours:8.1f} tok/s  {t_base / t_ours:5.2f}x  same tokens: {same}")
 
 
@@ -109,7 +116,7 @@ def memory_case(L: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: generate, memory (the others run only without it)")
+    ap.add_argument("--only", default="", help="comma-separated: generate, static, memory (the others run only without it)")
     args = ap.parse_args()
     scale, repeats = (2, 2) if args.quick else (1, 3)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
@@ -118,6 +125,8 @@ def main() -> None:
     if only:
         if "generate" in only:
             generate_case(2048 // scale, 32, repeats)
+        if "static" in only:
+            generate_case(512 // scale, 32, repeats, static_len=8192 // scale)
         if "memory" in only:
             memory_case(16384 // scale)
         return
@@ -170,6 +179,7 @@ def main() -> None:
     encode.count = len(sentences)
     _case(f"minilm encode 64 x L {batch['input_ids'].shape[1]}", minilm, encode, repeats * 5, unit="sent/s")
     generate_case(2048 // scale, 32, repeats)
+    generate_case(512 // scale, 32, repeats, static_len=8192 // scale)
     memory_case(16384 // scale)
 
 

@@ -554,10 +554,19 @@ def test_sliding_window_generate_matches_sdpa(left_padded, cache, monkeypatch):
         assert all(call["attn_mask"] is None for call in spy.calls)
 
 
-def test_llama_static_cache_generate_matches_sdpa(llama, left_padded):
+def test_llama_static_cache_generate_matches_sdpa(llama, left_padded, monkeypatch):
+    """A static cache's masks arrive as transformers' tensors (B, 1, Lq, capacity), whose rows
+    are each one run of keys (the left padding and the unfilled slots outside it): every call
+    runs them as row spans, and the decoding steps on the split_k engine."""
     ids, attention_mask = left_padded
     generate = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6,
                     do_sample=False, use_cache=True, cache_implementation="static")
+    spy = Spy(monkeypatch)
     ours = run_as(llama, NAME, lambda: llama.generate(**generate))
     ref = run_as(llama, "sdpa", lambda: llama.generate(**generate))
     assert torch.equal(ours, ref)
+    assert spy.calls and all(call["attn_mask"].dtype == torch.bool for call in spy.calls)
+    assert all(dotattn.masks.dense(call["attn_mask"]).row_spans(*call["attn_mask"].shape[-2:]) is not None
+               for call in spy.calls)
+    steps = [call for call in spy.calls if call["attn_mask"].shape[-2] == 1]
+    assert len(steps) == 2 * 5 and all(call["engine"] == "split_k" for call in steps)  # 2 layers, 5 steps

@@ -239,6 +239,49 @@ def test_row_spans_are_none_where_rows_are_not_intervals():
     assert (M.sliding_window(0, align="bottom_right") | M.prefix_lm(1)).row_spans(1, 5) is None  # keys 0 and 4
 
 
+def _runs(Lq: int, Lk: int, seed: int) -> torch.Tensor:
+    """(2, 3, Lq, Lk) bool whose rows are each one run of keys (some empty, some full)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.randint(0, Lk + 1, (2, 3, Lq, 1), generator=g) for _ in range(2))
+    j = torch.arange(Lk)
+    return (j >= torch.minimum(a, b)) & (j < torch.maximum(a, b))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["compiled", "torch-ops"])
+def test_a_dense_bool_mask_gives_row_spans_when_its_rows_are_runs(kernel, monkeypatch):
+    """Dense's row spans, from the compiled kernel (csrc/spans.cpp) and from torch ops, over
+    runs (empty and full rows included), broadcast dims, an expanded batch, and rows with a
+    hole anywhere; cached until the tensor changes in place."""
+    import dotattn.engines._tiled_kernel as kernel_module
+
+    if not kernel:
+        monkeypatch.setattr(kernel_module, "ext", None)
+    elif kernel_module.ext is None:
+        pytest.skip("the compiled kernel is not built")
+    cases = [_runs(5, 33, 0), _runs(1, 1, 1), _runs(7, 200, 2)[:, :1], _runs(4, 9, 3)[:1, :1].expand(2, 3, 4, 9),
+             _runs(3, 17, 4).transpose(-1, -2).transpose(-1, -2)[..., ::1], torch.ones(2, 1, 1, 5, dtype=torch.bool),
+             torch.zeros(2, 1, 6, 1, dtype=torch.bool), torch.ones(1, 1, 3, 1, dtype=torch.bool)]
+    for allowed in cases:
+        Lq, Lk = allowed.shape[-2], 5 if allowed.shape[-1] == 1 else allowed.shape[-1]
+        lo, hi = M.dense(allowed).row_spans(Lq, Lk)
+        assert lo.dtype == hi.dtype == torch.int64
+        j = torch.arange(Lk)
+        assert torch.equal((j >= lo[..., None]) & (j < hi[..., None]), allowed.expand(*allowed.shape[:-1], Lk))
+        assert bool(((hi > lo) | ((lo == 0) & (hi == 0))).all())  # a row that sees nothing: 0, 0
+    for where in [0, 16, 32]:  # a hole at the start, the middle or the end of a run
+        holes = torch.ones(2, 1, 4, 33, dtype=torch.bool)
+        holes[1, 0, 2, where] = False
+        if where in (0, 32):  # there the row is still one run
+            assert M.dense(holes).row_spans(4, 33) is not None
+            holes[1, 0, 2, where + (1 if where == 0 else -1)] = True
+            holes[1, 0, 2, where + (2 if where == 0 else -2)] = False
+        assert M.dense(holes).row_spans(4, 33) is None
+    mask = M.dense(torch.ones(1, 8, dtype=torch.bool))
+    assert mask.row_spans(1, 8)[1].item() == 8
+    mask.tensor[0, 4:] = False  # changed in place: its version moves, the spans follow
+    assert mask.row_spans(1, 8)[1].item() == 4
+
+
 @PROPERTY
 @given(st.data(), sizes())
 def test_and_or_match_elementwise_ops(data, size):

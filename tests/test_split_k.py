@@ -213,8 +213,9 @@ def test_auto_picks_split_k_only_for_decoding_shapes():
     assert chosen(1, 16).engine == "split_k"  # a short cache too: it is faster at every length
     dropout = chosen(1, 4096, dropout_p=0.1)
     assert dropout.engine == "tiled" and "dropout" in dropout.rejected["split_k"][0]
-    forced = dotattn.explain(*qkv(1, 2, 4, 8, Lk=4096), mask=masks.dense(torch.ones(4, 4096, dtype=torch.bool)),
-                             engine="split_k")
+    holes = torch.ones(4, 4096, dtype=torch.bool)
+    holes[:, 100] = False  # rows that are not one run of keys
+    forced = dotattn.explain(*qkv(1, 2, 4, 8, Lk=4096), mask=masks.dense(holes), engine="split_k")
     assert forced.engine == "split_k" and forced.detail.startswith("runs on the tiled engine")
 
 

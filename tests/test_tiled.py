@@ -161,7 +161,7 @@ def test_masks_without_row_spans_pack_only_their_partial_tiles(kind):
     bias = torch.zeros(100, 100).masked_fill(~dense, float("-inf"))
     mask = {
         "bool": masks.dense(dense),
-        "float-combined": masks.dense(bias) & masks.dense(torch.ones(100, 100, dtype=torch.bool)),
+        "float-combined": masks.dense(bias) & masks.dense(dense),
         "float-alone": masks.dense(bias),
     }[kind]
     tm = _tiled_kernel.TileMask.of(prepare(q, k, v, mask=mask), 64, 32, torch.float32)
@@ -174,6 +174,20 @@ def test_masks_without_row_spans_pack_only_their_partial_tiles(kind):
     else:  # one float tensor is read where it lies, not copied
         assert tm.bias.shape == (1, 1, 100, 100) and tm.bias.data_ptr() == bias.data_ptr()
     assert_matches_oracle(q, k, v, mask=mask, engine="tiled")
+
+
+def test_a_dense_bool_mask_whose_rows_are_intervals_runs_as_row_spans():
+    # a causal window built as a tensor, per batch row, with a row that sees nothing: the
+    # kernel masks its partial tiles by comparisons and reads the tensor no more
+    q, k, v = qkv(2, 3, 100, 8)
+    i, j = torch.arange(100)[:, None], torch.arange(100)[None]
+    allowed = ((j <= i) & (j > i - 40)).expand(2, 1, 100, 100).clone()
+    allowed[1, 0, 7] = False
+    problem = prepare(q, k, v, mask=masks.dense(allowed))
+    tm = _tiled_kernel.TileMask.of(problem, 64, 32, torch.float32)
+    assert tm.allowed is None and tm.bias is None and tm.lo.shape == (2, 1, 100)
+    assert int(tm.hi[1, 0, 7] - tm.lo[1, 0, 7]) == 0
+    assert_matches_oracle(q, k, v, mask=masks.dense(allowed), engine="tiled")
 
 
 @pytest.mark.parametrize(

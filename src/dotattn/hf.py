@@ -31,7 +31,8 @@ those are read from transformers' mask function and arrive structured too (``_st
 any other index-based mask function is evaluated tile by tile (``masks.from_mask_mod``).
 Static caches (a tensor offset) and callers that ask for a materialised mask, which they may
 then edit as a tensor, get transformers' own ``sdpa_mask``, so it means exactly what it means
-for "sdpa". As with
+for "sdpa"; where each of its rows is one run of keys (a static cache's: causal, left padding,
+the unfilled slots), dotattn reads the runs from the tensor and skips the rest. As with
 "sdpa", a None mask means ``is_causal`` (the argument, else ``module.is_causal``) decides,
 top-left aligned, for more than one query.
 

@@ -1,5 +1,6 @@
 // The Python modules dotattn._tiled_cpu_<level> (one per instruction-set level, setup.py):
-// the tiled kernel (tiled.cpp) and the split-K decoding kernel (split_k.cpp).
+// the tiled kernel (tiled.cpp), the split-K decoding kernel (split_k.cpp) and the row spans of a
+// boolean mask tensor (spans.cpp).
 
 #include <torch/extension.h>
 
@@ -22,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("split_k_parts", &dotattn::split_k_parts,
         "parts = split_k_parts(tasks, Lk, parts_per_thread, min_part_keys): how many parts split_k_attention "
         "cuts each (batch, kv head)'s keys into on this many threads");
+  m.def("interval_rows", &dotattn::interval_rows,
+        "(lo, hi) int64 (...) or None = interval_rows(allowed): each row of a CPU bool tensor (..., C) as one "
+        "run of columns lo <= j < hi, or None when some row is not one run (spans.cpp)");
   m.def("has_blas", &dotattn::has_blas, "whether torch exports the BLAS (MKL) GEMM the kernel calls");
   m.def("tile_gemm_seconds", &dotattn::tile_gemm_seconds,
         "[float32 s, bfloat16 s] per call of a tile's two GEMMs (bfloat16 absent without MKL's bf16 GEMM)");

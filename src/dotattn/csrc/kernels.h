@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -47,5 +48,9 @@ std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Ten
                                               int64_t parts_per_thread, int64_t min_part_keys,
                                               at::TensorList mask_tensors, c10::string_view mask_spec,
                                               bool enable_gqa);
+
+// spans.cpp: lo, hi int64 (...) when each row of a bool tensor (..., C) allows one run of
+// columns lo <= j < hi (lo = hi = 0 for a row that allows none); nullopt otherwise.
+std::optional<std::tuple<at::Tensor, at::Tensor>> interval_rows(const at::Tensor& allowed);
 
 }  // namespace dotattn

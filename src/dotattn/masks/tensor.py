@@ -38,6 +38,34 @@ def _block_map_of_dense(allowed: torch.Tensor, Lq: int, Lk: int, block_q: int, b
     return _codes(full, any_, (*allowed.shape[:-2], _cdiv(Lq, block_q), _cdiv(Lk, block_k)))
 
 
+def _interval_rows(allowed: torch.Tensor, Lk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A bool tensor (..., R, C), C in (Lk, 1), as int64 spans lo, hi (..., R) when each row's
+    True entries are one run (lo = hi = 0 for a row with none); None otherwise. One pass in the
+    compiled kernel on CPU (csrc/spans.cpp), three reductions in torch ops elsewhere."""
+    # leading dims broadcast by strides (an expanded batch) are reduced once
+    shared = [d for d in range(allowed.dim() - 2) if allowed.stride(d) == 0 and allowed.shape[d] > 1]
+    if shared:
+        spans = _interval_rows(allowed[tuple(slice(0, 1) if d in shared else slice(None)
+                                             for d in range(allowed.dim()))], Lk)
+        return None if spans is None else tuple(x.expand(*allowed.shape[:-1]) for x in spans)
+    if allowed.shape[-1] == 1:  # one key column broadcast over every key: all or nothing
+        hi = allowed[..., 0].long() * Lk
+        return torch.zeros_like(hi), hi
+    if allowed.is_cpu:
+        from dotattn.engines._tiled_kernel import ext  # the kernel's loader imports the masks
+
+        if ext is not None:
+            return ext.interval_rows(allowed)
+    u = allowed.view(torch.uint8)
+    count = u.sum(-1, dtype=torch.int16 if Lk < 2**15 else torch.int32)
+    first = u.argmax(-1)  # the first True (0 for a row without one)
+    last = Lk - 1 - u.flip(-1).argmax(-1)
+    if not bool(((count == 0) | (last - first + 1 == count)).all()):
+        return None
+    lo = torch.where(count > 0, first, 0)
+    return lo, lo + count
+
+
 class Documents(Mask):
     """Packed sequences: query i may attend key j iff their document ids are equal and non-negative."""
 
@@ -298,6 +326,26 @@ class Dense(Mask):
         r = slice(None) if rows == 1 else slice(q0, q1)
         c = slice(None) if cols == 1 else slice(k0, k1)
         return self.tensor.to(device)[..., r, c]
+
+    def _row_spans(self, Lq, Lk, device):
+        # A boolean tensor whose every row allows one run of keys (a causal or windowed mask
+        # built as a tensor, a static cache's mask: transformers' sdpa_mask) is row spans, so the
+        # kernels mask its tiles by comparisons and never read it again, and split_k takes it.
+        # One pass over the tensor, which stops at the first row that is not a run; the spans
+        # are cached while the tensor is unchanged (its version counter).
+        if self.is_additive:
+            return None
+        try:
+            key = (Lq, Lk, str(device), self.tensor._version)
+        except RuntimeError:  # an inference-mode tensor has no version counter: nothing is cached
+            key = None
+        cached = self.__dict__.get("_spans")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        spans = _interval_rows(self.tensor.detach().to(device), Lk)
+        if key is not None:
+            self._spans = (key, spans)
+        return spans
 
     def _block_map(self, Lq, Lk, block_q, block_k, device):
         t = self.tensor.detach().to(device)
