@@ -6,7 +6,9 @@
 
 Random-weight transformers models (hidden 512, 2 layers, 8 heads / 2 kv heads, float32; no
 download), sdpa (or eager) and dotattn timed interleaved on the same inputs
-(``dotattn.benchmarking.timed``: median seconds), and the largest logit difference:
+(``dotattn.benchmarking.timed``: median seconds), the largest logit difference, and the share
+of one more run (profiled) that attention takes, forward and backward (``attention_share``;
+"-" for eager):
 
     llama prefill / train     Llama, GQA, L 2048: a forward; a forward + backward with labels
     packed train              8 documents packed into L 4096 (position_ids restart per
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,7 +45,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import dotattn.hf  # noqa: E402
-from dotattn.benchmarking import timed  # noqa: E402
+from dotattn.benchmarking import _quiet_fd2, timed  # noqa: E402
 
 NAME = dotattn.hf.register()
 SIZES = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
@@ -54,16 +57,48 @@ def _run_as(model, impl: str, fn):
     return fn()
 
 
+def attention_share(model, impl: str, fn) -> float | None:
+    """The share of one ``fn()`` run as ``impl`` that attention takes, from the torch profiler:
+    the forward calls (transformers' attention function, run inside a profiler range) and their
+    backward (the autograd nodes of torch's SDPA or dotattn's operator), over the whole run.
+    None for "eager", whose attention is not one function models look up."""
+    mapping = transformers.AttentionInterface._global_mapping
+    function = mapping.get(impl)
+    if function is None:
+        return None
+
+    def attention(*args, **kwargs):
+        with torch.profiler.record_function("attention"):
+            return function(*args, **kwargs)
+    model.set_attn_implementation(impl)
+    mapping[impl] = attention
+    try:
+        with _quiet_fd2(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            total = time.perf_counter() - start
+    finally:
+        mapping[impl] = function
+    spent = 0.0
+    for event in prof.events():
+        backward = event.name.startswith("autograd::engine::evaluate_function:") and "Attention" in event.name
+        if event.name == "attention" or backward:
+            spent += event.cpu_time_total * 1e-6
+    return spent / total
+
+
 def _case(name: str, model, fn, repeats: int, unit: str = "ms", baseline: str = "sdpa") -> None:
     a, b = _run_as(model, baseline, fn), _run_as(model, NAME, fn)
     diff = float((a - b).abs().max())
     t_base, t_ours = timed([lambda: _run_as(model, baseline, fn), lambda: _run_as(model, NAME, fn)], repeats)
+    shares = [attention_share(model, impl, fn) for impl in (baseline, NAME)]
+    share = "  attention " + " / ".join("-" if x is None else f"{100 * x:.0f}%" for x in shares)
     if unit == "sent/s":
         print(f"{name:28s} {baseline} {fn.count / t_base:8.1f} sent/s  dotattn {fn.count / t_ours:8.1f} sent/s  "
-              f"{t_base / t_ours:5.2f}x  max |diff| {diff:.1e}")
+              f"{t_base / t_ours:5.2f}x  max |diff| {diff:.1e}{share}")
     else:
         print(f"{name:28s} {baseline} {1e3 * t_base:8.0f} ms  dotattn {1e3 * t_ours:8.0f} ms  "
-              f"{t_base / t_ours:5.2f}x  max |diff| {diff:.1e}")
+              f"{t_base / t_ours:5.2f}x  max |diff| {diff:.1e}{share}")
 
 
 def _forward(model, **inputs):
