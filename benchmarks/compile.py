@@ -13,6 +13,8 @@ cache off; its C++ kernel cache on disk may still hold code from an earlier run)
     full / causal / window256   one attention call, forward, and forward+backward
     decode                      one query per head (32 heads, 8 kv heads, E 128) against a KV cache
                                 of 16 and 2048 keys (its mask), as a generation step makes it
+    static                      the same step into a static cache of 8192 slots, 512 filled, its
+                                mask the bool tensor of the filled slots (``--static``: this alone)
     llama step                  a 2-layer Llama (hidden 256, 8 heads / 2 kv heads) forward, L as above
 
 GFLOP/s counts 4·B·H·Lq·Lk·E for a forward (2.5x that for forward+backward), all pairs,
@@ -107,6 +109,31 @@ def decode_case(L: int, repeats: int) -> None:
             repeats)
 
 
+def static_case(capacity: int, filled: int, repeats: int) -> None:
+    """A step into a static cache: K and V of its whole capacity and the bool mask (1, 1, 1,
+    capacity) of its filled slots, a tensor, given to both libraries (dotattn reads its runs
+    inside the operator and visits only the filled keys)."""
+    B, Hq, Hkv, E = 1, 32, 8, 128
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, 1, E, generator=g)
+    k, v = (torch.randn(B, Hkv, capacity, E, generator=g) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, capacity, dtype=torch.bool)
+    mask[..., :filled] = True
+
+    def ours(q, k, v, m):
+        return dotattn.scaled_dot_product_attention(q, k, v, m, enable_gqa=True)
+
+    def theirs(q, k, v, m):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, m, enable_gqa=True)
+
+    ours_c, theirs_c = _compiled(ours), _compiled(theirs)
+    with torch.no_grad():
+        _row(f"static {filled}/{capacity}", 0.0, {
+            "dotattn eager": lambda: ours(q, k, v, mask), "dotattn compiled": lambda: ours_c(q, k, v, mask),
+            "torch eager": lambda: theirs(q, k, v, mask), "torch compiled": lambda: theirs_c(q, k, v, mask)},
+            repeats)
+
+
 def llama_case(L: int, repeats: int) -> None:
     try:
         import transformers
@@ -136,13 +163,18 @@ def llama_case(L: int, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--static", action="store_true", help="only the static cache's step")
     args = ap.parse_args()
     L, repeats = (512, 5) if args.quick else (1024, 10)
     torch._inductor.config.fx_graph_cache = False  # compile times from scratch, every run
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratios are torch eager / each")
+    if args.static:
+        static_case(8192, 512, repeats * 20)
+        return
     attention_cases(L, repeats)
     for keys in (16, 2048):
         decode_case(keys, repeats * 20)
+    static_case(8192, 512, repeats * 20)
     llama_case(L, repeats)
 
 

@@ -10,7 +10,7 @@ import torch
 import dotattn
 from dotattn import masks
 from dotattn.engines import split_k as split_k_engine
-from dotattn.testing import compare_to_oracle
+from dotattn.testing import assert_matches_oracle, compare_to_oracle
 from tests.conftest import qkv
 
 
@@ -315,6 +315,26 @@ def test_a_compiled_decoding_step_calls_the_split_k_kernel_operator(kind, Lq, dt
         torch._dynamo.reset()
         compiled = torch.compile(step, fullgraph=True)
         torch.testing.assert_close(compiled(q, k, v, lengths), step(q, k, v, lengths), rtol=0, atol=0)
+
+
+@needs_kernel
+def test_a_compiled_static_cache_step_reads_its_mask_tensor_as_row_spans():
+    """A static cache's step: K, V of the whole capacity and a bool mask of the filled slots
+    (per batch row), as a tensor. The graph holds the generic operator, which inside reads the
+    mask's runs and runs the split_k engine (the decision an eager call makes) on them."""
+    q, k, v = _decode(Lk=512)
+    filled = torch.arange(512)[None, None, None, :] < torch.tensor([300, 120])[:, None, None, None]
+
+    def step(q, k, v, filled):
+        return dotattn.scaled_dot_product_attention(q, k, v, filled, enable_gqa=True)
+
+    with torch.no_grad():
+        assert dotattn.explain(q, k, v, filled, enable_gqa=True).engine == "split_k"
+        assert _dotattn_ops(step, q, k, v, filled) == ["dotattn.attention"]
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True)
+        torch.testing.assert_close(compiled(q, k, v, filled), step(q, k, v, filled), rtol=0, atol=0)
+        assert_matches_oracle(q, k, v, filled, engine="split_k", enable_gqa=True, backward=False)
 
 
 @needs_kernel
