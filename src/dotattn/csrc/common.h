@@ -4,6 +4,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -65,24 +68,73 @@ inline vfloat vexp_nonpos(vfloat x) {
   return tiny ? vfloat{} : y * (vfloat)bits;
 }
 
+// The sum and the max of v's lanes, as a tree of halves (log2 kW dependent steps rather than
+// kW): on a row of a few dozen keys the reductions of the max, the exp sum and the finite
+// check are a large part of the row's work. The order of the sum differs from a lane-by-lane
+// loop's; the max treats NaN as the vector compares do, and a row that saw one is garbage.
+#if defined(__AVX512F__)
+inline float hsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+inline float hmax(vfloat v) { return _mm512_reduce_max_ps(v); }
+#elif defined(__AVX2__)
+inline float hsum(vfloat v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+inline float hmax(vfloat v) {
+  const __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_max_ss(b, _mm_movehdup_ps(b)));
+}
+#else
 inline float hsum(vfloat v) {
   float s = 0;
   for (int i = 0; i < kW; ++i) s += v[i];
   return s;
 }
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+#endif
 
-// Runs f on x[0:n] a vector at a time; the ragged end goes through a buffer padded with `pad`.
+// x[0:n] for n < kW as a vector whose other lanes hold `pad`, and the first n lanes of v
+// stored to x. AVX-512 and AVX2 use masked loads and stores, which touch only those lanes;
+// a copy through a buffer (what the baseline build does) called memcpy twice and spilled
+// the vector registers around it, which on a 21-key row was the costliest part of the row.
+#if defined(__AVX512F__)
+inline vfloat vload_part(const float* x, int n, float pad) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(pad), static_cast<__mmask16>((1u << n) - 1), x);
+}
+inline void vstore_part(float* x, vfloat v, int n) {
+  _mm512_mask_storeu_ps(x, static_cast<__mmask16>((1u << n) - 1), v);
+}
+#elif defined(__AVX2__)
+inline __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+inline vfloat vload_part(const float* x, int n, float pad) {
+  const __m256i m = lanes_below(n);
+  return _mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(x, m), _mm256_castsi256_ps(m));
+}
+inline void vstore_part(float* x, vfloat v, int n) { _mm256_maskstore_ps(x, lanes_below(n), v); }
+#else
+inline vfloat vload_part(const float* x, int n, float pad) {
+  float buf[kW];
+  std::fill(buf, buf + kW, pad);
+  std::copy(x, x + n, buf);
+  return vload(buf);
+}
+inline void vstore_part(float* x, vfloat v, int n) {
+  for (int i = 0; i < n; ++i) x[i] = v[i];
+}
+#endif
+
+// Runs f on x[0:n] a vector at a time; the ragged end is padded with `pad`.
 template <typename F>
 inline void for_vectors(float* x, int n, float pad, F f) {
   int c = 0;
   for (; c + kW <= n; c += kW) vstore(x + c, f(vload(x + c)));
-  if (c < n) {
-    float buf[kW];
-    std::fill(buf, buf + kW, pad);
-    std::copy(x + c, x + n, buf);
-    vstore(buf, f(vload(buf)));
-    std::copy(buf, buf + (n - c), x + c);
-  }
+  if (c < n) vstore_part(x + c, f(vload_part(x + c, n - c, pad)), n - c);
 }
 
 inline float row_max(float* x, int n) {
@@ -91,9 +143,7 @@ inline float row_max(float* x, int n) {
     m = v > m ? v : m;
     return v;
   });
-  float out = m[0];
-  for (int i = 1; i < kW; ++i) out = m[i] > out ? m[i] : out;
-  return out;
+  return hmax(m);
 }
 
 // x = exp(x - sub) in place; returns the sum. Padding is -inf, so it adds 0.
@@ -147,11 +197,7 @@ inline float exp_sum_stats(float* x, int n, float sub, ScoreSums<float>& out, bo
   return hsum(acc);
 }
 
-inline float exp_nonpos(float x) {
-  float buf = x;
-  exp_sum(&buf, 1, 0.0f);
-  return buf;
-}
+inline float exp_nonpos(float x) { return vexp_nonpos(vfloat{} + x)[0]; }
 
 // float64 is for testing: plain loops.
 inline double row_max(double* x, int n) {

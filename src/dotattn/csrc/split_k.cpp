@@ -95,13 +95,24 @@ inline void widen(const In* src, int64_t ld, int rows, int n, float* dst) {
 }
 
 // Lane i of the result is the sum of a[i]'s lanes (i < 8): the horizontal sums of eight
-// accumulators at once.
-inline vfloat sums8(const vfloat* a) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// accumulators at once. AVX-512 first adds each vector's 256-bit halves, which leaves the
+// AVX2 problem; the other lanes of its result are 0.
+#if defined(__AVX2__)
+inline __m256 sums8_256(const __m256* a) {
   const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // 128-bit halves' sums
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+inline vfloat sums8(const vfloat* a) {
+#if defined(__AVX512F__)
+  __m256 h[8];
+  for (int i = 0; i < 8; ++i) h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
+  return _mm512_zextps256_ps512(sums8_256(h));
+#elif defined(__AVX2__)
+  return sums8_256(a);
 #else
   vfloat out = {};
   for (int i = 0; i < 8; ++i) out[i] = hsum(a[i]);
@@ -374,10 +385,10 @@ inline void tile_values(double* acc, int Ev, int rows, const double* p, int lds,
 // only costs a rerun).
 inline float finite_sum(const float* x, int n) {
   vfloat acc = {};
-  for (int c = 0; c + kW <= n; c += kW) acc += vload(x + c);
-  float sum = hsum(acc);
-  for (int c = n - n % kW; c < n; ++c) sum += x[c];
-  return sum;
+  int c = 0;
+  for (; c + kW <= n; c += kW) acc += vload(x + c);
+  if (c < n) acc += vload_part(x + c, n - c, 0.0f);
+  return hsum(acc);
 }
 
 inline double finite_sum(const double* x, int n) {
