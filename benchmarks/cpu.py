@@ -7,6 +7,8 @@
     python benchmarks/cpu.py --lengths 2048 --masks bias --backward  # learned (H, L, L) bias, trained
     python benchmarks/cpu.py --lengths 2048,4096 --masks alibi       # causal & an ALiBi (H, L, L) bias
     python benchmarks/cpu.py --lengths 2048,4096 --masks alibi,alibi_slopes --dtypes float32  # and masks.alibi
+    python benchmarks/cpu.py --shapes 64x12x32 --lengths 21,65,128 --masks padding --engines split_k,tiled --dtypes float32
+                                                               # an encoder's padded batch of short sentences
 
 For each dtype it first measures the GEMM peak with torch.matmul in that dtype, then
 times torch SDPA (default CPU backend; masks other than causal are passed as a dense
@@ -41,10 +43,10 @@ def make_mask(name: str, L: int) -> masks.Mask | None:
         return masks.causal()
     if name.startswith("window"):
         return masks.causal() & masks.sliding_window(int(name.removeprefix("window")))
-    # "bias" (a learned float bias) is built in run_case, which knows H
+    # "bias" (a learned float bias) and "padding" are built in run_case, which knows B and H
     if name == "documents":  # four documents of equal length
         return masks.documents(torch.arange(L) * 4 // L)
-    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents, bias, alibi or alibi_slopes")
+    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents, padding, bias, alibi or alibi_slopes")
 
 
 def flex_mask_mod(name: str, L: int):
@@ -113,6 +115,11 @@ def run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep) -
             mask = masks.causal() & masks.alibi(slopes)
         dense = mask.to_dense(L, L).to(dtype)  # what torch needs
         allowed = float((dense > float("-inf")).float().mean())
+    elif mask_name == "padding":  # an encoder's padded batch: row b holds L/2 .. L tokens
+        lengths = L // 2 + torch.arange(B) * (L - L // 2) // max(B - 1, 1)
+        mask = masks.padding(lengths)
+        dense = (torch.arange(L) < lengths[:, None])[:, None, None, :].expand(B, 1, L, L)  # what torch needs
+        allowed = float(dense.float().mean())
     else:
         mask = make_mask(mask_name, L)
         dense = None if mask is None else mask.to_dense(L, L)
@@ -159,7 +166,7 @@ def run_case(args, names, dtype, dtype_name, peak, B, H, E, mask_name, L, sep) -
     times = timed(fns, args.repeats)
     for label, seconds in zip(labels, times):
         gflops = flops / seconds / 1e9
-        cells = [dtype_name, B, H, E, mask_name, L, label, f"{seconds * 1e3:.1f}", f"{gflops:.1f}",
+        cells = [dtype_name, B, H, E, mask_name, L, label, f"{seconds * 1e3:.3g}", f"{gflops:.1f}",
                  f"{100 * gflops / peak:.0f}%", f"{times[0] / seconds:.2f}x"]
         line = sep.join(f"{c:>8}" for c in cells)
         print(f"| {line} |" if args.markdown else line, flush=True)

