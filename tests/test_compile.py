@@ -354,7 +354,7 @@ def test_the_split_k_operator_is_used_only_where_an_eager_call_runs_its_kernel()
         assert _dotattn_ops(lambda *a: step(*a, dropout_p=0.1), q, k, v) == ["dotattn.attention"]
         assert _dotattn_ops(lambda *a: step(*a, attn_mask=torch.ones(1, 300, dtype=torch.bool)), q, k, v) == \
             ["dotattn.attention"]
-        many = _decode(Hq=32, Hkv=1, Lq=16)  # 512 rows per kv head: auto picks tiled, a forced split_k its kernel
+        many = _decode(Hq=32, Hkv=1, Lq=8)  # 256 rows per kv head: auto picks tiled, a forced split_k its kernel
         assert _dotattn_ops(step, *many) == ["dotattn.attention"]
         assert _dotattn_ops(lambda *a: step(*a, engine="split_k"), *many) == ["dotattn.split_k"]
     assert _dotattn_ops(step, q.requires_grad_(), k, v)[0] == "dotattn.attention"  # grad: the fallback's

@@ -83,13 +83,12 @@ class SplitKEngine(Engine):
 
     # Where auto picks split-K over the tiled engine, per level of the CPU kernel that runs
     # (benchmarks/decode.py --crossover: decoding steps of 1 to 256 rows per kv head against
-    # 16 to 16k keys, and self-attention of a batch of short sequences, full, causal and
-    # padded; warm and cold): with up to this many rows split-K was faster in every case
-    # (AVX-512: 1.06-9.3x; the AVX2 build, run on the same CPU, 1.17-4.7x). With more, the
-    # tiled engine's GEMM tiles win, first where a causal mask lets them skip half the keys
-    # (AVX-512: 0.92x at 512 rows; AVX2: 768 heads of E 32 at 128 rows, 0.89-0.93x).
-    # Baseline and CUDA keep the smallest, untimed.
-    AUTO_MAX_ROWS = {"avx512": 256, "avx2": 64, "baseline": 32}
+    # 16 to 16k keys, and self-attention of batches of short sequences, full, causal and
+    # padded; warm and cold). AVX-512: split-K was faster in every case up to 128 rows
+    # (1.05-9.8x); at 256, 768 causal heads of E 32 ran 0.86x. The AVX2 build (run on an
+    # AVX-512 CPU, whose BLAS kept AVX-512): 1.01-8.5x up to 64 rows but 0.96x for 768 heads
+    # of E 32 without a mask; at 128 those ran 0.94x. Baseline and CUDA keep the old 32, untimed.
+    AUTO_MAX_ROWS = {"avx512": 128, "avx2": 64, "baseline": 32}
     # Parts per thread (CPU) or per streaming multiprocessor (CUDA), so that the scheduler
     # evens out uneven parts, and the fewest keys worth a part of its own.
     PARTS_PER_THREAD = 4
