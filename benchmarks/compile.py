@@ -2,6 +2,7 @@
 
     python -m benchmarks.compile            # B1 H8 L1024 E64 float32, a decoding step, a small Llama step
     python -m benchmarks.compile --quick    # fewer repeats, L 512
+    python -m benchmarks.compile --decode   # the decoding steps alone
 
 Under torch.compile, dotattn is one ``dotattn::attention`` operator (``dotattn._ops``) that
 Inductor leaves whole, with Inductor compiling what surrounds it; torch's SDPA is lowered
@@ -49,7 +50,7 @@ def _row(name: str, flops: float, fns: dict, repeats: int) -> None:
     compile_s = {label: _first_call_seconds(fn) for label, fn in fns.items() if "compiled" in label}
     seconds = dict(zip(fns, timed(list(fns.values()), repeats)))
     base = seconds["torch eager"]
-    cells = "  ".join(f"{label} {1e3 * s:8.3f} ms ({base / s:4.2f}x)" for label, s in seconds.items())
+    cells = "  ".join(f"{label} {1e3 * s:8.4g} ms ({base / s:4.2f}x)" for label, s in seconds.items())
     rate = f"{flops / seconds['dotattn compiled'] / 1e9:6.1f} GFLOP/s compiled" if flops else ""
     print(f"{name:22s} {cells}  {rate}")
     print(f"{'':22s} compile: " + ", ".join(f"{label} {s:.1f} s" for label, s in compile_s.items()))
@@ -164,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--static", action="store_true", help="only the static cache's step")
+    ap.add_argument("--decode", action="store_true", help="only the decoding steps (16 and 2048 keys)")
     args = ap.parse_args()
     L, repeats = (512, 5) if args.quick else (1024, 10)
     torch._inductor.config.fx_graph_cache = False  # compile times from scratch, every run
@@ -171,9 +173,12 @@ def main() -> None:
     if args.static:
         static_case(8192, 512, repeats * 20)
         return
-    attention_cases(L, repeats)
+    if not args.decode:
+        attention_cases(L, repeats)
     for keys in (16, 2048):
         decode_case(keys, repeats * 20)
+    if args.decode:
+        return
     static_case(8192, 512, repeats * 20)
     llama_case(L, repeats)
 
