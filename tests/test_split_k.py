@@ -15,6 +15,7 @@ import torch
 import dotattn
 from dotattn import engines, masks
 from dotattn._softmax import merge_into
+from dotattn.engines import _tiled_kernel
 from dotattn.nn import KVCache, MultiHeadAttention
 from dotattn.testing import assert_matches_oracle, oracle
 from dotattn.engines.triton import MISSING as TRITON_MISSING
@@ -217,6 +218,23 @@ def test_auto_picks_split_k_only_for_decoding_shapes():
     holes[:, 100] = False  # rows that are not one run of keys
     forced = dotattn.explain(*qkv(1, 2, 4, 8, Lk=4096), mask=masks.dense(holes), engine="split_k")
     assert forced.engine == "split_k" and forced.detail.startswith("runs on the tiled engine")
+
+
+@pytest.mark.skipif(_tiled_kernel.ext is None, reason="the compiled kernel is not built")
+def test_auto_gives_split_k_the_rows_measured_faster_for_the_loaded_kernel_level():
+    """A batch of short sequences (an encoder's) runs on split_k up to the loaded level's
+    AUTO_MAX_ROWS (benchmarks/decode.py --crossover) and not one row beyond."""
+    split_k = engines.get("split_k")
+    most = split_k.auto_max_rows("cpu")
+    assert most == split_k.AUTO_MAX_ROWS.get(_tiled_kernel.LEVEL, min(split_k.AUTO_MAX_ROWS.values()))
+
+    def explained(L):
+        q, k, v = qkv(3, 2, L, 16)
+        return dotattn.explain(q, k, v, mask=masks.padding([L, L // 2, 1]))
+
+    assert explained(most).engine == "split_k"
+    beyond = explained(most + 1)
+    assert beyond.engine != "split_k" and f"more than {most}" in beyond.rejected["split_k"][0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
