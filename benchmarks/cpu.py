@@ -7,8 +7,8 @@
     python benchmarks/cpu.py --lengths 2048 --masks bias --backward  # learned (H, L, L) bias, trained
     python benchmarks/cpu.py --lengths 2048,4096 --masks alibi       # causal & an ALiBi (H, L, L) bias
     python benchmarks/cpu.py --lengths 2048,4096 --masks alibi,alibi_slopes --dtypes float32  # and masks.alibi
+    # an encoder's padded batch of short sentences, on both CPU engines:
     python benchmarks/cpu.py --shapes 64x12x32 --lengths 21,65,128 --masks padding --engines split_k,tiled --dtypes float32
-                                                               # an encoder's padded batch of short sentences
 
 For each dtype it first measures the GEMM peak with torch.matmul in that dtype, then
 times torch SDPA (default CPU backend; masks other than causal are passed as a dense
@@ -46,7 +46,8 @@ def make_mask(name: str, L: int) -> masks.Mask | None:
     # "bias" (a learned float bias) and "padding" are built in run_case, which knows B and H
     if name == "documents":  # four documents of equal length
         return masks.documents(torch.arange(L) * 4 // L)
-    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents, padding, bias, alibi or alibi_slopes")
+    raise ValueError(f"unknown mask {name!r}; use full, causal, windowN, documents, padding, bias, alibi "
+                     "or alibi_slopes")
 
 
 def flex_mask_mod(name: str, L: int):

@@ -111,7 +111,9 @@ inline void vstore_part(float* x, vfloat v, int n) {
   _mm512_mask_storeu_ps(x, static_cast<__mmask16>((1u << n) - 1), v);
 }
 #elif defined(__AVX2__)
-inline __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+inline __m256i lanes_below(int n) {  // lane i all ones where i < n
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 inline vfloat vload_part(const float* x, int n, float pad) {
   const __m256i m = lanes_below(n);
   return _mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(x, m), _mm256_castsi256_ps(m));

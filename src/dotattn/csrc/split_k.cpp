@@ -720,8 +720,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
     }
   }
-  TORCH_CHECK_VALUE(!bad_span, "split_k_attention: a row span lies outside the ", Lk, " keys (0 <= lo, hi <= Lk); "
-              "are the padding lengths longer than the key length?");
+  TORCH_CHECK_VALUE(!bad_span, "split_k_attention: a row span lies outside the ", Lk,
+                    " keys (0 <= lo, hi <= Lk); are the padding lengths longer than the key length?");
   if (S > 1)
     merge_parts(part_out.data_ptr<T>(), part_lse.data_ptr<T>(), S, N * Hkv * R, Ev, out.data_ptr<T>(),
                 lse.data_ptr<T>());
