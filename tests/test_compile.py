@@ -416,3 +416,16 @@ def test_opcheck_on_the_split_k_operator():
         for spans in ((None, None), (lo, hi)):
             args = (q, k, v, *spans, 0.125, 0.0, 4, 256, tensors, spec, True)
             torch.library.opcheck(torch.ops.dotattn.split_k.default, args)
+
+
+@needs_kernel
+def test_the_split_k_operator_refuses_inputs_that_need_a_gradient():
+    """It has no backward: its autograd kernel raises, naming the call that has one, where grad
+    mode is on and an input requires grad, and runs the kernel where none needs one."""
+    q, k, v = _decode()
+    args = (k, v, None, None, 0.125, 0.0, 4, 256, [], "", True)
+    with pytest.raises(RuntimeError, match="has no backward.*dotattn.scaled_dot_product_attention"):
+        torch.ops.dotattn.split_k(q.clone().requires_grad_(), *args)
+    with torch.no_grad():
+        out, _ = torch.ops.dotattn.split_k(q.clone().requires_grad_(), *args)
+    torch.testing.assert_close(out, torch.ops.dotattn.split_k(q, *args)[0])
