@@ -40,4 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_IMPL(dotattn, CPU, m) { m.impl("split_k", TORCH_FN(dotattn::split_k_op)); }
 // Its autograd kernel (split_k_no_grad, split_k.cpp): the operator has no backward, and this
 // says so where one is needed, which is cheaper than torch's fallback for an operator without one.
-TORCH_LIBRARY_IMPL(dotattn, Autograd, m) { m.impl("split_k", TORCH_FN(dotattn::split_k_no_grad)); }
+TORCH_LIBRARY_IMPL(dotattn, Autograd, m) {
+  m.impl("split_k", torch::CppFunction::makeFromBoxedFunction<&dotattn::split_k_no_grad>());
+}

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
 #include <optional>
@@ -48,15 +49,10 @@ std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Ten
                                               int64_t parts_per_thread, int64_t min_part_keys,
                                               at::TensorList mask_tensors, c10::string_view mask_spec,
                                               bool enable_gqa);
-// dotattn::split_k's autograd kernel: raises where grad mode is on and an input requires grad
-// (a compiled graph calls the operator only where none does), else runs the operator below
-// autograd.
-std::tuple<at::Tensor, at::Tensor> split_k_no_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   const c10::optional<at::Tensor>& lo,
-                                                   const c10::optional<at::Tensor>& hi, double scale, double softcap,
-                                                   int64_t parts_per_thread, int64_t min_part_keys,
-                                                   at::TensorList mask_tensors, c10::string_view mask_spec,
-                                                   bool enable_gqa);
+// dotattn::split_k's autograd kernel (boxed): raises where grad mode is on and an input
+// requires grad (a compiled graph calls the operator only where none does), else runs the
+// operator below autograd.
+void split_k_no_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
 
 // spans.cpp: lo, hi int64 (...) when each row of a bool tensor (..., C) allows one run of
 // columns lo <= j < hi (lo = hi = 0 for a row that allows none); nullopt otherwise.

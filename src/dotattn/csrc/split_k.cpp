@@ -816,21 +816,15 @@ std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Ten
   return {out.view(shape).to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> split_k_no_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   const c10::optional<at::Tensor>& lo,
-                                                   const c10::optional<at::Tensor>& hi, double scale, double softcap,
-                                                   int64_t parts_per_thread, int64_t min_part_keys,
-                                                   at::TensorList mask_tensors, c10::string_view mask_spec,
-                                                   bool enable_gqa) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())),
+void split_k_no_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto args = torch::jit::last(*stack, op.schema().arguments().size());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (args[0].toTensor().requires_grad() ||
+                                                args[1].toTensor().requires_grad() ||
+                                                args[2].toTensor().requires_grad())),
               "dotattn::split_k has no backward: an input requires grad; call "
               "dotattn.scaled_dot_product_attention, which runs such a call on an engine that has one");
   at::AutoDispatchBelowADInplaceOrView below;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dotattn::split_k", "")
-                       .typed<decltype(split_k_op)>();
-  return op.call(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys, mask_tensors, mask_spec,
-                 enable_gqa);
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 
 }  // namespace dotattn
