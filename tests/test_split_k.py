@@ -9,11 +9,13 @@ ones of its CUDA path, in Triton's interpreter ("split_k_triton", registered by 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import dotattn
-from dotattn import engines, masks
+from dotattn import engines, functional, masks
 from dotattn._softmax import merge_into
 from dotattn.engines import _tiled_kernel
 from dotattn.nn import KVCache, MultiHeadAttention
@@ -269,3 +271,112 @@ def test_a_kv_cache_step_is_explained_as_split_k():
     keys, values, mask = cache.append(k[:, :, :1], v[:, :, :1])
     explanation = dotattn.explain(torch.randn(2, 8, 1, 16), keys, values, mask=mask, enable_gqa=True)
     assert explanation.engine == "split_k", str(explanation)
+
+
+# ---------------------------------------------------------------------------
+# The eager step: a decoding step's usual call in one call of the kernel
+# ---------------------------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(_tiled_kernel.ext is None, reason="the compiled kernel is not built")
+
+
+@pytest.fixture
+def full_path_calls(monkeypatch) -> list[int]:
+    """Counts the calls that go down the full path (prepare, select, run)."""
+    calls: list[int] = []
+    real = functional.prepare
+    monkeypatch.setattr(functional, "prepare", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _full_path(*args, **kwargs) -> torch.Tensor:
+    """The same call down the full path (asking for the lse sends it there)."""
+    return dotattn.scaled_dot_product_attention(*args, return_lse=True, **kwargs).output
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float64, id="float64")])
+@pytest.mark.parametrize("Hq,Hkv,gqa", [(8, 2, True), (8, 1, False), (4, 4, False)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("batch", [(2,), ()], ids=["4d", "3d"])
+@pytest.mark.parametrize("causal", ["none", "is_causal", "top_left", "bottom_right"])
+def test_the_usual_decoding_step_is_one_kernel_call_with_the_full_paths_output(
+        full_path_calls, dtype, Hq, Hkv, gqa, Lq, batch, causal):
+    q, k, v = qkv(batch, Hq, Lq, 64, Hkv=Hkv, Lk=37, dtype=dtype)
+    kwargs = dict(enable_gqa=gqa)
+    if causal == "is_causal":
+        kwargs["is_causal"] = True
+    elif causal != "none":
+        kwargs["mask"] = masks.causal(align=causal)
+    expected = _full_path(q, k, v, **kwargs)
+    full_path_calls.clear()
+    out = dotattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert not full_path_calls
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
+@needs_kernel
+def test_the_eager_step_takes_scale_softcap_any_key_layout_and_a_forced_engine(full_path_calls):
+    q, k, v = qkv(2, 8, 1, 32, Hkv=2, Lk=300)
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # last dim not contiguous: copied
+    rows = engines.get("split_k").auto_max_rows("cpu") + 1
+    many = qkv(1, 2, rows, 32, Hkv=1, Lk=50)  # more rows than auto gives split_k: forced takes them
+    calls = [((q, k, v), dict(enable_gqa=True, scale=0.3, softcap=20.0)),
+             (many, dict(engine="split_k")),
+             (many, dict(engine="split_k", mask=masks.causal(align="bottom_right")))]
+    for args, kwargs in calls:
+        expected = _full_path(*args, **kwargs)
+        full_path_calls.clear()
+        out = dotattn.scaled_dot_product_attention(*args, **kwargs)
+        assert not full_path_calls, kwargs
+        assert torch.equal(out, expected)
+    torch.testing.assert_close(out, oracle(*many, mask=masks.causal(align="bottom_right")).output.float(),
+                               atol=1e-5, rtol=0)
+
+
+def _nan_in_a_key_row_2_sees(q, k, v):
+    k = k.clone()
+    k[..., 2, 0] = float("nan")
+    return (q, k, v), dict(is_causal=True)
+
+
+# Calls the eager step passes on, each with why: the full path decides, raises or reruns them.
+_NOT_THE_STEP = {
+    "requires grad": lambda q, k, v: ((q.requires_grad_(), k, v), {}),
+    "engine tiled": lambda q, k, v: ((q, k, v), dict(engine="tiled")),
+    "scope tiled": lambda q, k, v: ((q, k, v), dict(scope="tiled")),
+    "float16": lambda q, k, v: ((q.half(), k.half(), v.half()), {}),
+    "2-D": lambda q, k, v: ((q[0, 0], k[0, 0], v[0, 0]), {}),
+    "broadcast batch": lambda q, k, v: ((q, k[:1], v[:1]), {}),
+    "padding": lambda q, k, v: ((q, k, v), dict(mask=masks.padding([5, 3]))),
+    "causal and is_causal": lambda q, k, v: ((q, k, v), dict(mask=masks.causal(), is_causal=True)),
+    "dropout": lambda q, k, v: ((q, k, v), dict(dropout_p=0.5)),
+    "int scale": lambda q, k, v: ((q, k, v), dict(scale=1)),
+    "empty": lambda q, k, v: ((q, k[..., :0, :], v[..., :0, :]), {}),
+    "garbage a row sees": _nan_in_a_key_row_2_sees,
+    "recording monitor": lambda q, k, v: ((q, k, v), dict(monitor=True)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(_NOT_THE_STEP))
+def test_calls_that_are_not_the_usual_step_go_down_the_full_path(full_path_calls, case):
+    from dotattn import diagnostics
+
+    args, kwargs = _NOT_THE_STEP[case](*qkv(2, 4, 3, 16, Lk=8))
+    scope, monitor = kwargs.pop("scope", "auto"), kwargs.pop("monitor", False)
+    with engines.use_engine(scope), diagnostics.Monitor() if monitor else contextlib.nullcontext():
+        out = dotattn.scaled_dot_product_attention(*args, **kwargs)
+    assert full_path_calls
+    if case == "garbage a row sees":  # the rerun marks row 2 alone, as the oracle does
+        assert out[..., :2, :].isfinite().all() and out[..., 2, :].isnan().all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["unknown engine", "bool flag", "head count"])
+def test_bad_calls_raise_the_full_paths_errors(bad):
+    q, k, v = qkv(2, 4, 1, 16, Hkv=2, Lk=8)
+    kwargs = {"unknown engine": dict(engine="nope", enable_gqa=True), "bool flag": dict(is_causal=1, enable_gqa=True),
+              "head count": {}}[bad]
+    with pytest.raises((ValueError, TypeError), match="engine|is_causal|enable_gqa"):
+        dotattn.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -18,6 +18,7 @@ import torch
 from dotattn import _ops, engines, masks
 from dotattn._inputs import Problem, prepare
 from dotattn.engines import AttentionResult, Explanation
+from dotattn.engines.split_k import eager_step
 from dotattn.masks import Mask
 
 
@@ -93,6 +94,15 @@ def scaled_dot_product_attention(
     if torch.compiler.is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
                        return_lse, return_weights, generator, softcap, score_mod)
+    # A decoding step's usual call runs in one call of the split-K kernel, which checks the
+    # tensors itself (split_k.eager_step); None sends it down the full path.
+    observer = OBSERVER.get()
+    if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0 and return_lse is False \
+            and return_weights is False and generator is None and score_mod is None \
+            and (observer is None or not observer.recording):
+        out = eager_step(query, key, value, mask, is_causal, scale, enable_gqa, softcap, engine)
+        if out is not None:
+            return out
     problem = prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
@@ -100,7 +110,6 @@ def scaled_dot_product_attention(
     )
     # The steps of a call in line, not in helpers: a decoding step runs them with their code out
     # of cache, where each function called costs microseconds.
-    observer = OBSERVER.get()
     if observer is None or not observer.recording:
         result = engines.select(problem, engine).run(problem)
     else:  # observers get the lse, which every engine has at hand, and the row statistics where it can

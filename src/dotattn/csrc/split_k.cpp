@@ -737,8 +737,8 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // The split-K engine's forward ("flash-decoding"), all of it in one call, so that a step
 // against a short cache pays no Python and no ATen reshaping per stage.
-//   q (*B, Hq, Lq, E) in any strides; k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev) with a
-//   contiguous last dim, read in place (a KV cache's views); leading dims broadcast.
+//   q (*B, Hq, Lq, E) in any strides; k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev) read in place
+//   where their last dim is contiguous (a KV cache's views), else copied; leading dims broadcast.
 //   lo, hi: int64 row spans broadcastable to (*B, Hq, Lq) (Mask.row_spans), or None for
 //   every key. parts: how many parts each (batch, kv head)'s keys are cut into.
 // Returns out (N, Hq, Lq, Ev) and lse (N, Hq, Lq) in the compute dtype, N the flattened *B,
@@ -746,14 +746,14 @@ bool split_k_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // engine that marks exactly those rows), and with stats each row's monitor figures
 // (N, Hq, Lq, STATS), else an undefined tensor (None).
 std::tuple<at::Tensor, at::Tensor, bool, at::Tensor> split_k_attention(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
+    const at::Tensor& q, const at::Tensor& k_, const at::Tensor& v_, const c10::optional<at::Tensor>& lo,
     const c10::optional<at::Tensor>& hi, double scale, int64_t parts, double softcap, bool stats) {
-  const auto st = k.scalar_type();
+  const auto st = k_.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
               "split_k_attention takes float32, float64 or bfloat16 inputs");
-  TORCH_CHECK(q.scalar_type() == st && v.scalar_type() == st, "q, k, v dtypes differ");
-  TORCH_CHECK(q.dim() >= 3 && k.dim() >= 3 && v.dim() >= 3, "q, k, v must be (*B, H, L, E)");
-  TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1, "k and v need a contiguous last dim");
+  TORCH_CHECK(q.scalar_type() == st && v_.scalar_type() == st, "q, k, v dtypes differ");
+  TORCH_CHECK(q.dim() >= 3 && k_.dim() >= 3 && v_.dim() >= 3, "q, k, v must be (*B, H, L, E)");
+  const at::Tensor k = k_.stride(-1) == 1 ? k_ : k_.contiguous(), v = v_.stride(-1) == 1 ? v_ : v_.contiguous();
   TORCH_CHECK(q.size(-1) == k.size(-1) && k.size(-2) == v.size(-2) && k.size(-3) == v.size(-3) &&
                   q.size(-3) % k.size(-3) == 0, "q, k, v sizes do not fit (*B, Hq, Lq, E), (*B, Hkv, Lk, E), "
                   "(*B, Hkv, Lk, Ev) with Hq a multiple of Hkv");
@@ -789,31 +789,86 @@ int64_t split_k_parts(int64_t tasks, int64_t Lk, int64_t parts_per_thread, int64
   return std::max<int64_t>(1, std::min<int64_t>((slots + tasks - 1) / std::max<int64_t>(tasks, 1), Lk / min_part_keys));
 }
 
+namespace {
+
+// split_k_attention with this machine's parts: out (*B, Hq, Lq, Ev) in q's dtype and lse
+// (*B, Hq, Lq), or nullopt where some row saw garbage (the caller reruns on an engine that
+// marks exactly those rows).
+std::optional<std::tuple<at::Tensor, at::Tensor>> split_k_shaped(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& lo,
+    const c10::optional<at::Tensor>& hi, double scale, double softcap, int64_t parts_per_thread,
+    int64_t min_part_keys) {
+  std::vector<int64_t> shape = batch_of(q, k, v);
+  const int64_t tasks = c10::multiply_integers(shape) * k.size(-3);
+  const int64_t parts = split_k_parts(tasks, k.size(-2), parts_per_thread, min_part_keys);
+  auto [out, lse, garbage, unused] = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, false);
+  if (garbage) return std::nullopt;
+  shape.insert(shape.end(), {q.size(-3), q.size(-2)});
+  lse = lse.view(shape);
+  shape.push_back(v.size(-1));
+  return std::make_tuple(out.view(shape).to(q.scalar_type()), lse);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const c10::optional<at::Tensor>& lo,
                                               const c10::optional<at::Tensor>& hi, double scale, double softcap,
                                               int64_t parts_per_thread, int64_t min_part_keys,
                                               at::TensorList mask_tensors, c10::string_view mask_spec,
                                               bool enable_gqa) {
-  std::vector<int64_t> shape = batch_of(q, k, v);
-  const int64_t tasks = c10::multiply_integers(shape) * k.size(-3);
-  const int64_t parts = split_k_parts(tasks, k.size(-2), parts_per_thread, min_part_keys);
-  auto [out, lse, garbage, unused] = split_k_attention(q, k, v, lo, hi, scale, parts, softcap, false);
-  if (garbage) {
-    // Garbage some row may see: the tiled engine marks exactly those rows (split_k.py's fallback).
-    static auto attention =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("dotattn::attention", "")
-            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      at::TensorList, c10::string_view, double, double,
-                                                      const at::Tensor&, bool, c10::string_view, bool, double)>();
-    return attention.call(q, k, v, mask_tensors, mask_spec, scale, 0.0, at::zeros({}, q.options().dtype(at::kLong)),
-                          enable_gqa, "tiled", false, softcap);
+  auto result = split_k_shaped(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys);
+  if (result) return *result;
+  // Garbage some row may see: the tiled engine marks exactly those rows (split_k.py's fallback).
+  static auto attention =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dotattn::attention", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    at::TensorList, c10::string_view, double, double,
+                                                    const at::Tensor&, bool, c10::string_view, bool, double)>();
+  return attention.call(q, k, v, mask_tensors, mask_spec, scale, 0.0, at::zeros({}, q.options().dtype(at::kLong)),
+                        enable_gqa, "tiled", false, softcap);
+}
+
+c10::optional<at::Tensor> split_k_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       c10::optional<double> scale, c10::optional<double> softcap, bool enable_gqa,
+                                       int64_t causal, int64_t max_rows, int64_t parts_per_thread,
+                                       int64_t min_part_keys) {
+  // What prepare() and the registry would check, as facts of the three tensors' headers; any
+  // doubt answers "not the usual step", and the full path decides (and says what is wrong).
+  const auto st = q.scalar_type();
+  if (!(st == at::kFloat || st == at::kDouble || st == at::kBFloat16) || k.scalar_type() != st ||
+      v.scalar_type() != st)
+    return c10::nullopt;
+  for (const at::Tensor* t : {&q, &k, &v})
+    if (!t->is_cpu() || t->layout() != at::kStrided) return c10::nullopt;
+  const int64_t D = q.dim();
+  if (D < 3 || k.dim() != D || v.dim() != D) return c10::nullopt;
+  for (int64_t d = 0; d < D - 3; ++d)
+    if (k.size(d) != q.size(d) || v.size(d) != q.size(d)) return c10::nullopt;
+  const int64_t Hq = q.size(-3), Lq = q.size(-2), E = q.size(-1), Hkv = k.size(-3), Lk = k.size(-2);
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) return c10::nullopt;  // empty: the full path
+  if (k.size(-1) != E || v.size(-2) != Lk || v.size(-3) != Hkv || Hq % Hkv != 0 ||
+      (Hq != Hkv && Hkv != 1 && !enable_gqa))
+    return c10::nullopt;
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()))
+    return c10::nullopt;
+  if (max_rows >= 0 && Hq / Hkv * Lq > max_rows) return c10::nullopt;
+  if ((scale && !std::isfinite(*scale)) || (softcap && !(std::isfinite(*softcap) && *softcap > 0)))
+    return c10::nullopt;
+  // causal (1: top-left, 2: bottom-right): row i sees keys j < i + start, as Causal._row_spans;
+  // left out where it hides nothing (Causal.simplified), as a decoding step's one query.
+  c10::optional<at::Tensor> lo, hi;
+  const int64_t start = (causal == 2 ? Lk - Lq : 0) + 1;
+  if (causal != 0 && Lk > start) {
+    const auto longs = q.options().dtype(at::kLong);
+    lo = at::zeros({}, longs);
+    hi = at::arange(start, start + Lq, longs).clamp_(0, Lk);
   }
-  shape.insert(shape.end(), {q.size(-3), q.size(-2)});
-  lse = lse.view(shape);
-  shape.push_back(v.size(-1));
-  return {out.view(shape).to(q.scalar_type()), lse};
+  auto result = split_k_shaped(q, k, v, lo, hi, scale ? *scale : 1.0 / std::sqrt(static_cast<double>(E)),
+                               softcap ? *softcap : 0.0, parts_per_thread, min_part_keys);
+  if (!result) return c10::nullopt;
+  return std::get<0>(*result);
 }
 
 void split_k_no_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from dotattn._inputs import Problem
 from dotattn.engines.base import Engine, EngineNotSupportedError
 
-__all__ = ["Explanation", "available", "explain_problem", "get", "register", "select", "use_engine"]
+__all__ = ["Explanation", "available", "explain_problem", "first_choice", "get", "register", "select", "use_engine"]
 
 _REGISTRY: dict[str, Engine] = {}
 # The registry by priority, the order auto tries them in, and their names (kept by register).
@@ -85,6 +85,18 @@ def traced_request(engine: str) -> str:
     share a thread and interleave different scopes around one compiled function share this
     value.)"""
     return _THREAD_SCOPE.name if engine == "auto" else _check_name(engine)
+
+
+def first_choice(engine: str) -> tuple[Engine | None, bool]:
+    """The engine a call asking for ``engine`` tries first, after ``use_engine`` scopes, and
+    whether auto tries it (then its ``auto_skip`` applies); (None, False) for an unknown name."""
+    if type(engine) is not str:
+        return None, False
+    if engine == "auto":
+        engine = _SCOPED.get()
+        if engine == "auto":
+            return (_ORDER[0] if _ORDER else None), True
+    return _REGISTRY.get(engine), False
 
 
 @dataclass(frozen=True)

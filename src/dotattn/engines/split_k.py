@@ -60,7 +60,7 @@ from dotattn import masks
 from dotattn._inputs import Problem
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import Engine, Support
-from dotattn.engines.registry import available, register, select
+from dotattn.engines.registry import available, first_choice, register, select
 from dotattn.engines.triton import configs as triton_configs
 from dotattn.engines.triton import launch as triton_kernels
 
@@ -211,7 +211,7 @@ class SplitKEngine(Engine):
         if min(q.dim(), k.dim(), v.dim()) < 3:
             return None
         if {q.device.type, k.device.type, v.device.type} != {"cpu"} or not q.dtype == k.dtype == v.dtype \
-                or q.dtype not in self._both.dtypes_on["cpu"] or k.stride(-1) != 1 or v.stride(-1) != 1:
+                or q.dtype not in self._both.dtypes_on["cpu"]:
             return None
         (Hq, Lq, E), (Hkv, Lk, Ek), (Hv, Lv, Ev) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
         batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
@@ -273,4 +273,30 @@ class SplitKEngine(Engine):
         return self.fallback(problem).backward(problem, out, lse, d_out, bias_grads=bias_grads)
 
 
-register(SplitKEngine())
+_ENGINE = register(SplitKEngine())
+_STEP = None if _MISSING is not None else _tiled_kernel.ext.split_k_step
+
+
+def eager_step(query, key, value, mask, is_causal, scale, enable_gqa, softcap, engine) -> torch.Tensor | None:
+    """A decoding step's usual eager call, run in one call of the compiled kernel
+    (``split_k_step`` in csrc/split_k.cpp), which checks the tensors as ``prepare`` and this
+    engine would: the output (*B, Hq, Lq, Ev), or None where the call is not that step and the
+    full path (prepare, select, run) must decide. The caller has checked that nothing else is
+    asked for (dropout, a tensor mask, lse, weights, score_mod, an observer). ``mask`` is None
+    or ``masks.causal`` in either alignment; the other arguments as for
+    ``scaled_dot_product_attention``. Reads no tensor data: a cold step pays for each object it
+    touches, and this touches few."""
+    if _STEP is None or not type(query) is type(key) is type(value) is torch.Tensor:
+        return None
+    first, by_auto = first_choice(engine)
+    if first is not _ENGINE:
+        return None
+    if mask is None:
+        causal = 1 if is_causal is True else 0 if is_causal is False else -1
+    else:
+        causal = (1 if mask.align == "top_left" else 2) if type(mask) is masks.Causal and is_causal is False else -1
+    if causal < 0 or not (scale is None or type(scale) is float) or not (softcap is None or type(softcap) is float) \
+            or type(enable_gqa) is not bool:
+        return None
+    return _STEP(query, key, value, scale, softcap, enable_gqa, causal,
+                 _ENGINE.auto_max_rows("cpu") if by_auto else -1, _ENGINE.PARTS_PER_THREAD, _ENGINE.MIN_PART_KEYS)
