@@ -18,6 +18,7 @@ import dotattn
 from dotattn import engines, functional, masks
 from dotattn._softmax import merge_into
 from dotattn.engines import _tiled_kernel
+from dotattn.engines import split_k as split_k_module
 from dotattn.nn import KVCache, MultiHeadAttention
 from dotattn.testing import assert_matches_oracle, oracle
 from dotattn.engines.triton import MISSING as TRITON_MISSING
@@ -225,10 +226,13 @@ def test_auto_picks_split_k_only_for_decoding_shapes():
 @pytest.mark.skipif(_tiled_kernel.ext is None, reason="the compiled kernel is not built")
 def test_auto_gives_split_k_the_rows_measured_faster_for_the_loaded_kernel_level():
     """A batch of short sequences (an encoder's) runs on split_k up to the loaded level's
-    AUTO_MAX_ROWS (benchmarks/decode.py --crossover) and not one row beyond."""
+    AUTO_MAX_ROWS (benchmarks/decode.py --crossover), above AUTO_SURE_ROWS only where this
+    CPU's probe found split_k faster, and not one row beyond."""
     split_k = engines.get("split_k")
     most = split_k.auto_max_rows("cpu")
-    assert most == split_k.AUTO_MAX_ROWS.get(_tiled_kernel.LEVEL, min(split_k.AUTO_MAX_ROWS.values()))
+    level_most = split_k.AUTO_MAX_ROWS.get(_tiled_kernel.LEVEL, min(split_k.AUTO_MAX_ROWS.values()))
+    probed = split_k_module._PROBED.get(level_most)
+    assert most == (level_most if probed is None or probed >= 1 else split_k.AUTO_SURE_ROWS)
 
     def explained(L):
         q, k, v = qkv(3, 2, L, 16)
@@ -237,6 +241,27 @@ def test_auto_gives_split_k_the_rows_measured_faster_for_the_loaded_kernel_level
     assert explained(most).engine == "split_k"
     beyond = explained(most + 1)
     assert beyond.engine != "split_k" and f"more than {most}" in beyond.rejected["split_k"][0]
+
+
+@pytest.mark.skipif(_tiled_kernel.ext is None, reason="the compiled kernel is not built")
+@pytest.mark.parametrize("ratio", [0.7, 1.4], ids=["tiled_faster", "split_k_faster"])
+def test_above_the_sure_rows_the_probe_of_this_cpu_decides(monkeypatch, ratio):
+    split_k = engines.get("split_k")
+    monkeypatch.setattr(split_k, "AUTO_MAX_ROWS", {_tiled_kernel.LEVEL: 128})
+    monkeypatch.setattr(split_k_module, "_PROBED", {})
+    monkeypatch.setattr(split_k, "probe", lambda rows: ratio)
+    assert split_k.auto_max_rows("cpu") == (128 if ratio > 1 else split_k.AUTO_SURE_ROWS)
+    q, k, v = qkv(1, 2, 100, 16)
+    explanation = dotattn.explain(q, k, v)
+    assert (explanation.engine == "split_k") == (ratio > 1)
+    if ratio < 1:
+        assert "timed on this CPU at 128 rows, split_k ran 1.43x tiled's time" in explanation.rejected["split_k"][0]
+
+
+@pytest.mark.skipif(_tiled_kernel.ext is None, reason="the compiled kernel is not built")
+def test_the_probe_times_both_kernels_on_this_cpu():
+    ratio = engines.get("split_k").probe(32)
+    assert 0 < ratio < float("inf")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -52,12 +52,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dotattn import masks
-from dotattn._inputs import Problem
+from dotattn._inputs import Problem, prepare
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import Engine, Support
 from dotattn.engines.registry import available, first_choice, register, select
@@ -70,6 +71,8 @@ _MISSING = _tiled_kernel.MISSING or (
     "the compiled kernel predates split_k_attention; rebuild it: "
     "pip install --no-build-isolation -e ."
 )
+# rows -> tiled's time over split_k's there on this CPU (SplitKEngine.probe), once measured.
+_PROBED: dict[int, float] = {}
 # The masks whose row spans are tensor ops on their own parameters alone, which traced_spans
 # takes (ANDed): a compiled graph derives them as it runs.
 _SPANNED = (masks.Causal, masks.SlidingWindow, masks.Padding, masks.PrefixLM)
@@ -84,11 +87,18 @@ class SplitKEngine(Engine):
     # Where auto picks split-K over the tiled engine, per level of the CPU kernel that runs
     # (benchmarks/decode.py --crossover: decoding steps of 1 to 256 rows per kv head against
     # 16 to 16k keys, and self-attention of batches of short sequences, full, causal and
-    # padded; warm and cold). AVX-512: split-K was faster in every case up to 128 rows
-    # (1.05-9.8x); at 256, 768 causal heads of E 32 ran 0.86x. The AVX2 build (run on an
-    # AVX-512 CPU, whose BLAS kept AVX-512): 1.01-8.5x up to 64 rows but 0.96x for 768 heads
-    # of E 32 without a mask; at 128 those ran 0.94x. Baseline and CUDA keep the old 32, untimed.
+    # padded; warm and cold). AVX-512 on an AMD EPYC: split-K was faster in every case up to
+    # 128 rows (1.05-9.8x); at 256, 768 causal heads of E 32 ran 0.86x. The same build on an
+    # Intel Xeon, whose BLAS gives the tiled engine's GEMM tiles more: tiled won from 128 rows
+    # (split-K 0.65-0.93x warm) and ran close at 64 (0.79-1.02x warm, 0.95-1.35x cold). The
+    # AVX2 build (run on an AVX-512 CPU, whose BLAS kept AVX-512): 1.01-8.5x up to 64 rows but
+    # 0.96x for 768 heads of E 32 without a mask; at 128 those ran 0.94x. Baseline and CUDA keep
+    # the old 32, untimed.
     AUTO_MAX_ROWS = {"avx512": 128, "avx2": 64, "baseline": 32}
+    # Up to this many rows split-K ran at least close to tiled on every CPU measured; above it,
+    # up to the level's AUTO_MAX_ROWS, auto keeps split-K only where a probe on this CPU finds it
+    # faster there (``probe``, once per process).
+    AUTO_SURE_ROWS = 64
     # Parts per thread (CPU) or per streaming multiprocessor (CUDA), so that the scheduler
     # evens out uneven parts, and the fewest keys worth a part of its own.
     PARTS_PER_THREAD = 4
@@ -168,16 +178,44 @@ class SplitKEngine(Engine):
             return f"it would run on the {self.fallback(p).name} engine anyway, because {why}"
         rows, most = p.Hq // p.Hkv * p.Lq, self.auto_max_rows(p.device_type)
         if rows > most:
+            timed = [f"; timed on this CPU at {n} rows, split_k ran {1 / ratio:.2f}x tiled's time"
+                     for n, ratio in _PROBED.items() if n > most and not self._on_triton(p)]
             return (f"{rows} query rows per kv head (Hq/Hkv·Lq) is more than {most}: "
-                    f"the {self.fallback(p).name} engine's GEMM tiles are faster; engine='split_k' forces it")
+                    f"the {self.fallback(p).name} engine's GEMM tiles are faster{''.join(timed)}; "
+                    "engine='split_k' forces it")
         return None
 
     def auto_max_rows(self, device_type: str) -> int:
         """The most query rows per kv head that auto runs here on ``device_type`` (see
-        AUTO_MAX_ROWS): the loaded CPU kernel's level decides on CPU."""
-        if device_type == "cpu" and self.kernel == "auto" and _tiled_kernel.LEVEL in self.AUTO_MAX_ROWS:
-            return self.AUTO_MAX_ROWS[_tiled_kernel.LEVEL]
-        return min(self.AUTO_MAX_ROWS.values())
+        AUTO_MAX_ROWS): the loaded CPU kernel's level decides on CPU, and above AUTO_SURE_ROWS
+        the probe of this CPU. While torch.compile traces, a probe not yet run counts as lost
+        (tracing cannot time kernels): such a call takes the generic operator, which chooses
+        when it runs."""
+        if device_type != "cpu" or self.kernel != "auto" or _tiled_kernel.LEVEL not in self.AUTO_MAX_ROWS:
+            return min(self.AUTO_MAX_ROWS.values())
+        most = self.AUTO_MAX_ROWS[_tiled_kernel.LEVEL]
+        if most <= self.AUTO_SURE_ROWS:
+            return most
+        if most not in _PROBED:
+            if torch.compiler.is_compiling():
+                return self.AUTO_SURE_ROWS
+            _PROBED[most] = self.probe(most)
+        return most if _PROBED[most] >= 1 else self.AUTO_SURE_ROWS
+
+    def probe(self, rows: int) -> float:
+        """tiled's time over this engine's (> 1: split-K faster) on a self-attention of ``rows``
+        queries and keys (B 2, H 8, E 64, float32, no mask) on this CPU, each engine's fastest
+        of six runs, taking turns: about 10 ms. E 64 is where the CPUs measured differed most."""
+        g = torch.Generator().manual_seed(0)
+        problem = prepare(*(torch.randn(2, 8, rows, 64, generator=g) for _ in range(3)))
+        contenders = (self, self.fallback(problem))
+        best = [math.inf, math.inf]
+        for _ in range(6):
+            for i, engine in enumerate(contenders):
+                start = time.perf_counter()
+                engine.forward(problem)
+                best[i] = min(best[i], time.perf_counter() - start)
+        return best[1] / best[0]
 
     def parts(self, problem: Problem) -> int:
         """How many parts the keys of each (batch, kv head) are cut into."""
