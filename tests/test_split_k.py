@@ -273,10 +273,19 @@ def test_kv_cache_decoding_runs_on_split_k(monkeypatch, dtype):
     cache = m.new_cache(2, capacity=1100)
     prompt = torch.randn(2, 1090, 64, dtype=dtype)
     prompt[1, :300] = float("nan")  # left padding holds garbage
-    ran = []
+    ran = []  # the query length of each call split_k ran, down the full path or as the one-call step
     split_k = engines.get("split_k")
-    real_run = split_k.run
+    real_run, real_step = split_k.run, split_k_module._STEP
     monkeypatch.setattr(split_k, "run", lambda problem: ran.append(problem.Lq) or real_run(problem))
+
+    def step(q, *args):
+        out = real_step(q, *args)
+        if out is not None:
+            ran.append(q.shape[-2])
+        return out
+
+    if real_step is not None:
+        monkeypatch.setattr(split_k_module, "_STEP", step)
     with torch.no_grad():
         m(prompt, cache=cache, lengths=torch.tensor([1090, 790]))  # prefill: 1090 queries, tiled
         step = torch.randn(2, 1, 64, dtype=dtype)
@@ -319,20 +328,30 @@ def _full_path(*args, **kwargs) -> torch.Tensor:
     return dotattn.scaled_dot_product_attention(*args, return_lse=True, **kwargs).output
 
 
+_STEP_MASKS = {
+    "none": lambda B: {},
+    "is_causal": lambda B: dict(is_causal=True),
+    "top_left": lambda B: dict(mask=masks.causal()),
+    "bottom_right": lambda B: dict(mask=masks.causal(align="bottom_right")),
+    "left_padding": lambda B: dict(mask=masks.padding(torch.tensor([37, 20][:B]), side="left")),
+    "right_padding_int32": lambda B: dict(mask=masks.padding(torch.tensor([5, 37][:B], dtype=torch.int32))),
+    "kv_cache": lambda B: dict(mask=_decoding_mask([30, 37][:B])),
+    "right_padding_is_causal": lambda B: dict(mask=masks.padding([0, 36][:B]), is_causal=True),
+}
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float64, id="float64")])
 @pytest.mark.parametrize("Hq,Hkv,gqa", [(8, 2, True), (8, 1, False), (4, 4, False)], ids=["gqa", "mqa", "mha"])
 @pytest.mark.parametrize("Lq", [1, 3])
-@pytest.mark.parametrize("batch", [(2,), ()], ids=["4d", "3d"])
-@pytest.mark.parametrize("causal", ["none", "is_causal", "top_left", "bottom_right"])
+@pytest.mark.parametrize("batch", [(2,), (1,), ()], ids=["4d", "batch1", "3d"])
+@pytest.mark.parametrize("mask", list(_STEP_MASKS))
 def test_the_usual_decoding_step_is_one_kernel_call_with_the_full_paths_output(
-        full_path_calls, dtype, Hq, Hkv, gqa, Lq, batch, causal):
+        full_path_calls, dtype, Hq, Hkv, gqa, Lq, batch, mask):
+    if batch == () and ("padding" in mask or mask == "kv_cache"):
+        pytest.skip("a padding mask needs a batch dim (the full path says so)")
     q, k, v = qkv(batch, Hq, Lq, 64, Hkv=Hkv, Lk=37, dtype=dtype)
-    kwargs = dict(enable_gqa=gqa)
-    if causal == "is_causal":
-        kwargs["is_causal"] = True
-    elif causal != "none":
-        kwargs["mask"] = masks.causal(align=causal)
+    kwargs = dict(enable_gqa=gqa, **_STEP_MASKS[mask](batch[0] if batch else 1))
     expected = _full_path(q, k, v, **kwargs)
     full_path_calls.clear()
     out = dotattn.scaled_dot_product_attention(q, k, v, **kwargs)
@@ -373,7 +392,8 @@ _NOT_THE_STEP = {
     "float16": lambda q, k, v: ((q.half(), k.half(), v.half()), {}),
     "2-D": lambda q, k, v: ((q[0, 0], k[0, 0], v[0, 0]), {}),
     "broadcast batch": lambda q, k, v: ((q, k[:1], v[:1]), {}),
-    "padding": lambda q, k, v: ((q, k, v), dict(mask=masks.padding([5, 3]))),
+    "padding with query lengths": lambda q, k, v: ((q, k, v), dict(mask=masks.padding([5, 3], [2, 3]))),
+    "padding and a window": lambda q, k, v: ((q, k, v), dict(mask=masks.padding([5, 3]) & masks.sliding_window(2))),
     "causal and is_causal": lambda q, k, v: ((q, k, v), dict(mask=masks.causal(), is_causal=True)),
     "dropout": lambda q, k, v: ((q, k, v), dict(dropout_p=0.5)),
     "int scale": lambda q, k, v: ((q, k, v), dict(scale=1)),
@@ -397,11 +417,23 @@ def test_calls_that_are_not_the_usual_step_go_down_the_full_path(full_path_calls
         assert out[..., :2, :].isfinite().all() and out[..., 2, :].isnan().all()
 
 
+_BAD_STEPS = {
+    "unknown engine": (lambda q, k, v: ((q, k, v), dict(engine="nope", enable_gqa=True)), "unknown engine"),
+    "bool flag": (lambda q, k, v: ((q, k, v), dict(is_causal=1, enable_gqa=True)), "is_causal"),
+    "head count": (lambda q, k, v: ((q, k, v), {}), "enable_gqa"),
+    "padding longer than the keys": (lambda q, k, v: ((q, k, v), dict(mask=masks.padding([5, 9]), enable_gqa=True)),
+                                     "kv_lengths"),
+    "padding of another batch size": (lambda q, k, v: ((q, k, v), dict(mask=masks.padding([5, 3, 2]),
+                                                                          enable_gqa=True)), "leading shape"),
+    "padding on 3-D inputs": (lambda q, k, v: ((q[0], k[0], v[0]), dict(mask=masks.padding([5]), enable_gqa=True)),
+                              "leading shape"),
+}
+
+
 @needs_kernel
-@pytest.mark.parametrize("bad", ["unknown engine", "bool flag", "head count"])
+@pytest.mark.parametrize("bad", list(_BAD_STEPS))
 def test_bad_calls_raise_the_full_paths_errors(bad):
-    q, k, v = qkv(2, 4, 1, 16, Hkv=2, Lk=8)
-    kwargs = {"unknown engine": dict(engine="nope", enable_gqa=True), "bool flag": dict(is_causal=1, enable_gqa=True),
-              "head count": {}}[bad]
-    with pytest.raises((ValueError, TypeError), match="engine|is_causal|enable_gqa"):
-        dotattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    build, message = _BAD_STEPS[bad]
+    args, kwargs = build(*qkv(2, 4, 1, 16, Hkv=2, Lk=8))
+    with pytest.raises((ValueError, TypeError), match=message):
+        dotattn.scaled_dot_product_attention(*args, **kwargs)

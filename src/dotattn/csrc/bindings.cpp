@@ -24,8 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "parts = split_k_parts(tasks, Lk, parts_per_thread, min_part_keys): how many parts split_k_attention "
         "cuts each (batch, kv head)'s keys into on this many threads");
   m.def("split_k_step", &dotattn::split_k_step,
-        "out or None = split_k_step(q, k, v, scale, softcap, enable_gqa, causal, max_rows, parts_per_thread, "
-        "min_part_keys): a decoding step's usual call, checked and run in one call; None where the full path "
+        "out or None = split_k_step(q, k, v, scale, softcap, enable_gqa, causal, kv_lengths, padding_left, "
+        "max_rows, parts_per_thread, min_part_keys): a decoding step's usual call, checked and run in one call; None where the full path "
         "must decide (split_k.cpp)");
   m.def("interval_rows", &dotattn::interval_rows,
         "(lo, hi) int64 (...) or None = interval_rows(allowed): each row of a CPU bool tensor (..., C) as one "

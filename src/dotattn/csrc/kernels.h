@@ -51,12 +51,14 @@ std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Ten
                                               bool enable_gqa);
 // The eager decoding step's usual call in one Python call (dotattn.engines.split_k.eager_step):
 // out (*B, Hq, Lq, Ev) in q's dtype where the three CPU tensors' headers show that the full
-// path would run split_k_attention on them, with no mask or with causal (1: top-left,
-// 2: bottom-right) and at most max_rows query rows per kv head (-1: any); nullopt where they
-// do not, or where some row saw garbage: the full path then decides.
+// path would run split_k_attention on them, with no mask, causal (1: top-left, 2: bottom-right)
+// and/or padding (kv_lengths (B,) per batch row, the real keys first or, padding_left, last),
+// at most max_rows query rows per kv head (-1: any); nullopt where they do not, or where some
+// row saw garbage: the full path then decides.
 c10::optional<at::Tensor> split_k_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        c10::optional<double> scale, c10::optional<double> softcap, bool enable_gqa,
-                                       int64_t causal, int64_t max_rows, int64_t parts_per_thread,
+                                       int64_t causal, const c10::optional<at::Tensor>& kv_lengths,
+                                       bool padding_left, int64_t max_rows, int64_t parts_per_thread,
                                        int64_t min_part_keys);
 // dotattn::split_k's autograd kernel (boxed): raises where grad mode is on and an input
 // requires grad (a compiled graph calls the operator only where none does), else runs the

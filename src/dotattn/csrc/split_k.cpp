@@ -832,7 +832,8 @@ std::tuple<at::Tensor, at::Tensor> split_k_op(const at::Tensor& q, const at::Ten
 
 c10::optional<at::Tensor> split_k_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        c10::optional<double> scale, c10::optional<double> softcap, bool enable_gqa,
-                                       int64_t causal, int64_t max_rows, int64_t parts_per_thread,
+                                       int64_t causal, const c10::optional<at::Tensor>& kv_lengths,
+                                       bool padding_left, int64_t max_rows, int64_t parts_per_thread,
                                        int64_t min_part_keys) {
   // What prepare() and the registry would check, as facts of the three tensors' headers; any
   // doubt answers "not the usual step", and the full path decides (and says what is wrong).
@@ -856,12 +857,31 @@ c10::optional<at::Tensor> split_k_step(const at::Tensor& q, const at::Tensor& k,
   if (max_rows >= 0 && Hq / Hkv * Lq > max_rows) return c10::nullopt;
   if ((scale && !std::isfinite(*scale)) || (softcap && !(std::isfinite(*softcap) && *softcap > 0)))
     return c10::nullopt;
-  // causal (1: top-left, 2: bottom-right): row i sees keys j < i + start, as Causal._row_spans;
-  // left out where it hides nothing (Causal.simplified), as a decoding step's one query.
-  c10::optional<at::Tensor> lo, hi;
+  // The row spans (Mask.row_spans) of causal (1: top-left, 2: bottom-right; row i sees keys
+  // j < i + start, as Causal._row_spans), left out where it hides nothing (Causal.simplified:
+  // a decoding step's one query), ANDed with padding: row b's real keys are its first
+  // kv_lengths[b] or, with padding_left, its last (Padding._row_spans).
   const int64_t start = (causal == 2 ? Lk - Lq : 0) + 1;
-  if (causal != 0 && Lk > start) {
-    const auto longs = q.options().dtype(at::kLong);
+  const bool causal_hides = causal != 0 && Lk > start;
+  const auto longs = q.options().dtype(at::kLong);
+  c10::optional<at::Tensor> lo, hi;
+  if (kv_lengths) {
+    const at::Tensor& n = *kv_lengths;
+    if (D != 4 || !n.is_cpu() || n.dim() != 1 || !(n.size(0) == 1 || n.size(0) == q.size(0)) ||
+        !at::isIntegralType(n.scalar_type(), /*includeBool=*/false))
+      return c10::nullopt;
+    const at::Tensor lengths = n.to(at::kLong).contiguous();
+    const int64_t B = lengths.size(0), *len = lengths.data_ptr<int64_t>();
+    lo = at::empty({B, 1, 1}, longs), hi = at::empty({B, 1, Lq}, longs);
+    int64_t *lo_p = lo->data_ptr<int64_t>(), *hi_p = hi->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (len[b] < 0 || len[b] > Lk) return c10::nullopt;  // the full path says what is wrong
+      lo_p[b] = padding_left ? Lk - len[b] : 0;
+      const int64_t end = padding_left ? Lk : len[b];
+      for (int64_t i = 0; i < Lq; ++i)
+        hi_p[b * Lq + i] = causal_hides ? std::min(end, std::clamp<int64_t>(i + start, 0, Lk)) : end;
+    }
+  } else if (causal_hides) {
     lo = at::zeros({}, longs);
     hi = at::arange(start, start + Lq, longs).clamp_(0, Lk);
   }

@@ -320,21 +320,27 @@ def eager_step(query, key, value, mask, is_causal, scale, enable_gqa, softcap, e
     (``split_k_step`` in csrc/split_k.cpp), which checks the tensors as ``prepare`` and this
     engine would: the output (*B, Hq, Lq, Ev), or None where the call is not that step and the
     full path (prepare, select, run) must decide. The caller has checked that nothing else is
-    asked for (dropout, a tensor mask, lse, weights, score_mod, an observer). ``mask`` is None
-    or ``masks.causal`` in either alignment; the other arguments as for
-    ``scaled_dot_product_attention``. Reads no tensor data: a cold step pays for each object it
-    touches, and this touches few."""
+    asked for (dropout, a tensor mask, lse, weights, score_mod, an observer). ``mask`` is None,
+    ``masks.causal`` in either alignment, ``masks.padding`` without query lengths, or the two
+    ANDed (what a KVCache gives); the other arguments as for ``scaled_dot_product_attention``.
+    Reads no tensor data: a cold step pays for each object it touches, and this touches few."""
     if _STEP is None or not type(query) is type(key) is type(value) is torch.Tensor:
         return None
     first, by_auto = first_choice(engine)
-    if first is not _ENGINE:
+    if first is not _ENGINE or not (is_causal is False or is_causal is True):
         return None
-    if mask is None:
-        causal = 1 if is_causal is True else 0 if is_causal is False else -1
-    else:
-        causal = (1 if mask.align == "top_left" else 2) if type(mask) is masks.Causal and is_causal is False else -1
-    if causal < 0 or not (scale is None or type(scale) is float) or not (softcap is None or type(softcap) is float) \
+    causal, padding = int(is_causal), None
+    for part in () if mask is None else mask.children if type(mask) is masks.And else (mask,):
+        kind = type(part)
+        if kind is masks.Causal and not causal:
+            causal = 1 if part.align == "top_left" else 2
+        elif kind is masks.Padding and padding is None and part.q_lengths is None:
+            padding = part
+        else:
+            return None
+    if not (scale is None or type(scale) is float) or not (softcap is None or type(softcap) is float) \
             or type(enable_gqa) is not bool:
         return None
     return _STEP(query, key, value, scale, softcap, enable_gqa, causal,
+                 None if padding is None else padding.kv_lengths, padding is not None and padding.side == "left",
                  _ENGINE.auto_max_rows("cpu") if by_auto else -1, _ENGINE.PARTS_PER_THREAD, _ENGINE.MIN_PART_KEYS)

@@ -255,10 +255,10 @@ class Padding(_Positional):
     def _row_spans(self, Lq, Lk, device):
         # Few small ops, since a decoding step derives these anew: (B, 1, 1) per batch row,
         # and hi (B, 1, Lq) set to 0 (lo >= hi: nothing) in the rows of padding queries.
-        kv = self.kv_lengths.to(device).view(-1, 1, 1)
+        kv = self.kv_lengths.to(device, torch.long).view(-1, 1, 1)  # int64 whatever the lengths' int dtype
         lo, hi = (kv.new_zeros(()), kv) if self.side == "right" else (torch.rsub(kv, Lk), kv.new_full((), Lk))
         if self.q_lengths is not None:
-            i, q = torch.arange(Lq, device=device), self.q_lengths.to(device).view(-1, 1, 1)
+            i, q = torch.arange(Lq, device=device), self.q_lengths.to(device, torch.long).view(-1, 1, 1)
             hi = hi * (i < q if self.side == "right" else i >= Lq - q)
         return lo, hi
 
