@@ -32,6 +32,15 @@ per (part, batch x kv head, block of rows), then a merge; garbage shows the same
 reruns on the fallback. Not yet run on a GPU: tested in Triton's interpreter and
 compiled for sm_90/sm_80 (tests/test_triton_compile.py).
 
+A decoding step's usual eager call (no mask, or the causal and padding masks a KV cache
+gives; nothing else asked for) skips ``prepare`` and the registry: ``eager_step`` hands it to
+the kernel's ``split_k_step``, one C++ call that checks the three tensors' headers as they
+would, builds the row spans and runs the kernel, or answers None, and the call takes the full
+path. A cold 16-key step then costs less than torch SDPA's (docs/decoding.md).
+
+Where auto stops giving split-K rows depends on the CPU as well as the kernel's level: above
+AUTO_SURE_ROWS it times both engines once per process (``probe``).
+
 For a monitored problem (``Problem.stats``) both kernels also leave each row's statistics in
 ``problem.derived["row_stats"]``: each part adds up its rows' figures and the merge combines
 them by lse, as it does the outputs.
@@ -185,19 +194,20 @@ class SplitKEngine(Engine):
                     "engine='split_k' forces it")
         return None
 
-    def auto_max_rows(self, device_type: str) -> int:
+    def auto_max_rows(self, device_type: str, probe: bool = True) -> int:
         """The most query rows per kv head that auto runs here on ``device_type`` (see
         AUTO_MAX_ROWS): the loaded CPU kernel's level decides on CPU, and above AUTO_SURE_ROWS
-        the probe of this CPU. While torch.compile traces, a probe not yet run counts as lost
-        (tracing cannot time kernels): such a call takes the generic operator, which chooses
-        when it runs."""
+        the probe of this CPU. A probe not yet run counts as lost without ``probe`` (the one-call
+        step, whose rows then take the full path, which probes) and while torch.compile traces
+        (tracing cannot time kernels: such a call takes the generic operator, which chooses
+        when it runs)."""
         if device_type != "cpu" or self.kernel != "auto" or _tiled_kernel.LEVEL not in self.AUTO_MAX_ROWS:
             return min(self.AUTO_MAX_ROWS.values())
         most = self.AUTO_MAX_ROWS[_tiled_kernel.LEVEL]
         if most <= self.AUTO_SURE_ROWS:
             return most
         if most not in _PROBED:
-            if torch.compiler.is_compiling():
+            if not probe or torch.compiler.is_compiling():
                 return self.AUTO_SURE_ROWS
             _PROBED[most] = self.probe(most)
         return most if _PROBED[most] >= 1 else self.AUTO_SURE_ROWS
@@ -205,9 +215,10 @@ class SplitKEngine(Engine):
     def probe(self, rows: int) -> float:
         """tiled's time over this engine's (> 1: split-K faster) on a self-attention of ``rows``
         queries and keys (B 2, H 8, E 64, float32, no mask) on this CPU, each engine's fastest
-        of six runs, taking turns: about 10 ms. E 64 is where the CPUs measured differed most."""
+        of six runs, taking turns: about 15 ms. E 64 is where the CPUs measured differed most.
+        The inputs are CPU tensors whatever ``torch.device`` scope the first caller is in."""
         g = torch.Generator().manual_seed(0)
-        problem = prepare(*(torch.randn(2, 8, rows, 64, generator=g, device="cpu") for _ in range(3)))  # whatever device scope
+        problem = prepare(*(torch.randn(2, 8, rows, 64, generator=g, device="cpu") for _ in range(3)))
         contenders = (self, self.fallback(problem))
         best = [math.inf, math.inf]
         for _ in range(6):
@@ -343,4 +354,5 @@ def eager_step(query, key, value, mask, is_causal, scale, enable_gqa, softcap, e
         return None
     return _STEP(query, key, value, scale, softcap, enable_gqa, causal,
                  None if padding is None else padding.kv_lengths, padding is not None and padding.side == "left",
-                 _ENGINE.auto_max_rows("cpu") if by_auto else -1, _ENGINE.PARTS_PER_THREAD, _ENGINE.MIN_PART_KEYS)
+                 _ENGINE.auto_max_rows("cpu", probe=False) if by_auto else -1, _ENGINE.PARTS_PER_THREAD,
+                 _ENGINE.MIN_PART_KEYS)
