@@ -863,27 +863,31 @@ c10::optional<at::Tensor> split_k_step(const at::Tensor& q, const at::Tensor& k,
   // kv_lengths[b] or, with padding_left, its last (Padding._row_spans).
   const int64_t start = (causal == 2 ? Lk - Lq : 0) + 1;
   const bool causal_hides = causal != 0 && Lk > start;
-  const auto longs = q.options().dtype(at::kLong);
-  c10::optional<at::Tensor> lo, hi;
+  at::Tensor lengths;  // int64 (B,), or undefined without padding (every row's keys real)
   if (kv_lengths) {
     const at::Tensor& n = *kv_lengths;
     if (D != 4 || !n.is_cpu() || n.dim() != 1 || !(n.size(0) == 1 || n.size(0) == q.size(0)) ||
         !at::isIntegralType(n.scalar_type(), /*includeBool=*/false))
       return c10::nullopt;
-    const at::Tensor lengths = n.to(at::kLong).contiguous();
-    const int64_t B = lengths.size(0), *len = lengths.data_ptr<int64_t>();
-    lo = at::empty({B, 1, 1}, longs), hi = at::empty({B, 1, Lq}, longs);
+    lengths = n.to(at::kLong).contiguous();
+  }
+  c10::optional<at::Tensor> lo, hi;
+  if (lengths.defined() || causal_hides) {
+    // lo (B, 1, 1) and hi (B, 1, Lq) per batch row with padding; lo () and hi (Lq,) without
+    const auto longs = q.options().dtype(at::kLong);
+    const int64_t B = lengths.defined() ? lengths.size(0) : 1;
+    const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    lo = lengths.defined() ? at::empty({B, 1, 1}, longs) : at::empty({}, longs);
+    hi = lengths.defined() ? at::empty({B, 1, Lq}, longs) : at::empty({Lq}, longs);
     int64_t *lo_p = lo->data_ptr<int64_t>(), *hi_p = hi->data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
-      if (len[b] < 0 || len[b] > Lk) return c10::nullopt;  // the full path says what is wrong
-      lo_p[b] = padding_left ? Lk - len[b] : 0;
-      const int64_t end = padding_left ? Lk : len[b];
+      const int64_t real = len ? len[b] : Lk;
+      if (real < 0 || real > Lk) return c10::nullopt;  // the full path says what is wrong
+      lo_p[b] = padding_left ? Lk - real : 0;
+      const int64_t end = padding_left ? Lk : real;
       for (int64_t i = 0; i < Lq; ++i)
         hi_p[b * Lq + i] = causal_hides ? std::min(end, std::clamp<int64_t>(i + start, 0, Lk)) : end;
     }
-  } else if (causal_hides) {
-    lo = at::zeros({}, longs);
-    hi = at::arange(start, start + Lq, longs).clamp_(0, Lk);
   }
   auto result = split_k_shaped(q, k, v, lo, hi, scale ? *scale : 1.0 / std::sqrt(static_cast<double>(E)),
                                softcap ? *softcap : 0.0, parts_per_thread, min_part_keys);
