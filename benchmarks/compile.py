@@ -3,6 +3,7 @@
     python -m benchmarks.compile            # B1 H8 L1024 E64 float32, a decoding step, a small Llama step
     python -m benchmarks.compile --quick    # fewer repeats, L 512
     python -m benchmarks.compile --decode   # the decoding steps alone
+    python -m benchmarks.compile --guards   # the 16-key step's guards: how many, and their check time
 
 Under torch.compile, dotattn is one ``dotattn::attention`` operator (``dotattn._ops``) that
 Inductor leaves whole, with Inductor compiling what surrounds it; torch's SDPA is lowered
@@ -17,6 +18,9 @@ cache off; its C++ kernel cache on disk may still hold code from an earlier run)
     static                      the same step into a static cache of 8192 slots, 512 filled, its
                                 mask the bool tensor of the filled slots (``--static``: this alone)
     llama step                  a 2-layer Llama (hidden 256, 8 heads / 2 kv heads) forward, L as above
+    guards                      the compiled 16-key step's guard tree (dotattn's, torch's, and that of a
+                                bare ``dotattn::split_k`` call), in lines, and the median time of its
+                                check, warm (back to back) and cold (after writing 16 MiB elsewhere)
 
 GFLOP/s counts 4·B·H·Lq·Lk·E for a forward (2.5x that for forward+backward), all pairs,
 so masked cases show the useful rate of a dense call.
@@ -25,6 +29,7 @@ so masked cases show the useful rate of a dense call.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -110,6 +115,43 @@ def decode_case(L: int, repeats: int) -> None:
             repeats)
 
 
+def guards_case(repeats: int) -> None:
+    B, Hq, Hkv, E, L = 1, 32, 8, 128, 16
+    cache = KVCache(B, Hkv, capacity=L + 1, head_dim=E)
+    g = torch.Generator().manual_seed(0)
+    cache.append(torch.randn(B, Hkv, L, E, generator=g), torch.randn(B, Hkv, L, E, generator=g))
+    keys, values, mask = cache.append(torch.randn(B, Hkv, 1, E, generator=g), torch.randn(B, Hkv, 1, E, generator=g))
+    q = torch.randn(B, Hq, 1, E, generator=g)
+    spec = mask.spec([])
+
+    def ours(q, k, v):
+        return dotattn.scaled_dot_product_attention(q, k, v, mask=mask, enable_gqa=True)
+
+    def theirs(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    def bare(q, k, v):  # the operator a compiled dotattn step calls, with its arguments written out
+        return torch.ops.dotattn.split_k(q, k, v, None, None, E ** -0.5, 0.0, 4, 256, [], spec, True)[0]
+
+    elsewhere = torch.zeros(4 << 20)
+    frame = {"q": q, "k": keys, "v": values}
+    with torch.no_grad():
+        for fn in (ours, theirs, bare):
+            torch.compile(fn, fullgraph=True)(q, keys, values)
+            manager = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)[0].guard_manager
+            warm, cold = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                manager.check(frame)
+                warm.append(time.perf_counter() - start)
+                elsewhere.add_(1.0)
+                start = time.perf_counter()
+                manager.check(frame)
+                cold.append(time.perf_counter() - start)
+            print(f"guards {fn.__name__:7s} {str(manager).count(chr(10)):4d} lines, check warm "
+                  f"{1e6 * statistics.median(warm):5.2f} us, cold {1e6 * statistics.median(cold):5.2f} us")
+
+
 def static_case(capacity: int, filled: int, repeats: int) -> None:
     """A step into a static cache: K and V of its whole capacity and the bool mask (1, 1, 1,
     capacity) of its filled slots, a tensor, given to both libraries (dotattn reads its runs
@@ -166,12 +208,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--static", action="store_true", help="only the static cache's step")
     ap.add_argument("--decode", action="store_true", help="only the decoding steps (16 and 2048 keys)")
+    ap.add_argument("--guards", action="store_true", help="only the 16-key step's guards")
     args = ap.parse_args()
     L, repeats = (512, 5) if args.quick else (1024, 10)
     torch._inductor.config.fx_graph_cache = False  # compile times from scratch, every run
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratios are torch eager / each")
     if args.static:
         static_case(8192, 512, repeats * 20)
+        return
+    if args.guards:
+        guards_case(repeats * 100)
         return
     if not args.decode:
         attention_cases(L, repeats)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 import dotattn
 from dotattn import masks
+from dotattn.engines import registry
 from dotattn.engines import split_k as split_k_engine
 from dotattn.testing import assert_matches_oracle, compare_to_oracle
 from tests.conftest import qkv
@@ -379,6 +382,27 @@ def test_a_use_engine_scope_recompiles_a_compiled_step():
 
 
 @needs_kernel
+def test_a_compiled_step_decides_from_the_engine_state_once_and_rechecks_when_it_changes():
+    """The split_k decision is a constant of the graph (no guard on the engine's internals, which
+    a compiled step would check on every call), and a change to the registry (an engine
+    registered) recompiles it."""
+    q, k, v = _decode()
+    backend = CountingBackend()
+    compiled = torch.compile(lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                             fullgraph=True, backend=backend)
+    with torch.no_grad():
+        expected = compiled(q, k, v)
+        compiled(q, k, v)
+        assert backend.graphs == 1
+        guards = str(torch._dynamo.eval_frame._debug_get_cache_entry_list(compiled._torchdynamo_orig_callable.__code__)[0]
+                     .guard_manager)
+        assert "AUTO_MAX_ROWS" not in guards and "_REGISTRY" not in guards and "_PROBED" not in guards
+        registry.changed()
+        torch.testing.assert_close(compiled(q, k, v), expected, rtol=0, atol=0)
+    assert backend.graphs == 2
+
+
+@needs_kernel
 def test_garbage_a_compiled_step_sees_reruns_as_an_eager_call_does():
     q, k, v = _decode()
     lengths = torch.tensor([300, 120])
@@ -429,3 +453,12 @@ def test_the_split_k_operator_refuses_inputs_that_need_a_gradient():
     with torch.no_grad():
         out, _ = torch.ops.dotattn.split_k(q.clone().requires_grad_(), *args)
     torch.testing.assert_close(out, torch.ops.dotattn.split_k(q, *args)[0])
+
+
+def test_importing_dotattn_loads_neither_dynamo_nor_triton():
+    """torch._dynamo imports triton, whose kernels then compile for the GPU: importing dotattn
+    must leave TRITON_INTERPRET to whoever sets it afterwards (the split_k decision is marked
+    for dynamo without importing it)."""
+    code = "import sys, dotattn; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]"

@@ -13,7 +13,7 @@ with a fake implementation that gives exact shapes and dtypes, and a backward op
 
 A decoding step that the split_k engine's C++ kernel would run (decided while tracing from
 shapes, dtypes, strides, the mask's structure and the engine asked for, ``use_engine``
-scopes included: ``SplitKEngine.traced_spans``) calls that kernel's own operator instead,
+scopes included: ``split_k.traced_call``) calls that kernel's own operator instead,
 with no Python between the compiled graph and the kernel:
 
     torch.ops.dotattn.split_k(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys,
@@ -40,7 +40,8 @@ import math
 import torch
 
 from dotattn import engines, masks
-from dotattn.engines import registry
+from dotattn.engines.registry import traced_request
+from dotattn.engines.split_k import traced_call
 from dotattn._inputs import lse_dtype, prepare
 
 __all__ = ["attention", "limits"]
@@ -125,6 +126,9 @@ _LIBRARY.define("split_k(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, f
                 "-> (Tensor, Tensor)")
 
 
+_SPLIT_K = torch.ops.dotattn.split_k  # looked up once: a compiled call pays a guard per attribute it reads
+
+
 @torch.library.register_fake("dotattn::split_k")
 def _(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys, mask_tensors, mask_spec, enable_gqa):
     return _empty_result(q, k, v)
@@ -185,9 +189,9 @@ def attention(
     tensors: list[torch.Tensor] = []
     spec = "" if mask is None else mask.spec(tensors)
     if not dropout_p:  # a decoding step: the kernel's own operator, no Python when it runs
-        result = _split_k(query, key, value, mask, scale, softcap, enable_gqa, engine, tensors, spec)
-        if result is not None:
-            return result
+        arguments = traced_call(query, key, value, mask, scale, softcap, enable_gqa, traced_request(engine))
+        if arguments is not None:
+            return _SPLIT_K(query, key, value, *arguments, tensors, spec, enable_gqa)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
     seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
             else torch.zeros((), dtype=torch.int64))
@@ -195,17 +199,3 @@ def attention(
                                        float(dropout_p), seed, enable_gqa, engine, needs_grad,
                                        0.0 if softcap is None else float(softcap))
 
-
-def _split_k(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: masks.Mask | None,
-             scale: float | None, softcap: float | None, enable_gqa: bool, engine: str,
-             tensors: list[torch.Tensor], spec: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The traced call as ``dotattn::split_k``, when the split_k engine's kernel would run it
-    eagerly (``SplitKEngine.traced_spans``, with this thread's ``use_engine`` scope); None otherwise."""
-    split_k = engines.get("split_k")
-    spans = split_k.traced_spans(query, key, value, mask, scale, softcap, enable_gqa, registry.traced_request(engine))
-    if spans is None:
-        return None
-    return torch.ops.dotattn.split_k(
-        query, key, value, *spans, 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
-        0.0 if softcap is None else softcap, split_k.PARTS_PER_THREAD, split_k.MIN_PART_KEYS, tensors, spec,
-        enable_gqa)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
-import operator
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from dotattn import _ops, engines, masks
+from dotattn import engines, masks
+# the functions themselves, not the module: each module a compiled call reaches by two paths costs a guard
+from dotattn._ops import attention as op_attention, limits as op_limits
 from dotattn._inputs import Problem, prepare
 from dotattn.engines import AttentionResult, Explanation
 from dotattn.engines.split_k import eager_step
@@ -127,20 +127,16 @@ def _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
             return_lse, return_weights, generator, softcap, score_mod) -> torch.Tensor | AttentionResult:
     """The call under torch.compile or torch.export: one ``dotattn::attention`` operator
     (``dotattn._ops``), which checks the arguments and picks the engine when it runs."""
-    parts = []
-    if attn_mask is not None:
-        parts.append(masks.dense(attn_mask))
-    if is_causal:
-        parts.append(masks.causal())
-    if mask is not None:
-        parts.append(mask)
-    combined = functools.reduce(operator.and_, parts) if parts else None
-    found = _ops.limits(combined, dropout_p, generator, return_weights, score_mod)
+    combined = None  # attn_mask & causal & mask, with what is not given left out
+    for part in (None if attn_mask is None else masks.dense(attn_mask), masks.causal() if is_causal else None, mask):
+        if part is not None:
+            combined = part if combined is None else combined & part
+    found = op_limits(combined, dropout_p, generator, return_weights, score_mod)
     if found:
         raise ValueError(f"under torch.compile or torch.export, {found[0]}")
     squeeze = query.dim() == key.dim() == value.dim() == 2
     q, k, v = (x.unsqueeze(0) if x.dim() == 2 else x for x in (query, key, value))  # as prepare() does
-    out, lse = _ops.attention(q, k, v, combined, dropout_p, scale, enable_gqa, engine, generator, softcap)
+    out, lse = op_attention(q, k, v, combined, dropout_p, scale, enable_gqa, engine, generator, softcap)
     if squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return AttentionResult(out, lse) if return_lse else out
@@ -173,6 +169,6 @@ def explain(
         mask=mask, return_lse=return_lse, return_weights=return_weights, generator=generator, softcap=softcap,
         score_mod=score_mod,
     )
-    limits = _ops.limits(problem.mask, problem.dropout_p, problem.generator, problem.return_weights,
+    limits = op_limits(problem.mask, problem.dropout_p, problem.generator, problem.return_weights,
                          problem.score_mod)
     return dataclasses.replace(engines.explain_problem(problem, engine), compile_limits=tuple(limits))

@@ -36,6 +36,9 @@ class _ThreadScope(threading.local):
 
 
 _THREAD_SCOPE = _ThreadScope()
+# Counts the changes to the registry (register): a compiled graph that decided from the
+# registry without tracing it is guarded on this number instead (split_k.traced_call).
+_GENERATION = 0
 
 
 def register(engine: Engine) -> Engine:
@@ -44,7 +47,19 @@ def register(engine: Engine) -> Engine:
     _REGISTRY[engine.name] = engine
     _ORDER = tuple(sorted(_REGISTRY.values(), key=lambda e: -e.priority))
     _NAMES = tuple(e.name for e in _ORDER)
+    changed()
     return engine
+
+
+def changed() -> None:
+    """Note a change to the registry, so that compiled graphs guarded on ``generation`` recompile."""
+    global _GENERATION
+    _GENERATION += 1
+
+
+def generation() -> int:
+    """How many changes to the registry this process has seen (``changed``)."""
+    return _GENERATION
 
 
 def available() -> list[Engine]:

@@ -64,13 +64,15 @@ import math
 import time
 
 import torch
+# names, not torch.*: a compiled call guards each module it reaches by two paths
+from torch import is_grad_enabled
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dotattn import masks
 from dotattn._inputs import Problem, prepare
 from dotattn.engines import _tiled_kernel
 from dotattn.engines.base import Engine, Support
-from dotattn.engines.registry import available, first_choice, register, select
+from dotattn.engines.registry import available, first_choice, generation, get, register, select
 from dotattn.engines.triton import configs as triton_configs
 from dotattn.engines.triton import launch as triton_kernels
 
@@ -239,15 +241,13 @@ class SplitKEngine(Engine):
             return max(1, min(-(-slots // tasks), p.Lk // self.MIN_PART_KEYS))
         return _tiled_kernel.ext.split_k_parts(tasks, p.Lk, self.PARTS_PER_THREAD, self.MIN_PART_KEYS)
 
-    def traced_spans(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.Mask | None,
-                     scale: float | None, softcap: float | None, enable_gqa: bool, requested: str) -> tuple | None:
-        """Under torch.compile: the row spans ``(lo, hi)`` (``(None, None)``: no mask) with which a
-        call without dropout or weights runs this engine's C++ kernel as the operator
-        ``dotattn::split_k``, when its static facts (shapes, strides, dtypes, the mask's
-        structure, the engine ``requested`` after scopes: ``registry.traced_request``) show that
-        an eager call would run that kernel; None otherwise, and the generic operator chooses
-        when it runs. Reads no tensor data. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E),
-        v (*B, Hkv, Lk, Ev) as the call passes them; ``mask`` everything ANDed."""
+    def traced_state(self, dtypes: tuple, devices: tuple, scale: float | None, softcap: float | None,
+                     requested: str, needs_grad: bool) -> tuple | None:
+        """Under torch.compile, the part of ``traced_call``'s decision that no size enters: None
+        where no call without dropout or weights with these facts (q, k, v's dtypes and device
+        types, the engine ``requested`` after scopes: ``registry.traced_request``) would run
+        this engine's C++ kernel eagerly, else ``(parts_per_thread, min_part_keys, most)``,
+        ``most`` the most query rows per kv head it runs (None for a forced engine)."""
         if not all(x is None or type(x) is float and math.isfinite(x) for x in (scale, softcap)) \
                 or (softcap is not None and softcap <= 0):
             return None  # the generic operator says what is wrong with them
@@ -255,39 +255,14 @@ class SplitKEngine(Engine):
             return None
         if requested == "auto" and available()[0] is not self:  # an engine registered above this one
             return None
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return None  # these masks hold no float tensor that could require grad
-        if min(q.dim(), k.dim(), v.dim()) < 3:
+        if needs_grad:
+            return None  # the spanned masks hold no float tensor that could require grad
+        if set(devices) != {"cpu"} or len(set(dtypes)) != 1 or dtypes[0] not in self._both.dtypes_on["cpu"]:
             return None
-        if {q.device.type, k.device.type, v.device.type} != {"cpu"} or not q.dtype == k.dtype == v.dtype \
-                or q.dtype not in self._both.dtypes_on["cpu"]:
-            return None
-        (Hq, Lq, E), (Hkv, Lk, Ek), (Hv, Lv, Ev) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
-        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-        if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
-                or 0 in (math.prod(batch), Hq, Lq, Lk, E, Ev):
-            return None  # the generic operator raises what an eager call would
-        if requested == "auto" and not statically_known_true(Hq // Hkv * Lq <= self.auto_max_rows("cpu")):
-            return None  # a symbolic size is not guarded on, which would recompile at the threshold
-        mask = None if mask is None else mask.simplified(Lq, Lk)
-        if mask is None:
-            return None, None
-        leaves = mask.leaves()
-        if not isinstance(mask, (masks.And, *_SPANNED)) or not all(isinstance(m, _SPANNED) for m in leaves):
-            return None
-        lo, hi = mask.row_spans(Lq, Lk)  # checks the mask against the sizes, as prepare does
-        # Padding lengths given as tensors are read by nobody while tracing, and with causal
-        # their spans stay within the keys even where a length does not: one above its side's
-        # length pushes every span past the keys, so that the kernel's span check raises.
-        over = [n > L for m in leaves if isinstance(m, masks.Padding)
-                for n, L in ((m.kv_lengths, Lk), (m.q_lengths, Lq)) if isinstance(n, torch.Tensor)]
-        if over:
-            hi = hi + (Lk + 1) * torch.stack([o.any() for o in over]).any()
-        rows = (*batch, Hq, Lq)
-        if not all(len(t.shape) <= len(rows) and all(n in (1, m) for n, m in zip(t.shape[::-1], rows[::-1]))
-                   for t in (lo, hi)):
-            return None  # spans of another batch size: the generic operator says so
-        return lo, hi
+        # A probe not yet run counts as lost: the graph then keeps the generic operator above
+        # AUTO_SURE_ROWS rows, which chooses (and probes) when it runs.
+        most = self.auto_max_rows("cpu", probe=False) if requested == "auto" else None
+        return self.PARTS_PER_THREAD, self.MIN_PART_KEYS, most
 
     def detail(self, problem: Problem) -> str:
         p = problem
@@ -356,3 +331,74 @@ def eager_step(query, key, value, mask, is_causal, scale, enable_gqa, softcap, e
                  None if padding is None else padding.kv_lengths, padding is not None and padding.side == "left",
                  _ENGINE.auto_max_rows("cpu", probe=False) if by_auto else -1, _ENGINE.PARTS_PER_THREAD,
                  _ENGINE.MIN_PART_KEYS)
+
+
+def _traced_state(*facts, generation: int) -> tuple | None:
+    """``traced_state(*facts)`` of the registry's split_k engine, called while tracing on plain
+    Python values and kept in the graph as a constant: dynamo traces none of the engine state it
+    reads, whose guards (dozens, checked before each call) cost a compiled 16-key step a tenth
+    of its time. What that state could change is in the arguments (the scope's engine in
+    ``facts``, the registry's ``generation``), so the graph is guarded on those alone. Marked
+    for dynamo below."""
+    return get("split_k").traced_state(*facts)
+
+
+# What torch.compiler.assume_constant_result(_traced_state) does, without importing torch._dynamo
+# (and with it triton, before a test or a user could set TRITON_INTERPRET) when dotattn is imported.
+_traced_state._dynamo_marked_constant = True
+
+
+def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.Mask | None, scale: float | None,
+                softcap: float | None, enable_gqa: bool, requested: str) -> tuple | None:
+    """Under torch.compile: the arguments after q, k, v with which ``dotattn::split_k`` runs a
+    call without dropout or weights, ``(lo, hi, scale, softcap, parts_per_thread,
+    min_part_keys)``, when its static facts (shapes, dtypes, devices, the mask's structure, the
+    engine ``requested`` after scopes: ``registry.traced_request``) show that an eager call
+    would run this engine's C++ kernel; None otherwise, and the generic operator chooses when it
+    runs. Reads no tensor data; sizes may be symbolic. q (*B, Hq, Lq, E), k (*B, Hkv, Lk, E),
+    v (*B, Hkv, Lk, Ev) as the call passes them; ``mask`` everything ANDed."""
+    needs_grad = is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    state = _traced_state((q.dtype, k.dtype, v.dtype), (q.device.type, k.device.type, v.device.type), scale,
+                          softcap, requested, needs_grad, generation=generation())
+    if state is None or q.dim() < 3 or k.dim() < 3 or v.dim() < 3:
+        return None
+    parts_per_thread, min_part_keys, most = state
+    # Size arithmetic adds no guards (the sizes are guarded already); each function called does.
+    (Hq, Lq, E), (Hkv, Lk, Ek), (Hv, Lv, Ev) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
+    batch = q.shape[:-3] if q.shape[:-3] == k.shape[:-3] == v.shape[:-3] else \
+        torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
+            or 0 in (*batch, Hq, Lq, Lk, E, Ev):
+        return None  # the generic operator raises what an eager call would
+    if most is not None and not statically_known_true(Hq // Hkv * Lq <= most):
+        return None  # a symbolic size is not guarded on, which would recompile at the threshold
+    spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq))
+    if spans is None:
+        return None
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    return (*spans, scale, 0.0 if softcap is None else softcap, parts_per_thread, min_part_keys)
+
+
+def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple) -> tuple | None:
+    """The row spans ``(lo, hi)`` (``(None, None)``: every row sees every key) with which the
+    split-K kernel runs ``mask`` (everything ANDed) on an Lq x Lk problem whose rows are
+    ``rows`` (*B, Hq, Lq), as graph operations on the mask's own tensors; None for a mask the
+    kernel does not take. Decided from the mask's structure; reads no tensor data."""
+    mask = None if mask is None else mask.simplified(Lq, Lk)
+    if mask is None:
+        return None, None
+    leaves = mask.leaves()
+    if not isinstance(mask, (masks.And, *_SPANNED)) or not all(isinstance(m, _SPANNED) for m in leaves):
+        return None
+    lo, hi = mask.row_spans(Lq, Lk)  # checks the mask against the sizes, as prepare does
+    # Padding lengths given as tensors are read by nobody while tracing, and with causal
+    # their spans stay within the keys even where a length does not: one above its side's
+    # length pushes every span past the keys, so that the kernel's span check raises.
+    over = [n > L for m in leaves if isinstance(m, masks.Padding)
+            for n, L in ((m.kv_lengths, Lk), (m.q_lengths, Lq)) if isinstance(n, torch.Tensor)]
+    if over:
+        hi = hi + (Lk + 1) * torch.stack([o.any() for o in over]).any()
+    if not all(len(t.shape) <= len(rows) and all(n in (1, m) for n, m in zip(t.shape[::-1], rows[::-1]))
+               for t in (lo, hi)):
+        return None  # spans of another batch size: the generic operator says so
+    return lo, hi
