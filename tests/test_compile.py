@@ -363,12 +363,16 @@ def test_the_split_k_operator_is_used_only_where_an_eager_call_runs_its_kernel()
     assert _dotattn_ops(step, q.requires_grad_(), k, v)[0] == "dotattn.attention"  # grad: the fallback's
 
 
+def _counted_step():
+    """A fullgraph-compiled GQA call of ``scaled_dot_product_attention`` and its counting backend."""
+    backend = CountingBackend()
+    return torch.compile(lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                         fullgraph=True, backend=backend), backend
+
+
 @needs_kernel
 def test_a_use_engine_scope_recompiles_a_compiled_step():
-    q, k, v = _decode()
-    backend = CountingBackend()
-    compiled = torch.compile(lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                             fullgraph=True, backend=backend)
+    (q, k, v), (compiled, backend) = _decode(), _counted_step()
     with torch.no_grad():
         expected = compiled(q, k, v)
         with dotattn.use_engine("reference"):
@@ -386,10 +390,7 @@ def test_a_compiled_step_decides_from_the_engine_state_once_and_rechecks_when_it
     """The split_k decision is a constant of the graph (no guard on the engine's internals, which
     a compiled step would check on every call), and a change to the registry (an engine
     registered) recompiles it."""
-    q, k, v = _decode()
-    backend = CountingBackend()
-    compiled = torch.compile(lambda q, k, v: dotattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                             fullgraph=True, backend=backend)
+    (q, k, v), (compiled, backend) = _decode(), _counted_step()
     with torch.no_grad():
         expected = compiled(q, k, v)
         compiled(q, k, v)
