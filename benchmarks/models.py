@@ -8,7 +8,8 @@ Random-weight transformers models (hidden 512, 2 layers, 8 heads / 2 kv heads, f
 download), sdpa (or eager) and dotattn timed interleaved on the same inputs
 (``dotattn.benchmarking.timed``: median seconds), the largest logit difference, and the share
 of one more run (profiled) that attention takes, forward and backward (``attention_share``;
-"-" for eager):
+"-" for eager), and the bound that share sets: the ratio were dotattn's attention free,
+sdpa's time over the rest of dotattn's step:
 
     llama prefill / train     Llama, GQA, L 2048: a forward; a forward + backward with labels
     packed train              8 documents packed into L 4096 (position_ids restart per
@@ -93,6 +94,8 @@ def _case(name: str, model, fn, repeats: int, unit: str = "ms", baseline: str = 
     t_base, t_ours = timed([lambda: _run_as(model, baseline, fn), lambda: _run_as(model, NAME, fn)], repeats)
     shares = [attention_share(model, impl, fn) for impl in (baseline, NAME)]
     share = "  attention " + " / ".join("-" if x is None else f"{100 * x:.0f}%" for x in shares)
+    if shares[1] is not None:  # Amdahl: the ratio were dotattn's attention to take no time at all
+        share += f"  bound {t_base / (t_ours * (1 - shares[1])):.2f}x"
     if unit == "sent/s":
         print(f"{name:28s} {baseline} {fn.count / t_base:8.1f} sent/s  dotattn {fn.count / t_ours:8.1f} sent/s  "
               f"{t_base / t_ours:5.2f}x  max |diff| {diff:.1e}{share}")

@@ -43,6 +43,28 @@ def test_every_level_is_built_for_this_machine():
         assert importlib.util.find_spec(f"dotattn._tiled_cpu_{level}") is not None, level
 
 
+@pytest.mark.parametrize("level", _tiled_kernel.LEVELS)
+def test_importing_any_level_directly_loads_it_or_raises_import_error(level):
+    """Tools that walk the package (documentation builders) import every level: one this CPU
+    lacks the instructions for raises ImportError naming them, it does not die of SIGILL."""
+    code = f"import dotattn._tiled_cpu_{level} as m; print(m.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if level in RUNS_HERE:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == f"dotattn._tiled_cpu_{level}"
+    else:
+        assert done.returncode == 1, (done.returncode, done.stderr[-2000:])  # not killed by a signal
+        assert "ImportError: this CPU lacks" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_loaded_level_registers_the_split_k_operators_kernel():
+    """Registered by the level dotattn loads (register_ops), not when a library is loaded."""
+    from dotattn import _ops  # noqa: F401  (defines the operator)
+
+    for key in ("CPU", "Autograd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dotattn::split_k", key), key
+
+
 def test_the_best_level_this_cpu_runs_is_loaded():
     assert _tiled_kernel.LEVEL == RUNS_HERE[0]
 

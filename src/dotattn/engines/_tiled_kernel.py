@@ -86,6 +86,7 @@ def _load() -> tuple[ModuleType | None, str | None, str | None]:
             errors.append(f"{level}: built against torch {built}")
             broken.append(level)
             continue
+        module.register_ops()  # the dotattn::split_k operator's kernel, from this level alone
         return module, level, None
     if broken:  # a kernel was installed for this machine and cannot run: say so once, at import
         warnings.warn(
