@@ -2,7 +2,8 @@
 
     python -m benchmarks.models            # the cases below, float32, 3 timed runs each
     python -m benchmarks.models --quick    # lengths halved, 2 runs
-    python -m benchmarks.models --only generate,memory    # some cases alone (generate, static, memory, minilm)
+    python -m benchmarks.models --only llama,window    # some cases alone (llama, packed, window, gemma2,
+                                                       # minilm, generate, static, memory)
 
 Random-weight transformers models (hidden 512, 2 layers, 8 heads / 2 kv heads, float32; no
 download), sdpa (or eager) and dotattn timed interleaved on the same inputs
@@ -172,61 +173,71 @@ def minilm_case(repeats: int) -> None:
     _case(f"minilm encode 64 x L {batch['input_ids'].shape[1]}", minilm, encode, repeats * 5, unit="sent/s")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="",
-                    help="comma-separated: generate, static, memory, minilm (the others run only without it)")
-    args = ap.parse_args()
-    scale, repeats = (2, 2) if args.quick else (1, 3)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          "float32; ratio = sdpa time / dotattn time")
-    only = set(filter(None, args.only.split(",")))
-    if only:
-        if "generate" in only:
-            generate_case(2048 // scale, 32, repeats)
-        if "static" in only:
-            generate_case(512 // scale, 32, repeats, static_len=8192 // scale)
-        if "memory" in only:
-            memory_case(16384 // scale)
-        if "minilm" in only:
-            minilm_case(repeats)
-        return
+def llama_cases(L: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
-
-    L = 2048 // scale
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES, max_position_embeddings=8192))
     ids = torch.randint(3, 1024, (1, L), generator=g)
     _case(f"llama prefill L {L}", llama, _forward(llama, input_ids=ids, use_cache=False), repeats)
     llama.train()
     _case(f"llama train L {L}", llama, _train(llama, input_ids=ids, use_cache=False), repeats)
 
-    L = 4096 // scale
-    ids = torch.randint(3, 1024, (1, L), generator=g)
+
+def packed_case(L: int, repeats: int) -> None:
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES, max_position_embeddings=8192))
+    ids = torch.randint(3, 1024, (1, L), generator=torch.Generator().manual_seed(1))
     position_ids = (torch.arange(L) % (L // 8))[None]  # 8 documents, positions restart in each
     _case(f"packed 8 docs train L {L}", llama,
           _train(llama, input_ids=ids, position_ids=position_ids, use_cache=False), repeats)
 
+
+def window_cases(L: int, repeats: int) -> None:
+    """The window model's training step at L and its prefill at 2L."""
+    g = torch.Generator().manual_seed(2)
     mistral = transformers.MistralForCausalLM(transformers.MistralConfig(**SIZES, sliding_window=256,
                                                                          max_position_embeddings=16384))
+    ids = torch.randint(3, 1024, (1, L), generator=g)
     _case(f"mistral window train L {L}", mistral, _train(mistral, input_ids=ids, use_cache=False), repeats)
-    L = 8192 // scale
-    ids = torch.randint(3, 1024, (1, L), generator=g)
-    _case(f"mistral window prefill L {L}", mistral, _forward(mistral, input_ids=ids, use_cache=False), repeats)
+    ids = torch.randint(3, 1024, (1, 2 * L), generator=g)
+    _case(f"mistral window prefill L {2 * L}", mistral, _forward(mistral, input_ids=ids, use_cache=False), repeats)
 
-    # Gemma 2: sliding and global layers alternate, logits soft-capped at 50, which torch's SDPA
-    # cannot do: transformers' eager attention is the correct baseline.
-    L = 2048 // scale
-    ids = torch.randint(3, 1024, (1, L), generator=g)
+
+def gemma2_case(L: int, repeats: int) -> None:
+    """Gemma 2: sliding and global layers alternate, logits soft-capped at 50, which torch's SDPA
+    cannot do: transformers' eager attention is the correct baseline."""
+    ids = torch.randint(3, 1024, (1, L), generator=torch.Generator().manual_seed(3))
     gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **SIZES, head_dim=64, sliding_window=256, attn_logit_softcapping=50.0, max_position_embeddings=8192))
     _case(f"gemma2 softcap train L {L}", gemma, _train(gemma, input_ids=ids, use_cache=False), repeats,
           baseline="eager")
 
-    minilm_case(repeats)
-    generate_case(2048 // scale, 32, repeats)
-    generate_case(512 // scale, 32, repeats, static_len=8192 // scale)
-    memory_case(16384 // scale)
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated cases to run alone: " + ", ".join(CASES))
+    args = ap.parse_args()
+    scale, repeats = (2, 2) if args.quick else (1, 3)
+    only = list(filter(None, args.only.split(","))) or list(CASES)
+    unknown = [name for name in only if name not in CASES]
+    if unknown:
+        ap.error(f"unknown case {', '.join(unknown)}; the cases are {', '.join(CASES)}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          "float32; ratio = sdpa time / dotattn time")
+    for name in only:
+        CASES[name](scale, repeats)
+
+
+# name -> run(scale, repeats): lengths are divided by scale
+CASES = {
+    "llama": lambda scale, repeats: llama_cases(2048 // scale, repeats),
+    "packed": lambda scale, repeats: packed_case(4096 // scale, repeats),
+    "window": lambda scale, repeats: window_cases(4096 // scale, repeats),
+    "gemma2": lambda scale, repeats: gemma2_case(2048 // scale, repeats),
+    "minilm": lambda scale, repeats: minilm_case(repeats),
+    "generate": lambda scale, repeats: generate_case(2048 // scale, 32, repeats),
+    "static": lambda scale, repeats: generate_case(512 // scale, 32, repeats, static_len=8192 // scale),
+    "memory": lambda scale, repeats: memory_case(16384 // scale),
+}
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ backend ships ptxas, so no driver or GPU is needed). Instead of timing configs, 
 compiles every config its shared-memory filter keeps.
 
 Triton decides at import whether its jit functions compile or interpret, and the suite's
-conftest sets TRITON_INTERPRET=1 before that, so the compiling runs in one subprocess
-without it (this file run as a script), which prints one line per compiled kernel.
+conftest sets TRITON_INTERPRET=1 before that, so the compiling runs in subprocesses
+without it (this file run as a script, one per target, side by side), which print one line
+per compiled kernel.
 
 Variants (one problem each, forward + backward): float16, bfloat16, float32 exact and
 TF32, head dims 64, 80, 128, 256; masks: none, row spans, a boolean tensor, a
@@ -18,7 +19,7 @@ block-sparse layout, a float bias (broadcast: atomic dS, and deterministic), dro
 logit soft-capping with a float bias, a monitored forward (row statistics), and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
 and MQA steps, with a KV cache's row spans and without a mask, in each dtype, and one monitored. sm_80 compiles a subset (no mask in float16, everything at once
 in bfloat16). Each kernel compiles in the tuner's smallest fitting config, to keep the
-test near a minute on a 2-core machine; ``python tests/test_triton_compile.py 90
+test near a minute on a 2-core machine (about 2 minutes of compiling, both targets); ``python tests/test_triton_compile.py 90
 --every-config`` compiles every fitting config (about 8 minutes there).
 """
 
@@ -246,13 +247,17 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), "90", "80"], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
-    lines = run.stdout.splitlines()
-    failed = [line for line in lines if line.startswith("FAIL")]
-    assert run.returncode == 0 and not failed, "\n".join(failed) + run.stderr[-4000:]
+    # one process per target, side by side: compiling is single-threaded
+    runs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), arch], env=env, cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ("90", "80")]
+    lines = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        lines += stdout.splitlines()
+        failed = [line for line in lines if line.startswith("FAIL")]
+        assert run.returncode == 0 and not failed, "\n".join(failed) + stderr[-4000:]
     done = [line for line in lines if line.startswith("DONE")]
-    assert len(done) == 2, run.stdout[-2000:]
+    assert len(done) == 2, "\n".join(lines[-40:])
     compiled = {tuple(line.split("\t")[1:4:2]) for line in lines if line.startswith("OK")}
     kernels = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "decode_parts", "decode_merge"}
     assert compiled == {(arch, k) for arch in ("sm_90", "sm_80") for k in kernels}
