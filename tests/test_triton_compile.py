@@ -10,8 +10,9 @@ compiles every config its shared-memory filter keeps.
 
 Triton decides at import whether its jit functions compile or interpret, and the suite's
 conftest sets TRITON_INTERPRET=1 before that, so the compiling runs in subprocesses
-without it (this file run as a script, one per target, side by side), which print one line
-per compiled kernel.
+without it (this file run as a script: sm_90's problems split between two processes,
+``--shard=0/2`` and ``--shard=1/2``, and sm_80's in a third, side by side), which print one
+line per compiled kernel.
 
 Variants (one problem each, forward + backward): float16, bfloat16, float32 exact and
 TF32, head dims 64, 80, 128, 256; masks: none, row spans, a boolean tensor, a
@@ -135,7 +136,8 @@ def _decode_variants(subset: bool) -> list[tuple]:
     return every[:1] if subset else every
 
 
-def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
+def _compile_all(arch: int, subset: bool, every_config: bool, shard: tuple[int, int] = (0, 1)) -> None:
+    """Compiles the variants' kernels for sm_<arch>; shard (i, n): only every n-th problem from the i-th."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -211,8 +213,11 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
 
     as_on_cuda.engine_s = post_init
     launch.Call.__post_init__ = as_on_cuda
+    problems = iter(range(1 << 30))  # each problem's index, for the shard
     for name, dtype, E, tf32, options, extra in _variants():
         if subset and name not in ("none", "everything"):
+            continue
+        if next(problems) % shard[1] != shard[0]:
             continue
         current["name"] = f"{name} {str(dtype).removeprefix('torch.')} E={E}"
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -224,6 +229,8 @@ def _compile_all(arch: int, subset: bool, every_config: bool) -> None:
         result.output.float().sum().backward()
     from dotattn import masks
     for dtype, E, Hq, Hkv, masked, monitored in _decode_variants(subset):
+        if next(problems) % shard[1] != shard[0]:
+            continue
         current["name"] = (f"decode {str(dtype).removeprefix('torch.')} E={E} {Hq}/{Hkv}{' spans' if masked else ''}"
                            f"{' monitored' if monitored else ''}")
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -247,9 +254,10 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # one process per target, side by side: compiling is single-threaded
-    runs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), arch], env=env, cwd=root,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ("90", "80")]
+    # compiling is single-threaded: sm_90's problems in two processes, sm_80's subset in a third
+    jobs = [["90", "--shard=0/2"], ["90", "--shard=1/2"], ["80"]]
+    runs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *job], env=env, cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
     lines = []
     for run in runs:
         stdout, stderr = run.communicate(timeout=600)
@@ -257,7 +265,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
         failed = [line for line in lines if line.startswith("FAIL")]
         assert run.returncode == 0 and not failed, "\n".join(failed) + stderr[-4000:]
     done = [line for line in lines if line.startswith("DONE")]
-    assert len(done) == 2, "\n".join(lines[-40:])
+    assert len(done) == len(jobs), "\n".join(lines[-40:])
     compiled = {tuple(line.split("\t")[1:4:2]) for line in lines if line.startswith("OK")}
     kernels = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "decode_parts", "decode_merge"}
     assert compiled == {(arch, k) for arch in ("sm_90", "sm_80") for k in kernels}
@@ -266,5 +274,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
     every = "--every-config" in sys.argv
+    shard = next((tuple(map(int, a.removeprefix("--shard=").split("/"))) for a in sys.argv if a.startswith("--shard=")),
+                 (0, 1))
     for arch in [int(a) for a in sys.argv[1:] if a.isdigit()] or [90]:
-        _compile_all(arch, subset=arch != 90, every_config=every)
+        _compile_all(arch, subset=arch != 90, every_config=every, shard=shard)
