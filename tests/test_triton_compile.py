@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def _compile_all(arch: int, subset: bool, every_config: bool, shard: tuple[int, 
 
     as_on_cuda.engine_s = post_init
     launch.Call.__post_init__ = as_on_cuda
-    problems = iter(range(1 << 30))  # each problem's index, for the shard
+    problems = itertools.count()  # each problem's index, for the shard
     for name, dtype, E, tf32, options, extra in _variants():
         if subset and name not in ("none", "everything"):
             continue
@@ -258,12 +259,11 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     jobs = [["90", "--shard=0/2"], ["90", "--shard=1/2"], ["80"]]
     runs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *job], env=env, cwd=root,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
-    lines = []
-    for run in runs:
-        stdout, stderr = run.communicate(timeout=600)
-        lines += stdout.splitlines()
-        failed = [line for line in lines if line.startswith("FAIL")]
-        assert run.returncode == 0 and not failed, "\n".join(failed) + stderr[-4000:]
+    outputs = [run.communicate(timeout=600) for run in runs]  # all of them, so that none is left running
+    lines = [line for stdout, _ in outputs for line in stdout.splitlines()]
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert all(run.returncode == 0 for run in runs) and not failed, \
+        "\n".join(failed) + "".join(stderr[-4000:] for _, stderr in outputs)
     done = [line for line in lines if line.startswith("DONE")]
     assert len(done) == len(jobs), "\n".join(lines[-40:])
     compiled = {tuple(line.split("\t")[1:4:2]) for line in lines if line.startswith("OK")}

@@ -116,10 +116,10 @@ def _(q, k, v, mask_tensors, mask_spec, scale, dropout_p, seed, enable_gqa, engi
 
 # The split-K kernel as its own operator, which a compiled decoding step calls with no Python
 # in between (``attention`` below decides while tracing): its kernel is csrc/split_k.cpp's
-# split_k_op, which the compiled module dotattn loads registers for CPU. lo, hi: row spans (Mask.row_spans) or
-# None; parts_per_thread, min_part_keys: how the keys are cut (SplitKEngine). Where some row saw
-# garbage, the kernel reruns the problem (mask_tensors, mask_spec) as dotattn::attention on the
-# tiled engine, as the split_k engine does.
+# split_k_op, registered for CPU by the kernel level dotattn loads (its register_ops). lo, hi:
+# row spans (Mask.row_spans) or None; parts_per_thread, min_part_keys: how the keys are cut
+# (SplitKEngine). Where some row saw garbage, the kernel reruns the problem (mask_tensors,
+# mask_spec) as dotattn::attention on the tiled engine, as the split_k engine does.
 _LIBRARY = torch.library.Library("dotattn", "FRAGMENT")
 _LIBRARY.define("split_k(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, float scale, float softcap, "
                 "int parts_per_thread, int min_part_keys, Tensor[] mask_tensors, str mask_spec, bool enable_gqa) "

@@ -170,5 +170,5 @@ def explain(
         score_mod=score_mod,
     )
     limits = op_limits(problem.mask, problem.dropout_p, problem.generator, problem.return_weights,
-                         problem.score_mod)
+                       problem.score_mod)
     return dataclasses.replace(engines.explain_problem(problem, engine), compile_limits=tuple(limits))
