@@ -74,7 +74,7 @@ def triton_interpreter(request, monkeypatch):
     """TRITON_INTERPRET=1 (the triton engines take CPU tensors) in the tests of the engines
     that run in it only: the other tests see them as the CUDA-only engines they are."""
     callspec = getattr(request.node, "callspec", None)
-    if request.module.__name__.endswith("test_triton") or (
+    if request.module.__name__.endswith(("test_triton", "test_triton_ops")) or (
         callspec is not None and INTERPRETED.intersection(map(str, callspec.params.values()))
     ):
         monkeypatch.setenv("TRITON_INTERPRET", "1")

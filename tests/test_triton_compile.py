@@ -18,7 +18,9 @@ Variants (one problem each, forward + backward): float16, bfloat16, float32 exac
 TF32, head dims 64, 80, 128, 256; masks: none, row spans, a boolean tensor, a
 block-sparse layout, a float bias (broadcast: atomic dS, and deterministic), dropout,
 logit soft-capping with a float bias, a monitored forward (row statistics), and everything at once. Then the split-K engine's decoding kernels (forward only): GQA
-and MQA steps, with a KV cache's row spans and without a mask, in each dtype, and one monitored. sm_80 compiles a subset (no mask in float16, everything at once
+and MQA steps, with a KV cache's row spans and without a mask, in each dtype, and one monitored.
+Then the kernels as the torch operators of ``dotattn.engines.triton.ops`` launch them (the
+first config that fits, tile lists from row spans), forward and backward, on sm_90. sm_80 compiles a subset (no mask in float16, everything at once
 in bfloat16). Each kernel compiles in the tuner's smallest fitting config, to keep the
 test near a minute on a 2-core machine (about 2 minutes of compiling, both targets); ``python tests/test_triton_compile.py 90
 --every-config`` compiles every fitting config (about 8 minutes there).
@@ -211,6 +213,8 @@ def _compile_all(arch: int, subset: bool, every_config: bool, shard: tuple[int, 
         post_init(call)
         if call.problem.query.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             call.precision = "tf32"
+        if call.traced:  # the operators split 16-bit GEMMs on CPU tensors only
+            call.split = False
 
     as_on_cuda.engine_s = post_init
     launch.Call.__post_init__ = as_on_cuda
@@ -242,6 +246,22 @@ def _compile_all(arch: int, subset: bool, every_config: bool, shard: tuple[int, 
         problem = dataclasses.replace(prepare(q, k, v, mask=mask if masked else None, enable_gqa=True),
                                       stats=monitored)
         launch.split_k_decode(problem, parts=4)
+    # The kernels as the torch operators launch them (dotattn.engines.triton.ops), in the first
+    # config that fits, with tile lists from the spans: launched directly (wrap_triton would
+    # trace them), forward and backward.
+    from dotattn.engines.split_k import traced_spans
+    from dotattn.engines.triton import ops
+
+    launch.Call._kernel = lambda call, kernel: kernel
+    for dtype in [] if subset else [torch.bfloat16]:
+        if next(problems) % shard[1] != shard[0]:
+            continue
+        current["name"] = f"operator spans {str(dtype).removeprefix('torch.')} E=128"
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 2, 256, 128, generator=g).to(dtype) for _ in range(3))
+        lo, hi = traced_spans(masks.causal() & masks.padding(torch.tensor([256, 200])), 256, 256, (2, 2, 256))
+        out, lse = ops._forward(q, k, v, lo, hi, 128 ** -0.5, 0.0)
+        ops._backward(torch.randn_like(out), q, k, v, out, lse, lo, hi, 128 ** -0.5, 0.0)
     print(f"DONE\tsm_{arch}\t{len(seen)} kernels\t{len(failures)} failures", flush=True)
 
 

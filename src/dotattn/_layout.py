@@ -64,7 +64,7 @@ def spans_canonical(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row spans (lo, hi) broadcastable to (*lead, Lq) (a padding mask's are (B, 1, 1)) as
     (Nm, Hm, Lq) each, through a trailing dim of 1."""
-    return tuple(heads_canonical(x.expand(*x.shape[:-1], Lq)[..., None], batch, Hq)[..., 0]
+    return tuple(heads_canonical(x.expand(*x.shape[:-1], Lq).unsqueeze(-1), batch, Hq).squeeze(-1)
                  for x in torch.broadcast_tensors(*spans))
 
 

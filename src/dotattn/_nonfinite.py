@@ -13,6 +13,10 @@ non-finite entries zeroed and puts NaN back only where a row may see them:
                                                           already exact (the mask hides it all)
     ``mark_visible_garbage``                              the NaN a kernel's zeroed run leaves
                                                           out, put back in one O(Lq·Lk) pass
+    ``mark_seen_in_spans``                                the same for a mask of row spans, in
+                                                          graph operations, O((Lq + Lk)·E): what
+                                                          a compiled call does, which cannot ask
+                                                          whether its inputs are finite
 
 Problems with finite inputs (``Problem.inputs_finite``, one reduction) pay for none of it.
 """
@@ -123,3 +127,40 @@ def mark_visible_garbage(problem: Problem, out: torch.Tensor, lse: torch.Tensor)
     cell = (allowed @ v_bad.float()) > 0
     out = out.masked_fill(row[..., None] | cell, float("nan"))
     return out.reshape(shape_out), lse.masked_fill(row, float("nan")).reshape(shape_lse)
+
+
+def mark_seen_in_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor | None,
+                       hi: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mark_visible_garbage`` for a mask whose rows see keys lo <= j < hi (int (Nm, Hm, Lq);
+    None: every key), in graph operations that read no tensor data in Python: prefix counts of
+    the bad key and value entries, read at each row's span ends. For finite inputs it changes
+    nothing, so a traced call runs it unconditionally.
+
+    q (N, Hq, Lq, E), k (N, Hkv, Lk, E), v (N, Hkv, Lk, Ev) as given (not zeroed);
+    out (N, Hq, Lq, Ev), lse (N, Hq, Lq); returned so.
+    """
+    N, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if lo is None:
+        lo, hi = torch.zeros((), dtype=torch.int64, device=q.device), torch.full((), Lk, device=q.device)
+    # row r = g·Lq + i of kv head hk is query i of head hk·G + g: spans per kv head's rows
+    lo, hi = (x.clamp(0, Lk).to(torch.int64).expand(N, Hq, Lq).reshape(N, Hkv, -1) for x in (lo, hi))
+    sees = lo < hi
+
+    def in_span(bad: torch.Tensor) -> torch.Tensor:  # bad (N, Hkv, Lk, D) -> (N, Hkv, G·Lq, D)
+        counts = torch.nn.functional.pad(bad.to(torch.int32).cumsum(2), (0, 0, 1, 0))
+        D = bad.shape[-1]
+        at = lambda idx: counts.gather(2, idx.unsqueeze(-1).expand(*idx.shape, D))  # noqa: E731
+        return (at(hi) - at(lo) > 0) & sees.unsqueeze(-1)
+
+    row = _bad(q).any(-1).reshape(N, Hkv, -1) & sees
+    row = row | in_span(_bad(k).any(-1, keepdim=True)).squeeze(-1)
+    cell = in_span(_bad(v))
+    out = out.masked_fill((row.unsqueeze(-1) | cell).view(out.shape), float("nan"))
+    return out, lse.masked_fill(row.view(lse.shape), float("nan"))
+
+
+def _bad(x: torch.Tensor) -> torch.Tensor:
+    """Where x holds NaN or inf (``~isfinite``, without a negation, which a trace on fake
+    CUDA tensors in a CPU build of torch cannot run)."""
+    return torch.isnan(x) | torch.isinf(x)

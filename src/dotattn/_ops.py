@@ -19,6 +19,10 @@ with no Python between the compiled graph and the kernel:
     torch.ops.dotattn.split_k(q, k, v, lo, hi, scale, softcap, parts_per_thread, min_part_keys,
                               mask_tensors, mask_spec, enable_gqa) -> out, lse   (no autograd)
 
+A call on CUDA tensors that the triton engine's prefill kernels would run, with no mask or a
+mask of row spans and no dropout, calls those kernels as ``torch.library.triton_op``s
+(``dotattn.engines.triton.ops``), which Inductor compiles with the rest of the graph.
+
 The traced code reads no tensor data: the mask reaches the operator as its structure, a
 string (``Mask.spec``), and its tensors; the dropout seed as a tensor drawn in the graph.
 Everything that reads data runs inside the operator, eagerly, on the real tensors: the
@@ -42,6 +46,7 @@ import torch
 from dotattn import engines, masks
 from dotattn.engines.registry import traced_request
 from dotattn.engines.split_k import traced_call
+from dotattn.engines.triton import ops as triton_ops
 from dotattn._inputs import lse_dtype, prepare
 
 __all__ = ["attention", "limits"]
@@ -188,10 +193,16 @@ def attention(
     tensor data, so it traces as one node; ``mask`` is everything ANDed (attn_mask, is_causal, mask)."""
     tensors: list[torch.Tensor] = []
     spec = "" if mask is None else mask.spec(tensors)
-    if not dropout_p:  # a decoding step: the kernel's own operator, no Python when it runs
-        arguments = traced_call(query, key, value, mask, scale, softcap, enable_gqa, traced_request(engine))
+    if not dropout_p:
+        requested = traced_request(engine)
+        # a decoding step: the kernel's own operator, no Python when it runs
+        arguments = traced_call(query, key, value, mask, scale, softcap, enable_gqa, requested)
         if arguments is not None:
             return _SPLIT_K(query, key, value, *arguments, tensors, spec, enable_gqa)
+        # CUDA: the Triton kernels as operators Inductor sees into
+        arguments = triton_ops.traced_call(query, key, value, mask, scale, softcap, enable_gqa, requested)
+        if arguments is not None:
+            return torch.ops.dotattn.triton_attention(query, key, value, *arguments)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *tensors))
     seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
             else torch.zeros((), dtype=torch.int64))

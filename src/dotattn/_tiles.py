@@ -6,6 +6,8 @@ Engines that skip work tile by tile ask here how the mask meets their tiles:
     ``row_spans``     lo, hi int32 (Nm, Hm, Lq): query i may attend keys lo <= j < hi
     ``tile_lists``    per query tile, its FULL tiles then its PARTIAL tiles (EMPTY ones are
                       not listed), or per key tile when transposed, for GPU kernels
+    ``span_tile_lists`` the same lists from row spans, in graph operations on the spans'
+                      device: what a compiled call derives, since it reads no tensor data
 
 A mask made of plain numbers (``Mask.value_key``: causal, windows, prefix-LM with an int,
 and their combinations) answers the same for every call of a size, so its answers are kept
@@ -123,14 +125,48 @@ def tile_lists(problem: Problem, block_m: int, block_n: int, transposed: bool) -
 
     def make() -> tuple[torch.Tensor, ...]:
         codes = block_codes(p, block_m, block_n).to(p.device)
-        if transposed:
-            codes = codes.transpose(-1, -2)
-        out = []
-        for kind in (masks.FULL, masks.PARTIAL):
-            chosen = codes == kind
-            # a stable sort puts the chosen tiles first, in order
-            idx = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-            out += [chosen.sum(-1, dtype=torch.int32).contiguous(), idx.contiguous()]
-        return tuple(out)
+        return _lists(codes.transpose(-1, -2) if transposed else codes)
 
     return derived(p, ("lists", block_m, block_n, transposed, str(p.device)), make)
+
+
+def span_tile_lists(lo: torch.Tensor | None, hi: torch.Tensor | None, Lq: int, Lk: int, block_m: int,
+                    block_n: int, transposed: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``tile_lists`` of the mask whose rows see keys lo <= j < hi (int32 (Nm, Hm, Lq); None:
+    every key), derived in graph operations on ``device`` from the spans alone, so that a traced
+    call reads no tensor data and spans given as tensors (padding lengths) need no host round
+    trip. The codes are exact: a tile is EMPTY when no row of it sees a key of it, FULL when
+    every row sees all of its keys. O(Nm·Hm·Lq·nK) work, laid out in the lists' order from
+    the start (no transposed copy)."""
+    nQ, nK = -(-Lq // block_m), -(-Lk // block_n)
+    if lo is None:
+        return _lists(torch.full((1, 1, *((nK, nQ) if transposed else (nQ, nK))), masks.FULL, dtype=torch.int8,
+                                 device=device))
+    k0 = torch.arange(nK, device=device, dtype=lo.dtype) * block_n
+    k1 = torch.clamp(k0 + block_n, max=Lk)
+    # (Nm, Hm, 1, Lq) against (nK, 1) transposed, else (Nm, Hm, Lq, 1) against (nK,)
+    lead = lo.shape[:-1]
+    lo, hi = (x.unsqueeze(-2 if transposed else -1) for x in (lo, hi))
+    if transposed:
+        k0, k1 = k0.unsqueeze(-1), k1.unsqueeze(-1)
+    sees = torch.maximum(lo, k0) < torch.minimum(hi, k1)  # some key of the tile
+    short = (lo > k0) | (hi < k1)  # not every key of the tile
+    pad = (0, nQ * block_m - Lq) if transposed else (0, 0, 0, nQ * block_m - Lq)
+    # rows past Lq see nothing and do not keep a tile from being FULL
+    sees = torch.nn.functional.pad(sees, pad, value=False)
+    short = torch.nn.functional.pad(short, pad, value=False)
+    shape, dim = ((*lead, nK, nQ, block_m), -1) if transposed else ((*lead, nQ, block_m, nK), -2)
+    any_sees, any_short = sees.view(shape).any(dim), short.view(shape).any(dim)
+    return _lists(torch.where(any_short, torch.where(any_sees, masks.PARTIAL, masks.EMPTY), masks.FULL))
+
+
+def _lists(codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tile codes (Nm, Hm, n, m) as full_count, full_idx, part_count, part_idx (``tile_lists``)."""
+    out = []
+    for kind in (masks.FULL, masks.PARTIAL):
+        others = (codes != kind).to(torch.int8)
+        # a stable sort puts the chosen tiles first, in order
+        idx = torch.argsort(others, dim=-1, stable=True).to(torch.int32)
+        count = codes.shape[-1] - others.sum(-1, dtype=torch.int32)
+        out += [count.contiguous(), idx.contiguous()]
+    return tuple(out)

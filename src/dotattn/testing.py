@@ -9,6 +9,7 @@ the float64 reference engine may be at most twice the error of torch's own
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,9 +109,14 @@ def compare_to_oracle(
     engine: str,
     backward: bool = True,
     seed: int = 0,
+    attention: Callable[..., Any] = scaled_dot_product_attention,
     **kwargs: Any,
 ) -> list[Comparison]:
     """Run ``engine``, the float64 oracle and torch SDPA on the same inputs; apply the rule.
+
+    ``attention`` is the function under test, called as ``scaled_dot_product_attention`` with
+    ``engine=engine, return_lse=True`` (default: dotattn's own; a wrapper of it, or of one of
+    dotattn's operators, is held to the same rule).
 
     Compares output, lse (relative bound) and, with ``backward``, the gradients of query,
     key, value and a float attn_mask under one random upstream gradient.
@@ -126,7 +132,7 @@ def compare_to_oracle(
     torch_in = [_leaf(x, grad=backward) for x in (query, key, value)]
 
     gen_state = kwargs.get("generator").get_state() if kwargs.get("generator") is not None else None
-    ours = scaled_dot_product_attention(*ours_in, engine=engine, return_lse=True, **kwargs)
+    ours = attention(*ours_in, engine=engine, return_lse=True, **kwargs)
     if gen_state is not None:
         kwargs["generator"].set_state(gen_state)
     ref = oracle(*ref_in, **kwargs)

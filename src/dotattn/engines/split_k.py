@@ -360,16 +360,13 @@ def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.M
     needs_grad = is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     state = _traced_state((q.dtype, k.dtype, v.dtype), (q.device.type, k.device.type, v.device.type), scale,
                           softcap, requested, needs_grad, generation=generation())
-    if state is None or q.dim() < 3 or k.dim() < 3 or v.dim() < 3:
+    if state is None:
         return None
     parts_per_thread, min_part_keys, most = state
-    # Size arithmetic adds no guards (the sizes are guarded already); each function called does.
-    (Hq, Lq, E), (Hkv, Lk, Ek), (Hv, Lv, Ev) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
-    batch = q.shape[:-3] if q.shape[:-3] == k.shape[:-3] == v.shape[:-3] else \
-        torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
-            or 0 in (*batch, Hq, Lq, Lk, E, Ev):
-        return None  # the generic operator raises what an eager call would
+    sizes = traced_sizes(q, k, v, enable_gqa)
+    if sizes is None:
+        return None
+    batch, Hq, Hkv, Lq, Lk, E, _ = sizes
     if most is not None and not statically_known_true(Hq // Hkv * Lq <= most):
         return None  # a symbolic size is not guarded on, which would recompile at the threshold
     spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq))
@@ -377,6 +374,22 @@ def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.M
         return None
     scale = 1.0 / math.sqrt(E) if scale is None else scale
     return (*spans, scale, 0.0 if softcap is None else softcap, parts_per_thread, min_part_keys)
+
+
+def traced_sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> tuple | None:
+    """``(batch, Hq, Hkv, Lq, Lk, E, Ev)`` of a call being traced whose inputs are 3-D or more,
+    agree and hold no empty dim; None otherwise (the generic operator then raises what an eager
+    call would, or runs the empty problem). Size arithmetic adds no guards (the sizes are
+    guarded already); each function called does."""
+    if q.dim() < 3 or k.dim() < 3 or v.dim() < 3:
+        return None
+    (Hq, Lq, E), (Hkv, Lk, Ek), (Hv, Lv, Ev) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
+    batch = q.shape[:-3] if q.shape[:-3] == k.shape[:-3] == v.shape[:-3] else \
+        torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
+            or 0 in (*batch, Hq, Lq, Lk, E, Ev):
+        return None
+    return tuple(batch), Hq, Hkv, Lq, Lk, E, Ev
 
 
 def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple) -> tuple | None:

@@ -28,7 +28,7 @@ import torch
 from dotattn._inputs import ROW_STATS, Problem
 from dotattn._layout import flat_batch
 from dotattn._nonfinite import zeroed
-from dotattn._tiles import tile_lists
+from dotattn._tiles import span_tile_lists, tile_lists
 from dotattn.engines.base import Support
 from dotattn.engines.triton.configs import (
     DECODE_STAGE_BYTES,
@@ -119,6 +119,11 @@ class Call:
     parts: MaskParts
     split: bool  # 16-bit inputs: P and dS enter their GEMMs as hi + lo halves
     deterministic: bool  # a broadcast float mask's gradient: per (batch, head) then summed, not atomics
+    # The body of a torch op (``ops.py``), traced by torch.compile: the kernels launch through
+    # torch.library.wrap_triton, each in the first config that fits (no timing), the inputs are
+    # always zeroed copies, and the tile lists come from ``parts``' row spans in graph operations
+    # (the problem itself has no mask).
+    traced: bool = False
 
     def __post_init__(self) -> None:
         p = self.problem
@@ -137,6 +142,7 @@ class Call:
         # kernels store float32 and torch rounds to nearest; a GPU rounds to nearest itself.
         self.store_dtype = torch.float32 if self.interpreted else dtype
         self.empty = 0 in (self.N, p.Hq, p.Lq, p.Lk)
+        self.has_map = p.mask is not None or self.parts.lo is not None  # tile lists to follow
         # the scalars every kernel takes after its tile lists: the dropout seed, its threshold
         # (shifted to fit an int32) and 1/keep, then the soft cap in the kernels' log2 units
         if p.dropout_p > 0:
@@ -171,8 +177,25 @@ class Call:
         )
 
     def _lists(self, bm: int, bn: int, transposed: bool) -> list:
-        fc, fi, pc, pi = tile_lists(self.problem, bm, bn, transposed)
+        if not (self.has_map or transposed):  # every tile is FULL: the kernel walks them all, reading no list
+            none = self._none()
+            return [none] * 4 + [0] * 6
+        p = self.problem
+        fc, fi, pc, pi = (span_tile_lists(self.parts.lo, self.parts.hi, p.Lq, p.Lk, bm, bn, transposed, p.device)
+                          if self.traced else tile_lists(p, bm, bn, transposed))
         return [fc, fi, pc, pi, *strides(fc), *strides(fi)[:3]]
+
+    def _none(self) -> torch.Tensor:
+        """What a kernel gets for a tensor it does not read (a flag turns its use off)."""
+        return torch.empty(1, dtype=torch.float32, device=self.problem.device)
+
+    def _kernel(self, kernel):
+        """``kernel`` as launched: through wrap_triton in a traced op, so the graph holds the launch."""
+        if self.traced:
+            from torch.library import wrap_triton
+
+            return wrap_triton(kernel)
+        return kernel
 
     def _tuned(self, kind: str, configs: list, resident: str, launch, bias) -> tuple[int, int, int, int]:
         """The block sizes for one kernel: fixed, or the fastest config that fits (timed once
@@ -183,6 +206,8 @@ class Call:
         p = self.problem
         itemsize = p.query.element_size()
         fitting = [c for c in configs if fits(c, self.BE, self.BEV, itemsize, resident)] or configs[-1:]
+        if self.traced:
+            return fitting[0]
         key = (kind, p.dtype, self.BE, self.BEV, pow2(p.Lq), pow2(p.Lk), tuple(self._flags(bias).items()),
                p.device.index)
         return tuned_config(key, fitting, launch)
@@ -199,18 +224,17 @@ class Call:
         lse = torch.full((self.N, p.Hq, p.Lq), float("inf"), dtype=torch.float32, device=q.device)
         if self.empty:
             return out, lse
-        stats = torch.empty(self.N, p.Hq, p.Lq, ROW_STATS, device=q.device) if p.stats else lse
+        stats = torch.empty(self.N, p.Hq, p.Lq, ROW_STATS, device=q.device) if p.stats else self._none()
 
         def launch(config):
             bm, bn, warps, stages = config
             grid = (-(-p.Lq // bm), self.N * p.Hq)
-            lists = self._lists(bm, bn, False) if p.mask is not None else [lse] * 4 + [0] * 6
-            kernels().fwd.attn_fwd[grid](
+            self._kernel(kernels().fwd.attn_fwd)[grid](
                 q, k, v, out, lse, stats, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E,
-                *self._mask_args(bias), *lists, -(-p.Lk // bn), *self.scalars,
+                *self._mask_args(bias), *self._lists(bm, bn, False), -(-p.Lk // bn), *self.scalars,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
-                HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias), STATS=p.stats,
+                HAS_MAP=self.has_map, EVEN_N=p.Lk % bn == 0, **self._flags(bias), STATS=p.stats,
                 num_warps=warps, num_stages=stages,
             )
 
@@ -223,7 +247,7 @@ class Call:
         """(N, H, L, D) views; with NaN/inf somewhere, copies with them zeroed (the engine
         marks the outputs that may see them afterwards)."""
         xs = [flat_batch(x.detach(), self.problem.batch_shape) for x in xs]
-        if not self.problem.inputs_finite:
+        if self.traced or not self.problem.inputs_finite:
             xs = [zeroed(x) for x in xs]
         return xs
 
@@ -297,14 +321,14 @@ class Call:
             kern = kernels()
             delta = torch.empty(self.N, p.Hq, p.Lq, dtype=torch.float32, device=qc.device)
             bm_pre = 64
-            kern.bwd.attn_bwd_preprocess[(-(-p.Lq // bm_pre), self.N * p.Hq)](
+            self._kernel(kern.bwd.attn_bwd_preprocess)[(-(-p.Lq // bm_pre), self.N * p.Hq)](
                 out, do, delta, *out.stride(), *do.stride(), p.Hq, p.Lq, p.Ev, BLOCK_M=bm_pre, BLOCK_EV=self.BEV,
             )
             common = [*qc.stride(), *kc.stride(), *vc.stride(), *do.stride()]
 
             def launch_dkdv(config):
                 bm, bn, warps, stages = config
-                kern.bwd.attn_bwd_dkdv[(-(-p.Lk // bn), self.N * p.Hkv)](
+                self._kernel(kern.bwd.attn_bwd_dkdv)[(-(-p.Lk // bn), self.N * p.Hkv)](
                     qc, kc, vc, do, lse, delta, dk, dv, *common,
                     p.Hq, p.Hkv, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E, p.scale,
                     *self._mask_args(bias), *self._lists(bm, bn, True), *self.scalars,
@@ -314,15 +338,14 @@ class Call:
 
             def launch_dq(config):
                 bm, bn, warps, stages = config
-                lists = self._lists(bm, bn, False) if p.mask is not None else [lse] * 4 + [0] * 6
                 if atomic:  # it adds into ds, and the autotuner launches it more than once
                     ds.zero_()
-                kern.bwd.attn_bwd_dq[(-(-p.Lq // bm), self.N * p.Hq)](
-                    qc, kc, vc, do, lse, delta, dq, ds if ds is not None else dq, *common,
+                self._kernel(kern.bwd.attn_bwd_dq)[(-(-p.Lq // bm), self.N * p.Hq)](
+                    qc, kc, vc, do, lse, delta, dq, ds if ds is not None else self._none(), *common,
                     p.Hq, self.G, p.Lq, p.Lk, p.E, p.Ev, p.scale * LOG2E, p.scale,
-                    *self._mask_args(bias), *ds_strides, *lists, -(-p.Lk // bn), *self.scalars,
+                    *self._mask_args(bias), *ds_strides, *self._lists(bm, bn, False), -(-p.Lk // bn), *self.scalars,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=self.BE, BLOCK_EV=self.BEV,
-                    HAS_MAP=p.mask is not None, EVEN_N=p.Lk % bn == 0, **self._flags(bias),
+                    HAS_MAP=self.has_map, EVEN_N=p.Lk % bn == 0, **self._flags(bias),
                     STORE_DS=ds is not None, ATOMIC_DS=atomic, num_warps=warps, num_stages=stages,
                 )
 
