@@ -5,7 +5,7 @@ stand-in Triton driver that names an sm_90 target: torch analyses each launch's 
 writes) for that target. Each case compiles with ``fullgraph=True`` and a backend that keeps
 the graphs AOTAutograd would hand Inductor; prints one line, ``REPORT <json>``: per case the
 launches (kernel, tensors it writes) and dotattn operators in each graph, and the output's
-shape and dtype.
+shape and dtype; then ``torch.export`` of a module, whose graph keeps the operator as a call.
 """
 
 from __future__ import annotations
@@ -109,6 +109,13 @@ def main() -> None:
                                 fw_compiler=keep)
         grads = backward(torch.empty_like(out), q, k, k, out, lse)
         report["backward"] = dict(graphs=[launches(g) for g in graphs], shapes=[list(g.shape) for g in grads])
+
+        class Causal(torch.nn.Module):
+            def forward(self, q, k, v):
+                return dotattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        exported = torch.export.export(Causal(), (q, k, k))
+        report["export"] = dict(graphs=[launches(exported.graph_module)])
     print("REPORT " + json.dumps(report), flush=True)
 
 

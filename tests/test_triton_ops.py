@@ -240,3 +240,10 @@ def test_the_backward_operator_is_the_three_backward_kernels_launches(traced):
     assert case["graphs"] == [[["attn_bwd_preprocess", ["Delta"]], ["attn_bwd_dkdv", ["DK", "DV"]],
                                ["attn_bwd_dq", ["DQ"]]]]
     assert case["shapes"] == [[2, 8, 512, 128], [2, 2, 512, 128], [2, 2, 512, 128]]
+
+
+def test_export_keeps_the_operator_as_a_call(traced):
+    """torch.export does not decompose triton_ops: the program calls the operator, which
+    launches the kernels when it runs."""
+    assert traced["export"]["graphs"] == [[["dotattn.triton_attention.default", None]]]
+
