@@ -131,6 +131,20 @@ def test_a_row_that_sees_nothing_gives_zeros_minus_infinite_lse_and_zero_gradien
 
 
 @needs_triton
+def test_a_padding_length_beyond_the_keys_counts_as_every_key():
+    """Eager calls raise on it; a compiled call cannot read the lengths, so the operator
+    clips the row's span to the keys."""
+    q, k, v = qkv(2, 2, 40, 16)
+    mask = masks.padding(torch.tensor([45, 10]))
+    mask._kv_longest = None  # as when built while tracing, where nobody reads the lengths
+    lo, hi = traced_spans(mask, 40, 40, (2, 2, 40), flag_oversized=False)
+    out, _ = torch.ops.dotattn.triton_attention(q, k, v, lo, hi, 0.25, 0.0)
+    want = [oracle(q[:1], k[:1], v[:1], scale=0.25).output,
+            oracle(q[1:], k[1:], v[1:], scale=0.25, mask=masks.padding([10])).output]
+    torch.testing.assert_close(out.double(), torch.cat(want), atol=1e-5, rtol=0)
+
+
+@needs_triton
 @pytest.mark.parametrize("case", ["causal", "padding", "GQA"])
 def test_opcheck(case):
     """Schema and autograd registration, run for real in the interpreter (the fake-tensor

@@ -392,11 +392,13 @@ def traced_sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: 
     return tuple(batch), Hq, Hkv, Lq, Lk, E, Ev
 
 
-def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple) -> tuple | None:
+def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple, flag_oversized: bool = True) -> tuple | None:
     """The row spans ``(lo, hi)`` (``(None, None)``: every row sees every key) with which the
     split-K kernel runs ``mask`` (everything ANDed) on an Lq x Lk problem whose rows are
     ``rows`` (*B, Hq, Lq), as graph operations on the mask's own tensors; None for a mask the
-    kernel does not take. Decided from the mask's structure; reads no tensor data."""
+    kernel does not take. Decided from the mask's structure; reads no tensor data. Without
+    ``flag_oversized``, a padding length beyond its side's length stays as it is (the Triton
+    kernels clip spans to the keys) instead of pushing every span past the keys."""
     mask = None if mask is None else mask.simplified(Lq, Lk)
     if mask is None:
         return None, None
@@ -407,7 +409,7 @@ def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple) -> tupl
     # Padding lengths given as tensors are read by nobody while tracing, and with causal
     # their spans stay within the keys even where a length does not: one above its side's
     # length pushes every span past the keys, so that the kernel's span check raises.
-    over = [n > L for m in leaves if isinstance(m, masks.Padding)
+    over = [n > L for m in leaves if isinstance(m, masks.Padding) and flag_oversized
             for n, L in ((m.kv_lengths, Lk), (m.q_lengths, Lq)) if isinstance(n, torch.Tensor)]
     if over:
         hi = hi + (Lk + 1) * torch.stack([o.any() for o in over]).any()

@@ -171,7 +171,7 @@ def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: 
     # length recompiles only where it crosses split_k's threshold (decoding steps).
     if max(E, Ev) > support().max_head_dim or (most and Hq // Hkv * Lq <= most):
         return None
-    spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq))
+    spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq), flag_oversized=False)
     if spans is None:
         return None
     return (*spans, 1.0 / math.sqrt(E) if scale is None else scale, 0.0 if softcap is None else softcap)
