@@ -103,7 +103,7 @@ def main() -> None:
         graphs.clear()
         q = torch.empty(2, 8, 512, 128, device="cuda", dtype=bf16)
         k = torch.empty(2, 2, 512, 128, device="cuda", dtype=bf16)
-        lo, hi = traced_spans(masks.causal(), 512, 512, (2, 8, 512))
+        lo, hi = traced_spans(masks.causal(), 512, 512, (2, 8, 512), flag_oversized=False)
         out, lse = torch.ops.dotattn.triton_attention(q, k, k, lo, hi, 0.1, 0.0)
         backward = aot_function(lambda *a: torch.ops.dotattn.triton_attention_backward(*a, lo, hi, 0.1, 0.0),
                                 fw_compiler=keep)

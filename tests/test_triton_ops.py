@@ -57,7 +57,7 @@ def through_op(q, k, v, attn_mask=None, *, engine, return_lse, mask=None, is_cau
     if mask is not None:
         combined = mask if combined is None else combined & mask
     batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    lo, hi = traced_spans(combined, q.shape[-2], k.shape[-2], (*batch, *q.shape[-3:-1]))
+    lo, hi = traced_spans(combined, q.shape[-2], k.shape[-2], (*batch, *q.shape[-3:-1]), flag_oversized=False)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return AttentionResult(*torch.ops.dotattn.triton_attention(q, k, v, lo, hi, scale, softcap or 0.0))
 
@@ -151,7 +151,7 @@ def test_opcheck(case):
     checks need the real jit functions: the subprocess below traces them)."""
     q, k, v = qkv(2, 4, 64, 16, Hkv=2 if case == "GQA" else 4, dtype=torch.float32)
     mask = masks.padding(torch.tensor([64, 30])) if case == "padding" else masks.causal()
-    lo, hi = traced_spans(mask, 64, 64, (2, 4, 64))
+    lo, hi = traced_spans(mask, 64, 64, (2, 4, 64), flag_oversized=False)
     args = [x.requires_grad_() for x in (q, k, v)] + [lo, hi, 0.25, 0.0]
     utils = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(torch.ops.dotattn.triton_attention.default, tuple(args), test_utils=utils)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from torch.compiler import is_compiling  # one global: a compiled call guards each attribute it reads
 
 from dotattn import engines, masks
 # the functions themselves, not the module: each module a compiled call reaches by two paths costs a guard
@@ -91,7 +92,7 @@ def scaled_dot_product_attention(
     Gradients flow to query, key, value and a float attn_mask (the score gradient);
     lse and weights carry none.
     """
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask, engine,
                        return_lse, return_weights, generator, softcap, score_mod)
     # A decoding step's usual call runs in one call of the split-K kernel, which checks the

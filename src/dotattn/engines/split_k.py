@@ -369,7 +369,7 @@ def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.M
     batch, Hq, Hkv, Lq, Lk, E, _ = sizes
     if most is not None and not statically_known_true(Hq // Hkv * Lq <= most):
         return None  # a symbolic size is not guarded on, which would recompile at the threshold
-    spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq))
+    spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq), flag_oversized=True)
     if spans is None:
         return None
     scale = 1.0 / math.sqrt(E) if scale is None else scale
@@ -389,16 +389,18 @@ def traced_sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: 
     if (Hkv, Lk) != (Hv, Lv) or E != Ek or Hq % Hkv or (Hq != Hkv and not enable_gqa) \
             or 0 in (*batch, Hq, Lq, Lk, E, Ev):
         return None
-    return tuple(batch), Hq, Hkv, Lq, Lk, E, Ev
+    return batch, Hq, Hkv, Lq, Lk, E, Ev
 
 
-def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple, flag_oversized: bool = True) -> tuple | None:
+def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple, *, flag_oversized: bool) -> tuple | None:
     """The row spans ``(lo, hi)`` (``(None, None)``: every row sees every key) with which the
     split-K kernel runs ``mask`` (everything ANDed) on an Lq x Lk problem whose rows are
     ``rows`` (*B, Hq, Lq), as graph operations on the mask's own tensors; None for a mask the
-    kernel does not take. Decided from the mask's structure; reads no tensor data. Without
-    ``flag_oversized``, a padding length beyond its side's length stays as it is (the Triton
-    kernels clip spans to the keys) instead of pushing every span past the keys."""
+    kernel does not take. Decided from the mask's structure; reads no tensor data. With
+    ``flag_oversized``, a padding length beyond its side's length pushes every span past the
+    keys, which split_k's kernel rejects; without, it stays as it is (the Triton kernels clip
+    spans to the keys). A keyword without a default: a default read while tracing would add
+    guards to every compiled call."""
     mask = None if mask is None else mask.simplified(Lq, Lk)
     if mask is None:
         return None, None
