@@ -7,13 +7,14 @@ garbage in the inputs; through opcheck. Their graph operations (tile lists, the 
 equal what the eager engine derives from data.
 
 What torch.compile makes of them needs Triton's real jit functions, which the interpreter
-replaces, and CUDA tensors. A subprocess without TRITON_INTERPRET (this file run as a script)
+replaces, and CUDA tensors. A subprocess without TRITON_INTERPRET (``tests/fake_cuda_trace.py``)
 traces calls on fake CUDA tensors with a stand-in Triton driver that names an sm_90 target
-(no GPU, no CUDA build of torch; ``tests/fake_cuda_trace.py``), through ``torch.compile(fullgraph=True)`` with a backend that
-keeps the graphs AOTAutograd hands Inductor: each graph must hold the kernels' launches, with
-Triton's own analysis of what each launch writes, and no ``dotattn::attention``. A trace on
-fake CUDA tensors cannot take gradients (autograd needs a CUDA device guard), so the backward
-operator is traced on its own; its autograd wiring is checked in the interpreter.
+(no GPU, no CUDA build of torch), through ``torch.compile(fullgraph=True)`` with a backend
+that keeps the graphs AOTAutograd hands Inductor: each graph must hold the kernels' launches,
+with Triton's own analysis of what each launch writes, and no ``dotattn::attention``; and
+``torch.export`` must keep the operator as a call. A trace on fake CUDA tensors cannot take
+gradients (autograd needs a CUDA device guard), so the backward operator is traced on its
+own; its autograd wiring is checked in the interpreter.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import sys
 import pytest
 import torch
 
-import dotattn
 from dotattn import masks
 from dotattn._inputs import prepare
 from dotattn._nonfinite import mark_seen_in_spans, mark_visible_garbage
