@@ -248,8 +248,7 @@ class SplitKEngine(Engine):
         types, the engine ``requested`` after scopes: ``registry.traced_request``) would run
         this engine's C++ kernel eagerly, else ``(parts_per_thread, min_part_keys, most)``,
         ``most`` the most query rows per kv head it runs (None for a forced engine)."""
-        if not all(x is None or type(x) is float and math.isfinite(x) for x in (scale, softcap)) \
-                or (softcap is not None and softcap <= 0):
+        if not traced_numbers(scale, softcap):
             return None  # the generic operator says what is wrong with them
         if _MISSING is not None or self.kernel != "auto" or requested not in ("auto", self.name):
             return None
@@ -376,6 +375,14 @@ def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: masks.M
     return (*spans, scale, 0.0 if softcap is None else softcap, parts_per_thread, min_part_keys)
 
 
+def traced_numbers(scale: float | None, softcap: float | None) -> bool:
+    """Whether a traced call's scale and softcap are ones an operator's kernel takes as they
+    are: None or finite floats, softcap positive. Called inside the traced-state functions,
+    which dynamo runs as constants, so it adds no guards."""
+    return all(x is None or type(x) is float and math.isfinite(x) for x in (scale, softcap)) \
+        and (softcap is None or softcap > 0)
+
+
 def traced_sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> tuple | None:
     """``(batch, Hq, Hkv, Lq, Lk, E, Ev)`` of a call being traced whose inputs are 3-D or more,
     agree and hold no empty dim; None otherwise (the generic operator then raises what an eager
@@ -411,10 +418,11 @@ def traced_spans(mask: masks.Mask | None, Lq: int, Lk: int, rows: tuple, *, flag
     # Padding lengths given as tensors are read by nobody while tracing, and with causal
     # their spans stay within the keys even where a length does not: one above its side's
     # length pushes every span past the keys, so that the kernel's span check raises.
-    over = [n > L for m in leaves if isinstance(m, masks.Padding) and flag_oversized
-            for n, L in ((m.kv_lengths, Lk), (m.q_lengths, Lq)) if isinstance(n, torch.Tensor)]
-    if over:
-        hi = hi + (Lk + 1) * torch.stack([o.any() for o in over]).any()
+    if flag_oversized:
+        over = [n > L for m in leaves if isinstance(m, masks.Padding)
+                for n, L in ((m.kv_lengths, Lk), (m.q_lengths, Lq)) if isinstance(n, torch.Tensor)]
+        if over:
+            hi = hi + (Lk + 1) * torch.stack([o.any() for o in over]).any()
     if not all(len(t.shape) <= len(rows) and all(n in (1, m) for n, m in zip(t.shape[::-1], rows[::-1]))
                for t in (lo, hi)):
         return None  # spans of another batch size: the generic operator says so

@@ -42,7 +42,7 @@ from dotattn._inputs import prepare
 from dotattn._layout import flat_batch, spans_canonical
 from dotattn._nonfinite import mark_seen_in_spans
 from dotattn.engines.registry import available, generation
-from dotattn.engines.split_k import traced_sizes, traced_spans
+from dotattn.engines.split_k import traced_numbers, traced_sizes, traced_spans
 from dotattn.engines.triton.launch import MISSING, Call, interpreting, kernel_lse, natural_lse, on_device, support
 from dotattn.engines.triton.mask_args import MaskParts
 
@@ -119,18 +119,19 @@ def register() -> bool:
 
 
 def _traced_state(dtypes: tuple, devices: tuple, scale: float | None, softcap: float | None, requested: str,
-                  *, generation: int) -> int | None:
+                  *, generation: int) -> tuple[int, int] | None:
     """Under torch.compile, the part of ``traced_call``'s decision that no size enters: None
     where no call without dropout with these facts (q, k, v's dtypes and device types, the
     engine ``requested`` after scopes) would run the triton engine's prefill kernels eagerly,
-    else the most query rows per kv head that another engine takes first (split_k's decoding
-    kernels, for auto). Registers the operators. Called while tracing on plain Python values
+    else ``(most, max_head_dim)``: the most query rows per kv head that another engine takes
+    first (split_k's decoding kernels, for auto; 0 for none) and the kernels' largest head
+    dim. Registers the operators. Called while tracing on plain Python values
     and kept in the graph as a constant (marked for dynamo below), guarded on the registry's
     ``generation`` and the scope's engine."""
-    if not all(x is None or type(x) is float and math.isfinite(x) for x in (scale, softcap)) \
-            or (softcap is not None and softcap <= 0):
+    if not traced_numbers(scale, softcap):
         return None  # the generic operator says what is wrong with them
-    if interpreting() or set(devices) != {"cuda"} or len(set(dtypes)) != 1 or dtypes[0] not in support().dtypes:
+    supported = support()
+    if interpreting() or set(devices) != {"cuda"} or len(set(dtypes)) != 1 or dtypes[0] not in supported.dtypes:
         return None
     most = 0
     if requested == "auto":
@@ -145,7 +146,7 @@ def _traced_state(dtypes: tuple, devices: tuple, scale: float | None, softcap: f
             return None
     elif requested != "triton":
         return None
-    return most if register() else None
+    return (most, supported.max_head_dim) if register() else None
 
 
 _traced_state._dynamo_marked_constant = True  # as split_k._traced_state
@@ -159,17 +160,18 @@ def traced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: 
     ``registry.traced_request``) show that an eager call would run the triton engine's prefill
     kernels; None otherwise. Reads no tensor data; sizes may be symbolic. q (*B, Hq, Lq, E),
     k (*B, Hkv, Lk, E), v (*B, Hkv, Lk, Ev) as the call passes them; ``mask`` everything ANDed."""
-    most = _traced_state((q.dtype, k.dtype, v.dtype), (q.device.type, k.device.type, v.device.type), scale,
-                         softcap, requested, generation=generation())
-    if most is None:
+    state = _traced_state((q.dtype, k.dtype, v.dtype), (q.device.type, k.device.type, v.device.type), scale,
+                          softcap, requested, generation=generation())
+    if state is None:
         return None
+    most, max_head_dim = state
     sizes = traced_sizes(q, k, v, enable_gqa)
     if sizes is None:
         return None
     batch, Hq, Hkv, Lq, Lk, E, Ev = sizes
     # Guarded comparisons: the kernels specialize on the head dims anyway, and a symbolic
     # length recompiles only where it crosses split_k's threshold (decoding steps).
-    if max(E, Ev) > support().max_head_dim or (most and Hq // Hkv * Lq <= most):
+    if max(E, Ev) > max_head_dim or (most and Hq // Hkv * Lq <= most):
         return None
     spans = traced_spans(mask, Lq, Lk, (*batch, Hq, Lq), flag_oversized=False)
     if spans is None:
